@@ -1,0 +1,218 @@
+"""Stage 3, attribution: per-weight harm and preserve scores (B-TAP), one backward per batch.
+
+Scores, for each weight W of each scored matrix, over calibration pairs i with response-only
+mean cross-entropy L_i:
+- harm:               S_harm = -W * sum_i dL_i/dW            (signed)
+- preserve, sum_abs:  S_keep = |W| * sum_i |dL_i/dW|         (default)
+- preserve, abs_mean: S_keep = |W * mean_i dL_i/dW|          (the authors' later variant)
+
+The reference implementation enables gradients for one decoder layer at a time and runs the
+whole set once per layer. Here every scored weight gets a post-accumulate-grad hook that folds
+its gradient into an fp32 buffer the moment autograd produces it and frees it, so one
+forward+backward per batch scores every layer and full gradients are never held.
+
+Sums over samples are linear, so the harm pass (and abs_mean) back-propagates a whole batch at
+once (the loss is the sum of per-sample means). sum_abs needs each sample's own gradient, so that
+pass back-propagates one sample at a time.
+
+This module keeps the hooks and bookkeeping; the score formulas are plain tensor functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from service.data import IGNORE_INDEX, Example, collate
+from service.errors import JobCancelled, UnsupportedModelError
+
+GradReduction = Literal["sum", "sum_abs"]
+
+
+# ---------------------------------------------------------------- scope
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks: the ModuleList as long as num_hidden_layers."""
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    n_layers = getattr(config, "num_hidden_layers", None)
+    candidates = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.ModuleList) and len(m) == n_layers and n_layers
+    ]
+    if not candidates:
+        raise UnsupportedModelError(
+            f"unsupported architecture '{config.model_type}': no stack of {n_layers} decoder blocks found"
+        )
+    return max(candidates, key=lambda m: sum(p.numel() for p in m.parameters()))
+
+
+def _is_linear(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+
+    return isinstance(module, nn.Linear | Conv1D)
+
+
+def scored_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every linear weight inside the decoder blocks, by its name in `model.named_parameters()`.
+
+    Embeddings, lm_head, norms and biases are out of scope (the method's definition).
+    """
+    layers = decoder_layers(model)
+    wanted = {
+        id(module.weight)
+        for block in layers
+        for module in block.modules()
+        if _is_linear(module) and module.weight is not None and module.weight.dim() == 2
+    }
+    named = {name: p for name, p in model.named_parameters() if id(p) in wanted}
+    if not named:
+        raise UnsupportedModelError("no linear weights found inside the decoder blocks")
+    return named
+
+
+# ---------------------------------------------------------------- scores (pure)
+
+
+def harm_scores(weight: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+    return -(weight.float() * grad_sum)
+
+
+def preserve_scores_sum_abs(weight: torch.Tensor, abs_grad_sum: torch.Tensor) -> torch.Tensor:
+    return weight.float().abs() * abs_grad_sum
+
+
+def preserve_scores_abs_mean(weight: torch.Tensor, grad_sum: torch.Tensor, n: int) -> torch.Tensor:
+    return (weight.float() * (grad_sum / n)).abs()
+
+
+# ---------------------------------------------------------------- the hook machinery
+
+
+def response_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-sample mean cross-entropy over response tokens (labels != -100), in fp32."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    token_loss = nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    counts = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+    return token_loss.sum(dim=1) / counts
+
+
+@contextlib.contextmanager
+def only_these_require_grad(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Gradients for the scored weights alone: no work or memory spent on embeddings and norms."""
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    keep = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
+            p.grad = None
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    examples: Sequence[Example],
+    *,
+    reduction: GradReduction,
+    batch_size: int,
+    pad_id: int,
+    on_step: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> dict[str, torch.Tensor]:
+    """sum_i g_i (reduction="sum") or sum_i |g_i| ("sum_abs") per scored matrix, in fp32.
+
+    `sum_abs` forces one sample per backward: |.| of a batch gradient is not the sum of |.|.
+    """
+    if reduction == "sum_abs":
+        batch_size = 1
+    device = next(iter(params.values())).device
+    buffers = {
+        name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()
+    }
+
+    def make_hook(buffer: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def fold(param: torch.Tensor) -> None:
+            grad = param.grad
+            if reduction == "sum_abs":
+                buffer.add_(grad.abs())  # type: ignore[union-attr]
+            else:
+                buffer.add_(grad)  # type: ignore[arg-type]  # add_ upcasts bf16 into fp32
+            param.grad = None  # free it now: full gradients are never held
+
+        return fold
+
+    handles = [
+        p.register_post_accumulate_grad_hook(make_hook(buffers[n])) for n, p in params.items()
+    ]
+    was_training = model.training
+    model.eval()  # no dropout: scores must be deterministic
+    try:
+        with only_these_require_grad(model, list(params.values())), torch.enable_grad():
+            for start in range(0, len(examples), batch_size):
+                if should_cancel and should_cancel():
+                    raise JobCancelled("cancelled during attribution")
+                chunk = examples[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+                response_losses(model, batch).sum().backward()
+                if on_step:
+                    on_step(min(start + batch_size, len(examples)), len(examples))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return buffers
+
+
+def harm_score_map(
+    params: dict[str, nn.Parameter], grad_sums: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    return {n: harm_scores(params[n].detach(), grad_sums[n]) for n in params}
+
+
+def preserve_score_map(
+    params: dict[str, nn.Parameter],
+    grads: dict[str, torch.Tensor],
+    variant: Literal["sum_abs", "abs_mean"],
+    n_examples: int,
+) -> dict[str, torch.Tensor]:
+    if variant == "sum_abs":
+        return {n: preserve_scores_sum_abs(params[n].detach(), grads[n]) for n in params}
+    return {n: preserve_scores_abs_mean(params[n].detach(), grads[n], n_examples) for n in params}
+
+
+def score_harm(
+    model: nn.Module, params: dict[str, nn.Parameter], examples: Sequence[Example], **kw: Any
+) -> dict[str, torch.Tensor]:
+    """S_harm for every scored matrix (one batched pass over the harmful set)."""
+    grads = accumulate_gradients(model, params, examples, reduction="sum", **kw)
+    scores = harm_score_map(params, grads)
+    del grads
+    return scores
+
+
+def score_preserve(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    examples: Sequence[Example],
+    variant: Literal["sum_abs", "abs_mean"],
+    **kw: Any,
+) -> dict[str, torch.Tensor]:
+    """S_keep for every scored matrix (one pass over the benign set)."""
+    reduction: GradReduction = "sum_abs" if variant == "sum_abs" else "sum"
+    grads = accumulate_gradients(model, params, examples, reduction=reduction, **kw)
+    return preserve_score_map(params, grads, variant, len(examples))

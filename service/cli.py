@@ -1,0 +1,197 @@
+"""`harmprune` command line. Heavy imports (torch, transformers) are deferred so --help is instant.
+
+harmprune harden --model M --domain SPEC --out DIR    run a whole job in-process (no services)
+harmprune restore --checkpoint DIR --out DIR           undo the pruning with the saved mask
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EXIT_USER_ERROR = 2
+EXIT_JOB_ERROR = 1
+EXIT_REJECTED = 3
+
+
+class StageBars:
+    """Renders (stage, done, total) progress events as one tqdm bar per stage."""
+
+    def __init__(self) -> None:
+        self.stage: str | None = None
+        self.bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(
+                total=max(total, 1),
+                desc=f"{stage:<9}",
+                unit="step",
+                leave=True,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
+        if self.bar.total != max(total, 1):
+            self.bar.total = max(total, 1)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _add_harden(sub: Any) -> None:
+    p = sub.add_parser("harden", help="Harden a model for a domain, in-process (no services).")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="Hub repo id, local directory, .gguf file, or smollm2-135m-instruct",
+    )
+    p.add_argument("--revision", help="Hub revision (commit, branch or tag)")
+    p.add_argument(
+        "--domain",
+        required=True,
+        help="Domain spec (YAML/JSON path) or an example name (e.g. cyber)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="Output directory (must be empty)")
+    p.add_argument("--q", type=float, help="Harm candidate fraction (overrides the spec)")
+    p.add_argument("--p", type=float, help="Protected fraction (overrides the spec)")
+    p.add_argument("--selection", choices=["per_matrix", "global"])
+    p.add_argument("--preserve-score", choices=["sum_abs", "abs_mean"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Run the model repo's code (also needs HARMPRUNE_ALLOW_REMOTE_CODE=true)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out")
+    p.set_defaults(func=cmd_harden)
+
+
+def _add_restore(sub: Any) -> None:
+    p = sub.add_parser("restore", help="Undo a hardening with its mask (bit-exact).")
+    p.add_argument("--checkpoint", required=True, type=Path, help="A hardened checkpoint directory")
+    p.add_argument("--out", required=True, type=Path, help="Where to write the restored model")
+    p.set_defaults(func=cmd_restore)
+
+
+def build_config(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from service.config import HardenConfig, format_validation_error, load_domain
+    from service.errors import SpecError
+
+    spec = load_domain(args.domain)
+    overrides = {
+        k: v
+        for k, v in {
+            "q": args.q,
+            "p": args.p,
+            "selection": args.selection,
+            "preserve_score": args.preserve_score,
+        }.items()
+        if v is not None
+    }
+    try:
+        if overrides:
+            pruning = spec.pruning.model_validate({**spec.pruning.model_dump(), **overrides})
+            spec = spec.model_copy(update={"pruning": pruning})
+        return HardenConfig(
+            model=args.model,
+            revision=args.revision,
+            domain=spec,
+            seed=args.seed,
+            device=args.device,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            batch_size=args.batch_size,
+        )
+    except ValidationError as err:
+        raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None
+
+
+def cmd_harden(args: argparse.Namespace) -> int:
+    from service.pipeline import run
+    from service.settings import Settings
+
+    config = build_config(args)
+    bars = StageBars()
+    try:
+        report = run(config, Settings(), args.out, on_progress=bars, overwrite=args.overwrite)
+    finally:
+        bars.close()
+    print_summary(report, args.out)
+    return 0 if report.outcome == "accepted" else EXIT_REJECTED
+
+
+def print_summary(report: Any, out: Path) -> None:
+    print(
+        f"\nharmprune: {report.inputs.model.reference} hardened for '{report.inputs.domain}'"
+        f" -> {report.outcome}"
+    )
+    if report.outcome_reason:
+        print(f"  reason: {report.outcome_reason}")
+    print(f"  weights scored: {report.scored_count:,}")
+    print(f"  weights pruned: {report.pruned_count:,} ({report.pruned_fraction:.6%})")
+    by_kind: dict[str, int] = {}
+    for m in report.modules:
+        by_kind[m.kind] = by_kind.get(m.kind, 0) + m.pruned
+    print("  pruned per module kind: " + ", ".join(f"{k}={v}" for k, v in sorted(by_kind.items())))
+    per_layer: dict[int, int] = {}
+    for m in report.modules:
+        if m.layer is not None:
+            per_layer[m.layer] = per_layer.get(m.layer, 0) + m.pruned
+    print("  pruned per layer: " + " ".join(f"{k}:{v}" for k, v in sorted(per_layer.items())))
+    print(f"  checkpoint: {out}/  (mask: harmprune-mask.safetensors, report: report.json)")
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from service.restore import restore_checkpoint
+
+    restore_checkpoint(args.checkpoint, args.out)
+    print(f"restored original weights into {args.out}")
+    return 0
+
+
+Registrar = Callable[[Any], None]
+REGISTRARS: list[Registrar] = [_add_harden, _add_restore]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="harmprune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for register in REGISTRARS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from service.errors import HarmpruneError
+
+    try:
+        return int(args.func(args))
+    except HarmpruneError as err:
+        print(f"harmprune: error [{err.stage}]: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR if err.user_error else EXIT_JOB_ERROR
+    except KeyboardInterrupt:
+        print("harmprune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

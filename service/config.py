@@ -1,0 +1,197 @@
+"""The per-job configuration: a document we validate, hash and store in the report.
+
+Two layers:
+- `DomainSpec` is what a user writes (YAML or JSON): harmful and benign examples, how to
+  format and elicit them, the pruning parameters and the thresholds. The keys `harmful`,
+  `benign`, `eval.harmful`, `eval.benign` with items `{prompt, response?}` are a fixed contract.
+- `HardenConfig` is one job: which model (and revision), which domain, and run options.
+
+Every model is strict (`extra="forbid"`), so a typo fails at parse time with the field named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import SpecError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pair(Strict):
+    """One example: a request and, optionally, the response to score.
+
+    A missing harmful response is elicited from the model (compliance prefix + greedy
+    continuation); a missing benign response is the model's own greedy answer.
+    """
+
+    prompt: Annotated[str, Field(min_length=1, description="The user's request.")]
+    response: str | None = Field(None, description="The response to score; elicited if absent.")
+
+
+class HubDataset(Strict):
+    """A reference to a Hub dataset, loaded on workers that have network (`pip install .[datasets]`)."""
+
+    dataset: Annotated[
+        str, Field(min_length=1, description="Hub dataset id, e.g. walledai/AdvBench.")
+    ]
+    revision: str | None = Field(
+        None, description="Dataset commit or tag, pinned for reproducibility."
+    )
+    split: str = "train"
+    prompt_field: str = "prompt"
+    response_field: str | None = Field(None, description="Column with responses; none = elicit.")
+    limit: Annotated[int | None, Field(gt=0)] = None
+
+
+Source = Pair | HubDataset
+
+
+class EvalSets(Strict):
+    """Held-out sets never used for attribution. Absent = a seeded split of the calibration sets."""
+
+    harmful: list[Source] = Field(default_factory=list)
+    benign: list[Source] = Field(default_factory=list)
+
+
+class Elicitation(Strict):
+    harmful_prefix: str = Field(
+        "Sure, here is",
+        description="Compliance prefix forced at the start of a harmful answer. It is context, not "
+        "scored: scoring it would mostly reward breaking these words.",
+    )
+    max_new_tokens: Annotated[int, Field(gt=0, le=1024)] = 48
+
+
+class PruningConfig(Strict):
+    q: Annotated[
+        float,
+        Field(
+            gt=0,
+            lt=1,
+            description="Fraction of each matrix (or of all "
+            "scored weights) taken as harm candidates.",
+        ),
+    ] = 1e-4
+    p: Annotated[
+        float, Field(ge=0, lt=1, description="Fraction protected by the preserve score.")
+    ] = 3e-2
+    selection: Literal["per_matrix", "global"] = "per_matrix"
+    preserve_score: Literal["sum_abs", "abs_mean"] = Field(
+        "sum_abs",
+        description="sum_abs: |W| * sum_i |g_i| (default); abs_mean: |W * mean_i g_i| "
+        "(the authors' later 'paper-faithful' variant).",
+    )
+
+
+class DomainSpec(Strict):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    description: str = ""
+    prompt_format: Literal["chat", "plain"] = Field(
+        "chat",
+        description="chat: the tokenizer's chat template; plain: the paper's 'prompt\\nresponse'.",
+    )
+    harmful: list[Source] = Field(description="Harmful calibration examples.")
+    benign: list[Source] = Field(description="Benign calibration examples.")
+    eval: EvalSets = Field(default_factory=EvalSets)
+    elicitation: Elicitation = Field(default_factory=Elicitation)
+    pruning: PruningConfig = Field(default_factory=PruningConfig)
+    max_length: Annotated[int, Field(gt=8, le=8192)] = Field(
+        256, description="Calibration sequences are truncated to this many tokens."
+    )
+
+    @field_validator("harmful")
+    @classmethod
+    def _harmful_not_empty(cls, v: list[Source]) -> list[Source]:
+        if not v:
+            raise ValueError("the harmful set is empty: give at least one harmful example")
+        return v
+
+    @field_validator("benign")
+    @classmethod
+    def _benign_not_empty(cls, v: list[Source]) -> list[Source]:
+        if not v:
+            raise ValueError("the benign set is empty: give at least one benign example")
+        return v
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON form: the same spec hashes the same however it was written."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class HardenConfig(Strict):
+    """One hardening job."""
+
+    model: Annotated[
+        str,
+        Field(
+            min_length=1,
+            description="Hub id, local directory, .gguf file, or smollm2-135m-instruct.",
+        ),
+    ]
+    revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
+    domain: DomainSpec
+    seed: int = 0
+    device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda if available.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bfloat16 on GPU, float32 on CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model repo's own code. Also needs the operator's permission."
+    )
+    batch_size: Annotated[int, Field(gt=0, le=256)] = Field(
+        8, description="Sequences per forward pass (elicitation, and the harm pass)."
+    )
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One `field.path: message` line per problem, for CLI and API messages."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(part) for part in e["loc"]) or "(root)"
+        lines.append(f"{loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_domain(data: object, source: str = "domain spec") -> DomainSpec:
+    try:
+        return DomainSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"invalid {source}:\n{format_validation_error(err)}") from None
+
+
+def load_domain(path: str | Path) -> DomainSpec:
+    """Read a YAML or JSON domain spec (JSON is YAML), or a named example domain."""
+    path = Path(path)
+    if not path.exists():
+        named = example_domain_path(str(path))
+        if named is None:
+            raise SpecError(f"domain spec not found: {path}")
+        path = named
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"cannot read domain spec {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"invalid domain spec {path}: expected a mapping at the top level")
+    return parse_domain(data, source=f"domain spec {path}")
+
+
+EXAMPLE_DOMAINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "domains"
+
+
+def example_domain_path(name: str) -> Path | None:
+    """`cyber` -> examples/domains/cyber.yaml, if we ship it."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return None
+    candidate = EXAMPLE_DOMAINS_DIR / f"{name}.yaml"
+    return candidate if candidate.is_file() else None

@@ -1,0 +1,179 @@
+"""Stage 2, calibration data: resolve the spec's sources into pairs, elicit missing responses,
+and tokenize them with the loss on response tokens only.
+
+A harmful example without a response is completed by the model itself: its answer is forced to
+start with a compliance prefix and continued greedily (the paper's self-generated responses).
+The prefix is part of the context, never of the scored response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from service.config import DomainSpec, Elicitation, HubDataset, Pair, Source
+from service.errors import CalibrationError, SpecError
+from service.generation import generate_greedy
+
+PromptFormat = Literal["chat", "plain"]
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class CalibrationPair:
+    """A formatted example: the scored response follows `prefix`, which is context only."""
+
+    prompt: str
+    response: str
+    prefix: str = ""
+    elicited: bool = False
+
+
+@dataclass(frozen=True)
+class Example:
+    """Token ids with labels: -100 on context tokens, the token id on response tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_sources(sources: Sequence[Source]) -> list[Pair]:
+    """Inline pairs as they are; Hub dataset references loaded with `datasets` (network needed)."""
+    pairs: list[Pair] = []
+    for source in sources:
+        if isinstance(source, Pair):
+            pairs.append(source)
+        else:
+            pairs.extend(_load_hub_dataset(source))
+    return pairs
+
+
+def _load_hub_dataset(ref: HubDataset) -> list[Pair]:
+    try:
+        import datasets
+    except ImportError:
+        raise SpecError(
+            f"domain references Hub dataset {ref.dataset}; install harmprune[datasets] on this worker"
+        ) from None
+    try:
+        rows = datasets.load_dataset(ref.dataset, split=ref.split, revision=ref.revision)
+    except Exception as err:  # datasets raises many kinds, all meaning "not loadable here"
+        raise SpecError(f"cannot load dataset {ref.dataset}: {type(err).__name__}: {err}") from None
+    if ref.prompt_field not in rows.column_names:
+        raise SpecError(f"dataset {ref.dataset} has no column '{ref.prompt_field}' (prompt_field)")
+    if ref.response_field and ref.response_field not in rows.column_names:
+        raise SpecError(
+            f"dataset {ref.dataset} has no column '{ref.response_field}' (response_field)"
+        )
+    n = len(rows) if ref.limit is None else min(ref.limit, len(rows))
+    return [
+        Pair(
+            prompt=str(rows[i][ref.prompt_field]),
+            response=str(rows[i][ref.response_field]) if ref.response_field else None,
+        )
+        for i in range(n)
+    ]
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def format_context(tokenizer: Any, prompt: str, fmt: PromptFormat) -> str:
+    """The text before the response: the chat template's user turn, or the paper's `prompt\\n`."""
+    if fmt == "plain":
+        return prompt + "\n"
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _context_ids(tokenizer: Any, text: str, fmt: PromptFormat) -> list[int]:
+    # The chat template writes its own special tokens; the plain format gets the tokenizer's BOS.
+    return tokenizer(text, add_special_tokens=(fmt == "plain"))["input_ids"]
+
+
+# ---------------------------------------------------------------- elicitation
+
+
+def complete_pairs(
+    model: Any,
+    tokenizer: Any,
+    pairs: Sequence[Pair],
+    *,
+    harmful: bool,
+    fmt: PromptFormat,
+    elicitation: Elicitation,
+    batch_size: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[CalibrationPair]:
+    """Fill in missing responses from the model (greedy, batched); keep given ones."""
+    prefix = elicitation.harmful_prefix if harmful else ""
+    missing = [i for i, p in enumerate(pairs) if p.response is None]
+    contexts = [format_context(tokenizer, pairs[i].prompt, fmt) + prefix for i in missing]
+    generated = generate_greedy(
+        model,
+        tokenizer,
+        contexts,
+        max_new_tokens=elicitation.max_new_tokens,
+        batch_size=batch_size,
+        on_step=on_step,
+    )
+    by_index = dict(zip(missing, generated, strict=True))
+    out: list[CalibrationPair] = []
+    for i, pair in enumerate(pairs):
+        if pair.response is not None:
+            out.append(CalibrationPair(prompt=pair.prompt, response=pair.response))
+        elif by_index[i].strip():
+            out.append(CalibrationPair(pair.prompt, by_index[i], prefix=prefix, elicited=True))
+    if not out:
+        kind = "harmful" if harmful else "benign"
+        raise CalibrationError(f"the model produced no {kind} response to score (all were empty)")
+    return out
+
+
+# ---------------------------------------------------------------- tokenization
+
+
+def tokenize_pair(
+    tokenizer: Any, pair: CalibrationPair, fmt: PromptFormat, max_length: int
+) -> Example:
+    context = _context_ids(
+        tokenizer, format_context(tokenizer, pair.prompt, fmt) + pair.prefix, fmt
+    )
+    response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+    if not response:
+        raise CalibrationError(f"a response tokenizes to nothing (prompt: {pair.prompt[:60]!r})")
+    # Keep at least half the budget for the response; cut the context from the left.
+    response = response[: max(1, max_length - min(len(context), max_length // 2))]
+    context = context[-(max_length - len(response)) :]
+    return Example(input_ids=context + response, labels=[IGNORE_INDEX] * len(context) + response)
+
+
+def tokenize_pairs(
+    tokenizer: Any, pairs: Sequence[CalibrationPair], fmt: PromptFormat, max_length: int
+) -> list[Example]:
+    return [tokenize_pair(tokenizer, p, fmt, max_length) for p in pairs]
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: padding is masked out of attention and labelled -100."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def calibration_sets(spec: DomainSpec) -> tuple[list[Pair], list[Pair]]:
+    return load_sources(spec.harmful), load_sources(spec.benign)

