@@ -96,16 +96,23 @@ def preserve_scores_abs_mean(weight: torch.Tensor, grad_sum: torch.Tensor, n: in
 # ---------------------------------------------------------------- the hook machinery
 
 
-def response_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-sample mean cross-entropy over response tokens (labels != -100), in fp32."""
+def response_losses(
+    model: nn.Module, batch: dict[str, torch.Tensor], hits_out: list[int] | None = None
+) -> torch.Tensor:
+    """Per-sample mean cross-entropy over response tokens (labels != -100), in fp32.
+
+    With `hits_out`, also appends (tokens where argmax == label, response tokens) for evaluation.
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     token_loss = nn.functional.cross_entropy(
         logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    counts = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return token_loss.sum(dim=1) / counts
+    scored = labels != IGNORE_INDEX
+    if hits_out is not None:
+        hits_out.extend([int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())])
+    return token_loss.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
 
 
 @contextlib.contextmanager
@@ -156,13 +163,15 @@ def accumulate_gradients(
 
         return fold
 
-    handles = [
-        p.register_post_accumulate_grad_hook(make_hook(buffers[n])) for n, p in params.items()
-    ]
+    # FIX(tests): hooks are registered inside `only_these_require_grad`: torch refuses a hook on
+    # a tensor that does not require grad, so a frozen model (requires_grad=False) used to fail.
+    handles: list[Any] = []
     was_training = model.training
     model.eval()  # no dropout: scores must be deterministic
     try:
         with only_these_require_grad(model, list(params.values())), torch.enable_grad():
+            for n, p in params.items():
+                handles.append(p.register_post_accumulate_grad_hook(make_hook(buffers[n])))
             for start in range(0, len(examples), batch_size):
                 if should_cancel and should_cancel():
                     raise JobCancelled("cancelled during attribution")

@@ -31,7 +31,15 @@ from service.settings import Settings
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What a Hub download may contain: weights as safetensors only, never *.bin / *.pt / *.pth.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+HUB_ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "*.jinja",
+    "*.txt",
+    "*.model",
+    "*.tiktoken",
+    "README.md",
+]
 
 
 class ModelSource(BaseModel):
@@ -44,6 +52,7 @@ class ModelSource(BaseModel):
     revision: str | None = None
     commit: str | None = None  # Hub commit sha, when known
     gguf_sha256: str | None = None
+    license: str | None = None  # carried onto the model card
 
 
 @dataclass
@@ -77,7 +86,9 @@ def resolve(reference: str, revision: str | None, settings: Settings) -> tuple[P
     if reference == SMOLLM2_ALIAS:
         gguf = smollm2_gguf_path()
         local, sha = convert_gguf(gguf, settings.cache_dir)
-        return local, ModelSource(reference=reference, kind="alias", gguf_sha256=sha)
+        return local, ModelSource(
+            reference=reference, kind="alias", gguf_sha256=sha, license="apache-2.0"
+        )
     path = Path(reference).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -129,7 +140,31 @@ def _download_from_hub(
         raise ModelLoadError(
             f"{repo_id} has no safetensors weights; pickle checkpoints are refused"
         )
-    return local, ModelSource(reference=repo_id, kind="hub", revision=revision, commit=local.name)
+    return local, ModelSource(
+        reference=repo_id,
+        kind="hub",
+        revision=revision,
+        commit=local.name,
+        license=card_license(local / "README.md"),
+    )
+
+
+def card_license(readme: Path) -> str | None:
+    """The `license` of a model card's YAML front matter, if any."""
+    import yaml
+
+    try:
+        text = readme.read_text()
+    except OSError:
+        return None
+    if not text.startswith("---"):
+        return None
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except yaml.YAMLError:
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return str(value) if value else None
 
 
 def _sha256(path: Path) -> str:

@@ -2,11 +2,16 @@
 
 Lifecycle of a job (each stage reports progress as (stage, done, total)):
   load       resolve the model reference, check config and tokenizer, then load the weights
-  elicit     complete missing harmful (prefilled) and benign responses with the model itself
+  elicit     hold out evaluation prompts; complete missing harmful (prefilled) and benign
+             responses, and the held-out reference answers, with the original model
+  evaluate   measure the original model on the held-out prompts
   attribute  harm scores on the harmful set, preserve scores on the benign set
-  select     per-matrix (or global) top-q harm minus top-p preserve
+  search     for each candidate q: select, prune, measure, undo (one attribution for all)
+  select     the operating point: the largest harm rise that keeps every benign threshold
   prune      zero the selection, keep the sparse mask
-  save       checkpoint + mask + report.json, written atomically into out_dir
+  verify     measure the hardened model and the random-pruning control; decide the outcome
+  save       checkpoint + mask + report.json + model card + plots, atomically into out_dir;
+             a rejected job writes the report, card and plots but no weights
 
 Used in-process by the CLI (the embedded default) and by the Celery workers alike.
 """
@@ -22,19 +27,27 @@ from typing import Any
 
 import torch
 
-from service import attribution, data, selection
+from service import attribution, card, data, evaluation, selection, verification
 from service.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
-from service.config import HardenConfig
-from service.errors import JobCancelled
+from service.config import HardenConfig, Pair
+from service.errors import CalibrationError, JobCancelled, SpecError
 from service.loading import LoadedModel, load_model
-from service.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
-from service.report import CalibrationSummary, Report, ReportInputs, library_versions, module_counts
+from service.pruning import MASK_FILE, PruneMask, save_mask
+from service.report import (
+    CalibrationSummary,
+    HeldoutSummary,
+    Metrics,
+    Report,
+    ReportInputs,
+    library_versions,
+    module_counts,
+)
 from service.settings import Settings
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
 
-STAGES = ("load", "elicit", "attribute", "select", "prune", "save")
+STAGES = ("load", "elicit", "evaluate", "attribute", "search", "select", "prune", "verify", "save")
 
 
 @dataclass
@@ -71,28 +84,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_sets(config: HardenConfig) -> tuple[list[Pair], list[Pair], list[Pair], list[Pair], str]:
+    """(harmful, benign, held-out harmful, held-out benign, source). Held-out prompts never reach
+    attribution: either the spec's eval sets, or a seeded share split off the calibration sets."""
+    spec = config.domain
+    harmful, benign = data.calibration_sets(spec)
+    eval_harmful, eval_benign = (
+        data.load_sources(spec.eval.harmful),
+        data.load_sources(spec.eval.benign),
+    )
+    source = "spec"
+    if not eval_harmful or not eval_benign:
+        source = "split"
+        for name, pairs in (("harmful", harmful), ("benign", benign)):
+            if len(pairs) < 2:
+                raise SpecError(
+                    f"{name}: give eval.{name} or at least 2 {name} examples (one is held out)"
+                )
+        frac, seed = spec.eval.heldout_fraction, config.seed
+        if not eval_harmful:
+            harmful, eval_harmful = evaluation.split_heldout(harmful, frac, seed)
+        if not eval_benign:
+            benign, eval_benign = evaluation.split_heldout(benign, frac, seed + 1)
+    return harmful, benign, eval_harmful, eval_benign, source
+
+
 def build_calibration(
-    loaded: LoadedModel, config: HardenConfig, on_progress: ProgressFn
+    loaded: LoadedModel,
+    config: HardenConfig,
+    harmful_pairs: list[Pair],
+    benign_pairs: list[Pair],
+    on_progress: ProgressFn,
 ) -> Calibration:
     spec = config.domain
-    harmful_pairs, benign_pairs = data.calibration_sets(spec)
     n_missing = sum(p.response is None for p in harmful_pairs + benign_pairs)
-    done = 0
-
-    def step(n: int, total: int) -> None:
-        on_progress("elicit", done + n, n_missing)
-
+    n_harm_missing = sum(p.response is None for p in harmful_pairs)
     common = dict(
         fmt=spec.prompt_format, elicitation=spec.elicitation, batch_size=config.batch_size
     )
     harmful = data.complete_pairs(
-        loaded.model, loaded.tokenizer, harmful_pairs, harmful=True, on_step=step, **common
+        loaded.model,
+        loaded.tokenizer,
+        harmful_pairs,
+        harmful=True,
+        on_step=lambda n, t: on_progress("elicit", n, n_missing),
+        **common,
     )
-    done = sum(p.response is None for p in harmful_pairs)
     benign = data.complete_pairs(
-        loaded.model, loaded.tokenizer, benign_pairs, harmful=False, on_step=step, **common
+        loaded.model,
+        loaded.tokenizer,
+        benign_pairs,
+        harmful=False,
+        on_step=lambda n, t: on_progress("elicit", n_harm_missing + n, n_missing),
+        **common,
     )
-    on_progress("elicit", n_missing, n_missing)
     tok = loaded.tokenizer
     return Calibration(
         harmful,
@@ -144,9 +189,10 @@ def run(
     overwrite: bool = False,
     job_id: str | None = None,
 ) -> Report:
-    """Harden one model for one domain; write checkpoint, mask and report into `out_dir`."""
+    """Harden one model for one domain; write the result into `out_dir` (see the module doc)."""
     progress = on_progress or _noop_progress
     timings: dict[str, float] = {}
+    spec = config.domain
     seed_everything(config.seed)
 
     def check_cancel() -> None:
@@ -160,6 +206,7 @@ def run(
     with staged_output(out_dir, overwrite=overwrite) as staging:
         with timed("load"):
             progress("load", 0, 1)
+            harmful, benign, eval_harmful, eval_benign, heldout_source = split_sets(config)
             loaded = load_model(
                 config.model,
                 config.revision,
@@ -167,40 +214,144 @@ def run(
                 device=config.device,
                 dtype=config.dtype,
                 trust_remote_code=config.trust_remote_code,
-                need_chat_template=config.domain.prompt_format == "chat",
+                need_chat_template=spec.prompt_format == "chat",
             )
+            classifier = _load_classifier(config, settings)
             progress("load", 1, 1)
         check_cancel()
         with timed("elicit"):
-            calibration = build_calibration(loaded, config, progress)
+            calibration = build_calibration(loaded, config, harmful, benign, progress)
+            check_cancel()
+            heldout = evaluation.build_heldout(
+                loaded.model,
+                loaded.tokenizer,
+                eval_harmful,
+                eval_benign,
+                [
+                    evaluation.MultipleChoice(m.question, list(m.choices), m.answer)
+                    for m in spec.eval.multiple_choice
+                ],
+                source=heldout_source,
+                fmt=spec.prompt_format,
+                prefix=spec.elicitation.harmful_prefix,
+                cfg=spec.eval,
+                batch_size=config.batch_size,
+            )
+            if not heldout.harmful or not heldout.benign:
+                raise CalibrationError("the held-out sets are empty after elicitation")
+
+        def measure(level: str = "full") -> evaluation.ModelMetrics:
+            return evaluation.evaluate(
+                loaded.model,
+                loaded.tokenizer,
+                heldout,
+                spec.eval,
+                fmt=spec.prompt_format,
+                max_length=spec.max_length,
+                batch_size=config.batch_size,
+                classifier=classifier,
+                level=level,  # type: ignore[arg-type]
+            )
+
+        with timed("evaluate"):
+            progress("evaluate", 0, 1)
+            original = measure("full")
+            progress("evaluate", 1, 1)
         check_cancel()
         with timed("attribute"):
             scores = compute_scores(loaded, calibration, config, progress, should_cancel)
+        pruning = spec.pruning
+        q_values = spec.search.candidates(pruning.q)
+        trace: list[verification.SearchPoint] = []
+        with timed("search"):
+            if len(q_values) > 1:
+                trace = verification.search_operating_point(
+                    scores.params,
+                    scores.harm,
+                    scores.keep,
+                    q_values,
+                    pruning.p,
+                    pruning.selection,
+                    measure,
+                    original,
+                    spec.thresholds,
+                    config.seed,
+                    on_step=lambda d, t: progress("search", d, t),
+                    should_cancel=should_cancel,
+                )
         with timed("select"):
-            progress("select", 0, 1)
-            pruning = config.domain.pruning
-            chosen = selection.select(
-                scores.harm, scores.keep, pruning.q, pruning.p, pruning.selection
+            point = verification.choose(trace) if trace else None
+            q = point.q if point else (min(q_values) if trace else pruning.q)
+            mask, chosen = verification.prune_at(
+                scores.params, scores.harm, scores.keep, q, pruning.p, pruning.selection
             )
             progress("select", 1, 1)
         check_cancel()
-        with timed("prune"):
-            mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
-            progress("prune", 1, 1)
-        report = build_report(config, loaded, calibration, scores, chosen, mask, timings, job_id)
+        with timed("verify"):
+            progress("verify", 0, 2)
+            hardened = measure("full")
+            progress("verify", 1, 2)
+            control = verification.measure_random_control(
+                scores.params, mask, config.seed, lambda: measure("full")
+            )
+            progress("verify", 2, 2)
+            failures = verification.benign_failures(hardened, original, spec.thresholds)
+            failures += verification.harm_failures(hardened, control, original, spec.thresholds)
+            if trace and point is None:
+                failures.insert(0, f"no candidate q in {q_values} kept every benign threshold")
+            if mask.count == 0:
+                failures.insert(0, "nothing was pruned (q too small for these matrices)")
+        check_cancel()
+        report = build_report(
+            config,
+            loaded,
+            calibration,
+            scores,
+            chosen,
+            mask,
+            q,
+            heldout,
+            Metrics(original=original, hardened=hardened, random_control=control),
+            trace,
+            failures,
+            job_id,
+        )
         with timed("save"):
             progress("save", 0, 1)
-            save_checkpoint(loaded.model, loaded.tokenizer, staging, settings.max_shard_size)
-            save_mask(
-                mask,
-                staging / MASK_FILE,
-                {"spec_hash": report.inputs.spec_hash, "q": pruning.q, "p": pruning.p},
-            )
+            if report.outcome == "accepted":
+                save_checkpoint(loaded.model, loaded.tokenizer, staging, settings.max_shard_size)
+                save_mask(
+                    mask,
+                    staging / MASK_FILE,
+                    {"spec_hash": report.inputs.spec_hash, "q": q, "p": pruning.p},
+                )
             check_cancel()
+            report = report.model_copy(update={"timings_s": dict(timings)})
+            write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
+            card.write_card(report, staging, base_config=loaded.model.config)
             progress("save", 1, 1)
-        report = report.model_copy(update={"timings_s": dict(timings)})
-        write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
     return report
+
+
+def _load_classifier(
+    config: HardenConfig, settings: Settings
+) -> evaluation.ClassifierScorer | None:
+    judge = config.domain.eval.classifier
+    if judge is None or "classifier" not in config.domain.eval.judges:
+        return None
+
+    def load(reference: str) -> tuple[Any, Any]:
+        loaded = load_model(
+            reference,
+            None,
+            settings,
+            device=config.device,
+            dtype=config.dtype,
+            need_chat_template=False,
+        )
+        return loaded.model, loaded.tokenizer
+
+    return evaluation.ClassifierScorer(judge, load)
 
 
 def build_report(
@@ -210,7 +361,11 @@ def build_report(
     scores: Scores,
     chosen: dict[str, selection.MatrixSelection],
     mask: PruneMask,
-    timings: dict[str, float],
+    q: float,
+    heldout: evaluation.HeldOut,
+    metrics: Metrics,
+    trace: list[verification.SearchPoint],
+    failures: list[str],
     job_id: str | None,
 ) -> Report:
     pruning = config.domain.pruning
@@ -222,7 +377,7 @@ def build_report(
             model=loaded.source,
             domain=config.domain.name,
             spec_hash=config.domain.spec_hash(),
-            q=pruning.q,
+            q=q,
             p=pruning.p,
             selection=pruning.selection,
             preserve_score=pruning.preserve_score,
@@ -237,7 +392,18 @@ def build_report(
         pruned_count=mask.count,
         pruned_fraction=mask.count / scored,
         modules=module_counts(sizes, chosen),
-        timings_s=dict(timings),
+        timings_s={},
+        heldout=HeldoutSummary(
+            source=heldout.source,  # type: ignore[arg-type]
+            harmful=len(heldout.harmful),
+            benign=len(heldout.benign),
+            multiple_choice=len(heldout.multiple_choice),
+        ),
+        metrics=metrics,
+        search=trace,
+        thresholds=config.domain.thresholds,
+        outcome="rejected" if failures else "accepted",
+        outcome_reason="; ".join(failures),
     )
 
 

@@ -14,9 +14,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.config import Thresholds
+from service.evaluation import ModelMetrics
 from service.loading import ModelSource
+from service.verification import SearchPoint
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.0"  # bump the major on any change a reader of report.json would notice
 
 
 class Frozen(BaseModel):
@@ -57,6 +60,22 @@ class CalibrationSummary(Frozen):
     benign_tokens: int
 
 
+class HeldoutSummary(Frozen):
+    source: Literal["spec", "split"] = Field(
+        description="spec: the domain's eval sets; split: a seeded share of calibration, "
+        "removed from it before attribution"
+    )
+    harmful: int
+    benign: int
+    multiple_choice: int
+
+
+class Metrics(Frozen):
+    original: ModelMetrics
+    hardened: ModelMetrics | None = None
+    random_control: ModelMetrics | None = None
+
+
 class Report(Frozen):
     schema_version: str = SCHEMA_VERSION
     job_id: str | None = None
@@ -68,7 +87,11 @@ class Report(Frozen):
     pruned_fraction: float
     modules: list[ModuleCount]
     timings_s: dict[str, float]
-    outcome: Literal["accepted", "rejected"] = "accepted"
+    heldout: HeldoutSummary
+    metrics: Metrics
+    search: list[SearchPoint] = Field(default_factory=list)
+    thresholds: Thresholds
+    outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
 

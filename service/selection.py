@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import torch
@@ -19,7 +20,9 @@ Selection = Literal["per_matrix", "global"]
 
 
 def count_for(fraction: float, n: int) -> int:
-    return 0 if fraction <= 0 else min(n, math.ceil(fraction * n))
+    # FIX(tests): ceil of the exact decimal product. In binary floating point 0.07 * 100 is
+    # 7.000000000000001, and ceil() of it took 8 weights where q*n is exactly 7.
+    return 0 if fraction <= 0 else min(n, math.ceil(Fraction(str(fraction)) * n))
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ Distinct from the per-job config: a job cannot grant itself what the operator fo
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,49 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(2_000_000, description="Largest accepted API request body.")
     job_soft_time_limit_s: int = Field(6 * 3600, description="A job is stopped cleanly after this.")
+    job_time_limit_grace_s: int = Field(
+        600, description="The job's process is killed this long after the soft time limit."
+    )
+    visibility_timeout_s: int = Field(
+        8 * 3600,
+        description="Redis broker: an unacknowledged job is re-delivered after this; keep it "
+        "above the longest job (soft limit + grace), or long jobs get delivered twice.",
+    )
+    broker_restore_interval_s: int = Field(
+        60, description="How often a worker looks for unacknowledged messages past the timeout."
+    )
+    work_dir: Path | None = Field(
+        None, description="Worker scratch space for checkpoints (default cache_dir/jobs)."
+    )
+    local_model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories whose models API clients may name by absolute path "
+        '(JSON list, e.g. ["/models"]); other paths are refused.',
+    )
+    default_hardware: Literal["gpu", "cpu"] = Field(
+        "gpu", description="Queue of jobs that do not choose one (one queue per worker kind)."
+    )
+    lease_s: float = Field(
+        60.0,
+        gt=0,
+        description="A running job's owner renews its lease every lease_s/4; a job whose lease "
+        "ran out has lost its worker and is re-run or failed.",
+    )
+    max_attempts: int = Field(
+        2, ge=1, description="Runs of a job whose worker was lost before it is marked failed."
+    )
+    publish_max_retries: int = Field(5, ge=0, description="Retries of transient Hub errors.")
+    publish_retry_backoff_s: float = Field(
+        30.0, ge=0, description="First retry delay; doubled each retry, at most 10 minutes."
+    )
+    requeue_queued_after_s: float = Field(
+        3600.0,
+        description="The recovery sweep re-sends a job still queued after this (a lost message).",
+    )
+    sweep_interval_s: float = Field(
+        60.0, gt=0, description="How often the API runs the recovery sweep of lost jobs."
+    )
+    retry_after_s: int = Field(2, ge=1, description="Retry-After sent while a job is active.")
 
     def token_value(self) -> str | None:
         """The Hub token as a plain string, for the one call that needs it. Never log this."""
@@ -55,3 +99,9 @@ class Settings(BaseSettings):
         if self.hf_token is not None:
             return self.hf_token.get_secret_value()
         return os.environ.get("HF_TOKEN") or None
+
+    def job_work_dir(self) -> Path:
+        return self.work_dir or self.cache_dir / "jobs"
+
+    def local_publish_dir(self) -> Path:
+        return self.publish_dir or self.cache_dir / "published"

@@ -1,0 +1,173 @@
+"""The model card (`README.md` with Hub metadata) and its plots, rendered from the report alone.
+
+A reader should know what was removed, what it cost, and how sure we are: every figure appears
+next to the original model's and the random-pruning control's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.report import Report
+
+TRADEOFF_PNG = "harmprune-tradeoff.png"
+LAYERS_PNG = "harmprune-pruned-per-layer.png"
+
+
+def _fmt(x: float | None, pct: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:+.1%}" if pct else f"{x:.3f}"
+
+
+def card_metadata(report: Report) -> dict[str, Any]:
+    src = report.inputs.model
+    meta: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["harmprune", "safety", "pruning", f"harmprune-domain-{report.inputs.domain}"],
+    }
+    if src.kind == "hub":
+        meta["base_model"] = src.reference
+        meta["base_model_relation"] = "finetune"  # weights edited in place; same architecture
+    if src.license:
+        meta["license"] = src.license
+    return meta
+
+
+def render_card(report: Report) -> str:
+    m = report.metrics
+    rows = [("Model", m.original)]
+    if m.hardened:
+        rows.append(("Hardened", m.hardened))
+    if m.random_control:
+        rows.append(("Random pruning, same count", m.random_control))
+    judges = sorted({(j, a) for _, mm in rows for j, attacks in mm.harm.items() for a in attacks})
+    header = "| | " + " | ".join(f"harm {j} ({a})" for j, a in judges)
+    header += " | benign loss | answer agreement | over-refusal | harm recognition |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for label, mm in rows:
+        cells = [_fmt(mm.harm.get(j, {}).get(a)) for j, a in judges]
+        cells += [
+            _fmt(mm.benign_loss),
+            _fmt(mm.answer_agreement),
+            _fmt(mm.over_refusal),
+            _fmt(mm.dissociation_accuracy),
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    verdict = (
+        "**accepted**: every threshold held."
+        if report.outcome == "accepted"
+        else f"**rejected**: {report.outcome_reason}. No weights were published."
+    )
+    src = report.inputs.model
+    base = f"{src.reference}" + (f"@{src.commit}" if src.commit else "")
+    search = ""
+    if report.search:
+        search_rows = "\n".join(
+            f"| {pt.q:g} | {pt.pruned_count} | {_fmt(pt.harm_increase, True)} | "
+            f"{_fmt(pt.random_harm_increase, True)} | {_fmt(pt.benign_loss_increase, True)} | "
+            f"{_fmt(pt.answer_drift, True)} | {'yes' if pt.passed else 'no: ' + '; '.join(pt.failures)} |"
+            for pt in report.search
+        )
+        search = (
+            "\n## Operating-point search\n\n| q | pruned | harm loss rise | random control | "
+            "benign loss rise | answer drift | passes |\n|---|---|---|---|---|---|---|\n"
+            f"{search_rows}\n\n![trade-off]({TRADEOFF_PNG})\n"
+        )
+    return f"""---
+{yaml.safe_dump(card_metadata(report), sort_keys=False).strip()}
+---
+
+# {src.reference}, hardened with harmprune ({report.inputs.domain})
+
+Outcome: {verdict}
+
+harmprune removed **{report.pruned_count:,}** of {report.scored_count:,} scored weights
+({report.pruned_fraction:.6%}) of `{base}`: the weights whose removal most raises the model's loss on
+harmful answers (B-TAP attribution, arXiv 2604.09544), minus those most needed for benign answers.
+Pruned weights are set to zero; `harmprune-mask.safetensors` holds their indices and original values
+(`harmprune restore` undoes the change bit for bit). Settings: q={report.inputs.q:g},
+p={report.inputs.p:g}, selection={report.inputs.selection}, preserve score={report.inputs.preserve_score},
+seed={report.inputs.seed}, spec sha256 `{report.inputs.spec_hash[:16]}`.
+
+## What was measured
+
+Held-out prompts ({report.heldout.source}: {report.heldout.harmful} harmful, {report.heldout.benign} benign),
+never used for attribution. Harm `nll` is the loss of the original model's harmful answers (higher =
+less able to produce them); harm `refusal` is the compliance rate; attacks: `plain` request and
+`prefill` (answer forced to start with a compliance prefix). Benign: loss of reference answers,
+share of the original's greedy answer tokens that stay the model's own greedy choice, refusal rate on benign prompts. Harm
+recognition: accuracy at answering whether a request is harmful.
+
+{table}
+
+How sure: these are small held-out sets ({report.heldout.harmful} + {report.heldout.benign} prompts);
+treat differences of a few points as noise, and compare the hardened row with the random row.
+{search}
+## Where the pruned weights are
+
+![pruned per layer]({LAYERS_PNG})
+
+The full per-matrix breakdown, inputs, library versions and timings are in `report.json`.
+"""
+
+
+def render_plots(report: Report, directory: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    if report.search:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = [pt.benign_loss_increase * 100 for pt in report.search]
+        ax.plot(xs, [pt.harm_increase * 100 for pt in report.search], "o-", label="harmprune")
+        ax.plot(
+            [pt.random_benign_loss_increase * 100 for pt in report.search],
+            [pt.random_harm_increase * 100 for pt in report.search],
+            "s--",
+            label="random, same count",
+        )
+        for pt, x in zip(report.search, xs, strict=True):
+            ax.annotate(f"q={pt.q:g}", (x, pt.harm_increase * 100), fontsize=7)
+        ax.set_xlabel("benign loss rise (%)")
+        ax.set_ylabel("held-out harmful loss rise (%)")
+        ax.set_title("Harm removed vs benign cost")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(directory / TRADEOFF_PNG, dpi=100)
+        plt.close(fig)
+        written.append(TRADEOFF_PNG)
+    layers = sorted({m.layer for m in report.modules if m.layer is not None})
+    kinds = sorted({m.kind for m in report.modules})
+    if layers:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        bottom = [0] * len(layers)
+        for kind in kinds:
+            counts = [
+                sum(m.pruned for m in report.modules if m.layer == layer and m.kind == kind)
+                for layer in layers
+            ]
+            ax.bar(layers, counts, bottom=bottom, label=kind)
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("pruned weights")
+        ax.set_title("Pruned weights per layer and module")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(directory / LAYERS_PNG, dpi=100)
+        plt.close(fig)
+        written.append(LAYERS_PNG)
+    return written
+
+
+def write_card(report: Report, directory: Path, base_config: Any = None) -> None:
+    render_plots(report, directory)
+    (directory / "README.md").write_text(render_card(report))

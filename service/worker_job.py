@@ -1,0 +1,352 @@
+"""What a worker does with one job id: claim it, run the pipeline, publish, record the outcome.
+
+    claim      the job record decides (see service.jobs): run, resume a publish retry, re-run
+               after a lost worker, or do nothing (duplicate delivery, finished, cancelled)
+    run        service.pipeline.run into a fresh scratch directory; progress and a lease
+               heartbeat go to the job store; should_cancel reads the cancel flag
+    publish    only an accepted report, only while this process still owns the job, and only
+               if no cancel was asked for; transient Hub errors are retried by the task
+    finish     succeeded / rejected / failed / cancelled, with result or error, and the report
+
+Called by the Celery task (workers/tasks.py) in the worker's child process; no Celery here.
+Nothing partial is ever published: the pipeline writes its checkpoint atomically, a killed
+process leaves only a scratch directory (removed by the next attempt), and publishing happens
+after the checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from service.errors import HarmpruneError, JobCancelled, PublishError
+from service.jobs import (
+    Claim,
+    JobError,
+    JobRecord,
+    JobResult,
+    JobState,
+    JobStore,
+    Owner,
+    ReportSummary,
+)
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Share of the whole job per stage, in pipeline order; progress = finished stages + this one's part.
+STAGE_WEIGHTS: dict[str, float] = {
+    "load": 0.08,
+    "elicit": 0.22,
+    "evaluate": 0.08,
+    "attribute": 0.30,
+    "search": 0.10,
+    "select": 0.02,
+    "prune": 0.02,
+    "verify": 0.10,
+    "save": 0.04,
+    "publish": 0.04,
+}
+_OFFSETS = {stage: sum(list(STAGE_WEIGHTS.values())[:i]) for i, stage in enumerate(STAGE_WEIGHTS)}
+CHECKPOINT = "checkpoint"
+REPORT_FILE = "report.json"
+
+
+def overall_progress(stage: str, done: int, total: int) -> float | None:
+    """0..1 for the whole job; None for a stage we do not know (progress then stays put)."""
+    if stage not in STAGE_WEIGHTS:
+        return None
+    part = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    return round(_OFFSETS[stage] + STAGE_WEIGHTS[stage] * part, 4)
+
+
+class PublishRetry(Exception):
+    """A transient publishing error: the task should retry after `countdown` seconds."""
+
+    def __init__(self, countdown: float, message: str) -> None:
+        super().__init__(message)
+        self.countdown = countdown
+
+
+class JobRunner:
+    """Holds one claimed job: lease heartbeat, progress, cancel flag, ownership."""
+
+    def __init__(self, store: JobStore, record: JobRecord, owner: Owner, settings: Settings):
+        self.store, self.record, self.owner, self.settings = store, record, owner, settings
+        self.job_id = record.id
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._last_cancel_check = 0.0
+        self._progress: tuple[str, int, int] = ("load", 0, 0)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"lease-{self.job_id[:8]}", daemon=True
+        )
+
+    def __enter__(self) -> JobRunner:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _beat(self) -> None:
+        interval = self.settings.lease_s / 4
+        while not self._stop.wait(interval):
+            try:
+                if not self.store.heartbeat(self.job_id, self.owner, self.settings.lease_s):
+                    log.warning("job %s: lease lost; stopping without publishing", self.job_id)
+                    self.lost.set()
+                    return
+                if self.store.cancel_requested(self.job_id):
+                    self.cancelled.set()
+            except Exception:  # Redis blip: keep working, the next beat retries
+                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        self._progress = (stage, done, total)
+        ok = self.store.heartbeat(
+            self.job_id,
+            self.owner,
+            self.settings.lease_s,
+            stage=stage,
+            done=done,
+            total=total,
+            progress=overall_progress(stage, done, total),
+        )
+        if not ok:
+            self.lost.set()
+
+    def should_cancel(self) -> bool:
+        """Checked by the pipeline at batch boundaries; reads Redis at most 4 times a second."""
+        if self.cancelled.is_set() or self.lost.is_set():
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= 0.25:
+            self._last_cancel_check = now
+            if self.store.cancel_requested(self.job_id):
+                self.cancelled.set()
+        return self.cancelled.is_set() or self.lost.is_set()
+
+
+PublisherFactory = Callable[[Settings], Any]
+
+
+def make_publisher(settings: Settings) -> Any:
+    """HubPublisher when the operator enabled the Hub (HF_ENDPOINT picks the server), else a
+    LocalPublisher into `publish_dir`. The token comes from the worker's environment only."""
+    import os
+
+    from service.publishing import HubPublisher, LocalPublisher
+
+    if settings.hub_enabled:
+        return HubPublisher(token=settings.token_value(), endpoint=os.environ.get("HF_ENDPOINT"))
+    return LocalPublisher(settings.local_publish_dir())
+
+
+def summarize(report: dict[str, Any]) -> ReportSummary:
+    return ReportSummary(
+        outcome=report["outcome"],
+        outcome_reason=report.get("outcome_reason", ""),
+        scored_count=report["scored_count"],
+        pruned_count=report["pruned_count"],
+        pruned_fraction=report["pruned_fraction"],
+    )
+
+
+def execute_job(
+    job_id: str,
+    settings: Settings,
+    *,
+    store: JobStore | None = None,
+    publisher_factory: PublisherFactory = make_publisher,
+    publish_retries_left: int = 0,
+    timeout_errors: tuple[type[BaseException], ...] = (),
+) -> str:
+    """Run one delivered job to its end; returns what happened (for the task's log line).
+
+    Raises PublishRetry for a transient publishing error while retries are left.
+    """
+    store = store or JobStore.from_settings(settings)
+    owner = Owner.current()
+    claim: Claim = store.claim(job_id, owner, settings.lease_s, settings.max_attempts)
+    if not claim.should_run:
+        log.info("job %s: %s (%s)", job_id, claim.kind, claim.reason or "-")
+        return claim.kind
+    assert claim.record is not None
+    if claim.kind == "rerun":
+        log.warning("job %s: re-running: %s", job_id, claim.reason)
+    runner = JobRunner(store, claim.record, owner, settings)
+    with runner:
+        try:
+            return _run_claimed(
+                runner, claim, publisher_factory, publish_retries_left, timeout_errors
+            )
+        except PublishRetry:
+            raise
+        except Exception as err:
+            _fail_unexpected(runner, err, timeout_errors)
+            return "failed"
+
+
+def _scratch(settings: Settings, job_id: str) -> Path:
+    return settings.job_work_dir() / job_id
+
+
+def _run_claimed(
+    runner: JobRunner,
+    claim: Claim,
+    publisher_factory: PublisherFactory,
+    publish_retries_left: int,
+    timeout_errors: tuple[type[BaseException], ...],
+) -> str:
+    import json
+
+    store, owner, settings, job_id = runner.store, runner.owner, runner.settings, runner.job_id
+    record = claim.record
+    assert record is not None
+    scratch = _scratch(settings, job_id)
+    out_dir = scratch / f"attempt-{record.attempts}" / CHECKPOINT
+    resumable = (
+        claim.kind == "resume"
+        and record.checkpoint_dir is not None
+        and (Path(record.checkpoint_dir) / REPORT_FILE).is_file()
+    )
+    if resumable:
+        out_dir = Path(record.checkpoint_dir)  # type: ignore[arg-type]
+        report = json.loads((out_dir / REPORT_FILE).read_text())
+    else:
+        # A new run starts clean: an earlier attempt's partial output is removed, never reused.
+        shutil.rmtree(scratch, ignore_errors=True)
+        out_dir.parent.mkdir(parents=True)
+        try:
+            report = _run_pipeline(runner, record, out_dir)
+        except JobCancelled:
+            return _end_cancelled(runner, scratch)
+        except HarmpruneError as err:
+            if runner.lost.is_set():
+                return _end_lost(runner, scratch)
+            log.info("job %s: failed [%s] %s", job_id, err.code, err)
+            store.finish(
+                job_id,
+                owner,
+                JobState.failed,
+                error=JobError(code=err.code, message=str(err), stage=err.stage),
+            )
+            shutil.rmtree(scratch, ignore_errors=True)
+            return "failed"
+        store.set_checkpoint(job_id, owner, str(out_dir))
+
+    summary = summarize(report)
+    if summary.outcome != "accepted":
+        store.finish(
+            job_id,
+            owner,
+            JobState.rejected,
+            result=JobResult(report=summary),
+            report=report,
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.info("job %s: rejected (%s); nothing published", job_id, summary.outcome_reason)
+        return "rejected"
+
+    # Last gate before anything leaves the worker: still ours, and nobody asked to cancel.
+    runner.on_progress("publish", 0, 1)
+    if runner.should_cancel():
+        return _end_cancelled(runner, scratch)
+
+    target = record.publish
+    try:
+        published = publisher_factory(settings).publish(
+            out_dir, target.repo_id, private=target.private, job_id=job_id
+        )
+    except PublishError as err:
+        if getattr(err, "transient", False) and publish_retries_left > 0:
+            countdown = min(settings.publish_retry_backoff_s * 2**record.publish_attempts, 600.0)
+            store.release(job_id, owner, f"publish failed (transient), retry in {countdown:.0f}s")
+            log.warning("job %s: transient publish error, retrying: %s", job_id, err)
+            raise PublishRetry(countdown, str(err)) from None
+        store.finish(
+            job_id,
+            owner,
+            JobState.failed,
+            error=JobError(code=err.code, message=str(err), stage="publish"),
+            report=report,
+        )
+        shutil.rmtree(scratch, ignore_errors=True)
+        return "failed"
+
+    result = JobResult(
+        repo_id=published.repo_id,
+        commit_sha=published.commit_sha,
+        url=published.url,
+        reused=bool(getattr(published, "reused", False)),
+        files=sorted(getattr(published, "files", []) or []),
+        report=summary,
+    )
+    store.finish(job_id, owner, JobState.succeeded, result=result, report=report)
+    shutil.rmtree(scratch, ignore_errors=True)
+    log.info("job %s: published %s@%s", job_id, result.repo_id, result.commit_sha)
+    return "succeeded"
+
+
+def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
+    from service.config import HardenConfig
+    from service.pipeline import run
+
+    config = HardenConfig.model_validate(record.config)
+    report = run(
+        config,
+        runner.settings,
+        out_dir,
+        on_progress=runner.on_progress,
+        should_cancel=runner.should_cancel,
+        job_id=record.id,
+    )
+    return report.model_dump(mode="json")
+
+
+def _end_cancelled(runner: JobRunner, scratch: Path) -> str:
+    if runner.lost.is_set():
+        return _end_lost(runner, scratch)
+    runner.store.finish(runner.job_id, runner.owner, JobState.cancelled)
+    shutil.rmtree(scratch, ignore_errors=True)
+    log.info("job %s: cancelled; nothing published", runner.job_id)
+    return "cancelled"
+
+
+def _end_lost(runner: JobRunner, scratch: Path) -> str:
+    """Another worker took the job over (our lease ran out): leave the record to it."""
+    shutil.rmtree(scratch / f"attempt-{runner.record.attempts}", ignore_errors=True)
+    log.warning("job %s: lease lost to another worker; this run stops", runner.job_id)
+    return "lost"
+
+
+def _fail_unexpected(
+    runner: JobRunner, err: Exception, timeout_errors: tuple[type[BaseException], ...]
+) -> None:
+    stage = runner._progress[0]
+    if isinstance(err, timeout_errors):
+        error = JobError(
+            code="time_limit_exceeded",
+            message=f"the job ran past its time limit ({runner.settings.job_soft_time_limit_s}s)"
+            f" during stage {stage}; nothing was published",
+            stage=stage,
+        )
+        log.warning("job %s: soft time limit during %s", runner.job_id, stage)
+    else:
+        log.exception("job %s: internal error during %s", runner.job_id, stage)
+        error = JobError(
+            code="internal_error",
+            message=f"internal error ({type(err).__name__}) during stage {stage}; nothing was "
+            f"published; the worker log has the details for job {runner.job_id}",
+            stage=stage,
+        )
+    runner.store.finish(runner.job_id, runner.owner, JobState.failed, error=error)
+    shutil.rmtree(_scratch(runner.settings, runner.job_id), ignore_errors=True)
