@@ -127,6 +127,7 @@ def cmd_harden(args: argparse.Namespace) -> int:
     from service.settings import Settings
 
     config = build_config(args)
+    _quiet_library_bars()
     bars = StageBars()
     try:
         report = run(config, Settings(), args.out, on_progress=bars, overwrite=args.overwrite)
@@ -134,6 +135,15 @@ def cmd_harden(args: argparse.Namespace) -> int:
         bars.close()
     print_summary(report, args.out)
     return 0 if report.outcome == "accepted" else EXIT_REJECTED
+
+
+def _quiet_library_bars() -> None:
+    """Our stage bars are the progress display; transformers' and the Hub client's would interleave."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def print_summary(report: Any, out: Path) -> None:
@@ -167,6 +177,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 Registrar = Callable[[Any], None]
 REGISTRARS: list[Registrar] = [_add_harden, _add_restore]
+REGISTRARS.append(lambda sub: __import__("service.cli_service", fromlist=["register"]).register(sub))
 
 
 def build_parser() -> argparse.ArgumentParser:

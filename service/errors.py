@@ -52,7 +52,12 @@ class OutputError(HarmpruneError):
 class PublishError(HarmpruneError):
     stage = "publish"
     code = "publish_failed"
-    transient = False
+    transient = False  # True: worth retrying (5xx, 429, connection errors)
+
+    def __init__(self, message: str, *, transient: bool | None = None) -> None:
+        super().__init__(message)
+        if transient is not None:
+            self.transient = transient
 
 
 class JobCancelled(HarmpruneError):
