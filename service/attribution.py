@@ -190,7 +190,10 @@ def accumulate_gradients(
 def harm_score_map(
     params: dict[str, nn.Parameter], grad_sums: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    return {n: harm_scores(params[n].detach(), grad_sums[n]) for n in params}
+    """S_harm per matrix, computed IN PLACE in the gradient buffers (no second full buffer)."""
+    for n, buf in grad_sums.items():
+        buf.mul_(params[n].detach()).neg_()
+    return grad_sums
 
 
 def preserve_score_map(
@@ -199,9 +202,14 @@ def preserve_score_map(
     variant: Literal["sum_abs", "abs_mean"],
     n_examples: int,
 ) -> dict[str, torch.Tensor]:
-    if variant == "sum_abs":
-        return {n: preserve_scores_sum_abs(params[n].detach(), grads[n]) for n in params}
-    return {n: preserve_scores_abs_mean(params[n].detach(), grads[n], n_examples) for n in params}
+    """S_keep per matrix, IN PLACE in the gradient buffers."""
+    for n, buf in grads.items():
+        w = params[n].detach()
+        if variant == "sum_abs":
+            buf.mul_(w.abs())
+        else:
+            buf.div_(n_examples).mul_(w).abs_()
+    return grads
 
 
 def score_harm(
@@ -209,9 +217,7 @@ def score_harm(
 ) -> dict[str, torch.Tensor]:
     """S_harm for every scored matrix (one batched pass over the harmful set)."""
     grads = accumulate_gradients(model, params, examples, reduction="sum", **kw)
-    scores = harm_score_map(params, grads)
-    del grads
-    return scores
+    return harm_score_map(params, grads)
 
 
 def score_preserve(

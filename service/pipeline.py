@@ -32,7 +32,7 @@ from service.checkpoint import REPORT_FILE, save_checkpoint, staged_output, writ
 from service.config import HardenConfig, Pair
 from service.errors import CalibrationError, JobCancelled, SpecError
 from service.loading import LoadedModel, load_model
-from service.pruning import MASK_FILE, PruneMask, save_mask
+from service.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
 from service.report import (
     CalibrationSummary,
     HeldoutSummary,
@@ -71,8 +71,7 @@ class Calibration:
 @dataclass
 class Scores:
     params: dict[str, torch.nn.Parameter]
-    harm: dict[str, torch.Tensor]
-    keep: dict[str, torch.Tensor]
+    selector: selection.RankedScores | selection.FullScores  # .select(q) -> per-matrix selections
 
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
@@ -151,32 +150,51 @@ def compute_scores(
     loaded: LoadedModel,
     calibration: Calibration,
     config: HardenConfig,
+    q_max: float,
     on_progress: ProgressFn,
     should_cancel: CancelFn | None,
 ) -> Scores:
+    """Harm pass, then preserve pass. Per-matrix selection reduces each score map as soon as it
+    is computed (harm: ranked top-q_max; preserve: top-p indices), so at most one fp32
+    score-sized buffer is alive at any time; global selection keeps both maps."""
+    pruning = config.domain.pruning
     params = attribution.scored_parameters(loaded.model)
     n_h, n_b = len(calibration.harmful_examples), len(calibration.benign_examples)
-    pad_id = loaded.tokenizer.pad_token_id
+    common = dict(
+        batch_size=config.batch_size,
+        pad_id=loaded.tokenizer.pad_token_id,
+        should_cancel=should_cancel,
+    )
     harm = attribution.score_harm(
         loaded.model,
         params,
         calibration.harmful_examples,
-        batch_size=config.batch_size,
-        pad_id=pad_id,
-        should_cancel=should_cancel,
         on_step=lambda d, t: on_progress("attribute", d, n_h + n_b),
+        **common,
     )
+    if pruning.selection == "per_matrix":
+        ranked = {
+            n: selection.ranked_top(s, selection.count_for(q_max, s.numel()))
+            for n, s in harm.items()
+        }
+        del harm
     keep = attribution.score_preserve(
         loaded.model,
         params,
         calibration.benign_examples,
-        config.domain.pruning.preserve_score,
-        batch_size=config.batch_size,
-        pad_id=pad_id,
-        should_cancel=should_cancel,
+        pruning.preserve_score,
         on_step=lambda d, t: on_progress("attribute", n_h + d, n_h + n_b),
+        **common,
     )
-    return Scores(params, harm, keep)
+    if pruning.selection == "global":
+        return Scores(params, selection.FullScores(harm, keep, pruning.p, "global"))
+    protected = {
+        n: selection.top_k_indices(s, selection.count_for(pruning.p, s.numel()))
+        for n, s in keep.items()
+    }
+    del keep
+    sizes = {n: p.numel() for n, p in params.items()}
+    return Scores(params, selection.RankedScores(sizes, ranked, protected, q_max))
 
 
 def run(
@@ -259,19 +277,18 @@ def run(
             progress("evaluate", 1, 1)
         check_cancel()
         with timed("attribute"):
-            scores = compute_scores(loaded, calibration, config, progress, should_cancel)
-        pruning = spec.pruning
-        q_values = spec.search.candidates(pruning.q)
+            pruning = spec.pruning
+            q_values = spec.search.candidates(pruning.q)
+            scores = compute_scores(
+                loaded, calibration, config, max(q_values), progress, should_cancel
+            )
         trace: list[verification.SearchPoint] = []
         with timed("search"):
             if len(q_values) > 1:
                 trace = verification.search_operating_point(
                     scores.params,
-                    scores.harm,
-                    scores.keep,
+                    scores.selector,
                     q_values,
-                    pruning.p,
-                    pruning.selection,
                     measure,
                     original,
                     spec.thresholds,
@@ -282,9 +299,8 @@ def run(
         with timed("select"):
             point = verification.choose(trace) if trace else None
             q = point.q if point else (min(q_values) if trace else pruning.q)
-            mask, chosen = verification.prune_at(
-                scores.params, scores.harm, scores.keep, q, pruning.p, pruning.selection
-            )
+            chosen = scores.selector.select(q)
+            mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
             progress("select", 1, 1)
         check_cancel()
         with timed("verify"):

@@ -103,3 +103,51 @@ def select(
     if selection == "global":
         return select_global(harm, keep, q, p)
     return select_per_matrix(harm, keep, q, p)
+
+
+# ---------------------------------------------------------------- the memory-lean path
+#
+# Per-matrix selection never needs a whole score map once it is computed: the harm map is
+# reduced to each matrix's best k_max = ceil(q_max * n) weights in rank order (any q <= q_max
+# takes a prefix of that ranking, since ranks follow the total order (-score, index)), and the
+# preserve map to its top-p indices. So only one fp32 score-sized buffer is ever alive.
+
+
+def ranked_top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat indices of the k best scores, best first (ties: lower index first)."""
+    idx = top_k_indices(scores, k)
+    order = torch.sort(scores.reshape(-1)[idx], descending=True, stable=True).indices
+    return idx[order]
+
+
+@dataclass
+class RankedScores:
+    """Per-matrix selection state after attribution, without any full score map."""
+
+    sizes: dict[str, int]
+    harm_ranked: dict[str, torch.Tensor]  # top-k_max harm indices per matrix, best first
+    protected: dict[str, torch.Tensor]  # top-p preserve indices per matrix, sorted
+    q_max: float
+
+    def select(self, q: float) -> dict[str, MatrixSelection]:
+        if q > self.q_max:
+            raise ValueError(f"q={q} exceeds the q_max={self.q_max} the scores were reduced for")
+        out = {}
+        for name, n in self.sizes.items():
+            candidates = torch.sort(self.harm_ranked[name][: count_for(q, n)]).values
+            pruned = set_difference(candidates, self.protected[name])
+            out[name] = MatrixSelection(candidates, candidates.numel() - pruned.numel(), pruned)
+        return out
+
+
+@dataclass
+class FullScores:
+    """Both full score maps: what global selection needs (one ranking over every weight)."""
+
+    harm: dict[str, torch.Tensor]
+    keep: dict[str, torch.Tensor]
+    p: float
+    mode: Selection
+
+    def select(self, q: float) -> dict[str, MatrixSelection]:
+        return select(self.harm, self.keep, q, self.p, self.mode)

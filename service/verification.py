@@ -25,7 +25,6 @@ class SearchPoint(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     q: float
-    p: float
     pruned_count: int
     harm_increase: float  # relative rise of held-out harmful loss (nll, prefill)
     harm_increase_plain: float
@@ -93,11 +92,8 @@ Measure = Callable[[str], ModelMetrics]  # measure(level) of the model as it is 
 
 def search_operating_point(
     params: dict[str, nn.Parameter],
-    harm: dict[str, torch.Tensor],
-    keep: dict[str, torch.Tensor],
+    selector: selection.RankedScores | selection.FullScores,
     q_values: list[float],
-    p: float,
-    mode: selection.Selection,
     measure: Measure,
     original: ModelMetrics,
     thresholds: Thresholds,
@@ -112,7 +108,7 @@ def search_operating_point(
     for i, q in enumerate(q_values):
         if should_cancel and should_cancel():
             raise JobCancelled("cancelled during the operating-point search")
-        chosen = selection.select(harm, keep, q, p, mode)
+        chosen = selector.select(q)
         mask = apply_pruning(params, {n: s.pruned for n, s in chosen.items()})
         pruned = measure("search")
         restore_weights(params, mask)
@@ -124,7 +120,6 @@ def search_operating_point(
         trace.append(
             SearchPoint(
                 q=q,
-                p=p,
                 pruned_count=mask.count,
                 harm_increase=harm_increase(pruned, original),
                 harm_increase_plain=harm_increase(pruned, original, "plain"),
@@ -150,18 +145,6 @@ def choose(trace: list[SearchPoint]) -> SearchPoint | None:
     if not passing:
         return None
     return max(passing, key=lambda pt: (pt.harm_increase, -pt.q))
-
-
-def prune_at(
-    params: dict[str, nn.Parameter],
-    harm: dict[str, torch.Tensor],
-    keep: dict[str, torch.Tensor],
-    q: float,
-    p: float,
-    mode: selection.Selection,
-) -> tuple[PruneMask, dict[str, selection.MatrixSelection]]:
-    chosen = selection.select(harm, keep, q, p, mode)
-    return apply_pruning(params, {n: s.pruned for n, s in chosen.items()}), chosen
 
 
 def measure_random_control(
