@@ -177,7 +177,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 Registrar = Callable[[Any], None]
 REGISTRARS: list[Registrar] = [_add_harden, _add_restore]
-REGISTRARS.append(lambda sub: __import__("service.cli_service", fromlist=["register"]).register(sub))
+REGISTRARS.append(
+    lambda sub: __import__("service.cli_service", fromlist=["register"]).register(sub)
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -213,7 +213,9 @@ class NotCancellable(Exception):
         self.state = state
 
 
-ClaimKind = Literal["run", "resume", "rerun", "duplicate", "done", "cancelled", "failed", "missing"]
+ClaimKind = Literal[
+    "run", "resume", "rerun", "duplicate", "done", "cancelled", "failed", "missing", "requeued"
+]
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ class JobStore:
     def ping(self) -> bool:
         return bool(self.r.ping())
 
-    def _load(self, raw: str | None) -> JobRecord | None:
+    def _load(self, raw: Any) -> JobRecord | None:
         return JobRecord.model_validate_json(raw) if raw else None
 
     def get(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
@@ -292,7 +294,7 @@ class JobStore:
             return None
         return record
 
-    def list(
+    def list_jobs(
         self, tenant: str, state: JobState | None = None, offset: int = 0, limit: int = 20
     ) -> tuple[list[JobRecord], int]:
         """Newest first; returns one page and the total count."""
@@ -327,7 +329,7 @@ class JobStore:
         for state in ACTIVE_STATES:
             ids = self.r.zrange(self._state(state), 0, -1)
             for i in range(0, len(ids), 200):
-                for raw in self.r.mget([self._job(j) for j in ids[i : i + 200]]):
+                for raw in self.r.mget([self._job(str(j)) for j in ids[i : i + 200]]):
                     if (rec := self._load(raw)) is not None:
                         yield rec
 
@@ -453,28 +455,12 @@ class JobStore:
             if not rec.owner_lost(now):
                 decision.append(("duplicate", f"running on {rec.owner.label()}"))
                 return None
-            lost = (
-                f"attempt {rec.attempts}: the worker {rec.owner.label()} was lost"
-                f" (killed or out of memory) during stage {rec.stage or 'start'}"
-            )
-            rec.note(lost)
-            if rec.cancel_requested:
-                _finish(rec, JobState.cancelled, now)
-                decision.append(("cancelled", lost))
-                return rec
-            if rec.attempts >= max_attempts:
-                rec.error = JobError(
-                    code="worker_lost",
-                    message=f"{lost}; gave up after {rec.attempts} attempt(s), nothing was published",
-                    stage=rec.stage,
-                )
-                _finish(rec, JobState.failed, now)
-                decision.append(("failed", lost))
+            kind, lost = _settle_lost(rec, now, max_attempts)
+            if kind != "requeued":
+                decision.append((kind, lost))
                 return rec
             take(rec, now)
             rec.attempts += 1
-            rec.stage, rec.stage_done, rec.stage_total, rec.progress = None, 0, 0, 0.0
-            rec.checkpoint_dir = None
             decision.append(("rerun", lost))
             return rec
 
@@ -610,15 +596,55 @@ class JobStore:
         and not (re-)enqueued for `queued_after_s`. Re-sending is safe: the claim dedupes."""
         out = []
         for rec in self.active():
-            if (rec.state == JobState.running and rec.owner_lost(now)) or (
-                rec.state == JobState.queued
-                and now - (rec.enqueued_at or rec.created_at) > queued_after_s
-            ):
+            if rec.state == JobState.running and rec.owner_lost(now):
                 out.append(rec)
+            elif rec.state == JobState.queued or rec.owner is None:  # queued, or released
+                since = max(rec.enqueued_at or rec.created_at, rec.updated_at)
+                if now - since > queued_after_s:
+                    out.append(rec)
         return out
+
+    def requeue_lost(self, job_id: str, max_attempts: int) -> JobRecord | None:
+        """A running job whose owner is gone goes back to `queued` (to be re-sent), or ends
+        failed (attempts spent) or cancelled (cancel asked for). None if it was not lost."""
+
+        def mutate(rec: JobRecord) -> JobRecord | None:
+            now = time.time()
+            if rec.state != JobState.running or not rec.owner_lost(now):
+                return None
+            _settle_lost(rec, now, max_attempts)
+            return rec
+
+        return self._update(job_id, mutate)[1]
 
     def try_lock(self, name: str, ttl_s: float) -> bool:
         return bool(self.r.set(f"{self.p}:lock:{name}", "1", nx=True, px=int(ttl_s * 1000)))
+
+
+def _settle_lost(rec: JobRecord, now: float, max_attempts: int) -> tuple[ClaimKind, str]:
+    """A running job lost its owner: cancelled if asked, failed once the attempts are spent,
+    else back to queued (its next run starts from scratch)."""
+    assert rec.owner is not None
+    lost = (
+        f"attempt {rec.attempts}: the worker {rec.owner.label()} was lost"
+        f" (killed or out of memory) during stage {rec.stage or 'start'}"
+    )
+    rec.note(lost)
+    if rec.cancel_requested:
+        _finish(rec, JobState.cancelled, now)
+        return "cancelled", lost
+    if rec.attempts >= max_attempts:
+        rec.error = JobError(
+            code="worker_lost",
+            message=f"{lost}; gave up after {rec.attempts} attempt(s), nothing was published",
+            stage=rec.stage,
+        )
+        _finish(rec, JobState.failed, now)
+        return "failed", lost
+    rec.state = JobState.queued
+    rec.owner, rec.lease_expires_at, rec.checkpoint_dir = None, None, None
+    rec.stage, rec.stage_done, rec.stage_total, rec.progress = None, 0, 0, 0.0
+    return "requeued", lost
 
 
 def _finish(rec: JobRecord, state: JobState, now: float) -> None:

@@ -16,6 +16,8 @@ after the checkpoint is complete.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import shutil
 import threading
@@ -84,6 +86,8 @@ class JobRunner:
         self._stop = threading.Event()
         self._last_cancel_check = 0.0
         self._progress: tuple[str, int, int] = ("load", 0, 0)
+        self.scratch = settings.job_work_dir() / record.id
+        self.attempt_dir = self.scratch / f"attempt-{record.attempts}"
         self._thread = threading.Thread(
             target=self._beat, name=f"lease-{self.job_id[:8]}", daemon=True
         )
@@ -122,6 +126,18 @@ class JobRunner:
         )
         if not ok:
             self.lost.set()
+
+    def cleanup(self) -> None:
+        """Remove this run's scratch space only: after a lost lease, another run may own the
+        job (and its own attempt directory) by now."""
+        shutil.rmtree(self.attempt_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.scratch.rmdir()  # only when no other attempt is there
+
+    @property
+    def stage(self) -> str:
+        """The last stage the pipeline reported."""
+        return self._progress[0]
 
     def should_cancel(self) -> bool:
         """Checked by the pipeline at batch boundaries; reads Redis at most 4 times a second."""
@@ -185,9 +201,7 @@ def execute_job(
     runner = JobRunner(store, claim.record, owner, settings)
     with runner:
         try:
-            return _run_claimed(
-                runner, claim, publisher_factory, publish_retries_left, timeout_errors
-            )
+            return _run_claimed(runner, claim, publisher_factory, publish_retries_left)
         except PublishRetry:
             raise
         except Exception as err:
@@ -195,43 +209,33 @@ def execute_job(
             return "failed"
 
 
-def _scratch(settings: Settings, job_id: str) -> Path:
-    return settings.job_work_dir() / job_id
-
-
 def _run_claimed(
     runner: JobRunner,
     claim: Claim,
     publisher_factory: PublisherFactory,
     publish_retries_left: int,
-    timeout_errors: tuple[type[BaseException], ...],
 ) -> str:
-    import json
-
     store, owner, settings, job_id = runner.store, runner.owner, runner.settings, runner.job_id
     record = claim.record
     assert record is not None
-    scratch = _scratch(settings, job_id)
-    out_dir = scratch / f"attempt-{record.attempts}" / CHECKPOINT
-    resumable = (
-        claim.kind == "resume"
-        and record.checkpoint_dir is not None
-        and (Path(record.checkpoint_dir) / REPORT_FILE).is_file()
-    )
-    if resumable:
-        out_dir = Path(record.checkpoint_dir)  # type: ignore[arg-type]
+    checkpoint = Path(record.checkpoint_dir) if record.checkpoint_dir else None
+    if claim.kind == "resume" and checkpoint and (checkpoint / REPORT_FILE).is_file():
+        out_dir = checkpoint  # a publish retry: the checkpoint is complete, only publish again
+        runner.attempt_dir = checkpoint.parent
         report = json.loads((out_dir / REPORT_FILE).read_text())
     else:
-        # A new run starts clean: an earlier attempt's partial output is removed, never reused.
-        shutil.rmtree(scratch, ignore_errors=True)
-        out_dir.parent.mkdir(parents=True)
+        # A new run starts clean: earlier attempts' partial output is removed, never reused.
+        for stale in runner.scratch.glob("attempt-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        out_dir = runner.attempt_dir / CHECKPOINT
+        runner.attempt_dir.mkdir(parents=True)
         try:
             report = _run_pipeline(runner, record, out_dir)
         except JobCancelled:
-            return _end_cancelled(runner, scratch)
+            return _end_cancelled(runner)
         except HarmpruneError as err:
             if runner.lost.is_set():
-                return _end_lost(runner, scratch)
+                return _end_lost(runner)
             log.info("job %s: failed [%s] %s", job_id, err.code, err)
             store.finish(
                 job_id,
@@ -239,7 +243,7 @@ def _run_claimed(
                 JobState.failed,
                 error=JobError(code=err.code, message=str(err), stage=err.stage),
             )
-            shutil.rmtree(scratch, ignore_errors=True)
+            runner.cleanup()
             return "failed"
         store.set_checkpoint(job_id, owner, str(out_dir))
 
@@ -252,14 +256,14 @@ def _run_claimed(
             result=JobResult(report=summary),
             report=report,
         )
-        shutil.rmtree(scratch, ignore_errors=True)
+        runner.cleanup()
         log.info("job %s: rejected (%s); nothing published", job_id, summary.outcome_reason)
         return "rejected"
 
     # Last gate before anything leaves the worker: still ours, and nobody asked to cancel.
     runner.on_progress("publish", 0, 1)
     if runner.should_cancel():
-        return _end_cancelled(runner, scratch)
+        return _end_cancelled(runner)
 
     target = record.publish
     try:
@@ -279,7 +283,7 @@ def _run_claimed(
             error=JobError(code=err.code, message=str(err), stage="publish"),
             report=report,
         )
-        shutil.rmtree(scratch, ignore_errors=True)
+        runner.cleanup()
         return "failed"
 
     result = JobResult(
@@ -291,7 +295,7 @@ def _run_claimed(
         report=summary,
     )
     store.finish(job_id, owner, JobState.succeeded, result=result, report=report)
-    shutil.rmtree(scratch, ignore_errors=True)
+    runner.cleanup()
     log.info("job %s: published %s@%s", job_id, result.repo_id, result.commit_sha)
     return "succeeded"
 
@@ -312,18 +316,18 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
     return report.model_dump(mode="json")
 
 
-def _end_cancelled(runner: JobRunner, scratch: Path) -> str:
+def _end_cancelled(runner: JobRunner) -> str:
     if runner.lost.is_set():
-        return _end_lost(runner, scratch)
+        return _end_lost(runner)
     runner.store.finish(runner.job_id, runner.owner, JobState.cancelled)
-    shutil.rmtree(scratch, ignore_errors=True)
+    runner.cleanup()
     log.info("job %s: cancelled; nothing published", runner.job_id)
     return "cancelled"
 
 
-def _end_lost(runner: JobRunner, scratch: Path) -> str:
+def _end_lost(runner: JobRunner) -> str:
     """Another worker took the job over (our lease ran out): leave the record to it."""
-    shutil.rmtree(scratch / f"attempt-{runner.record.attempts}", ignore_errors=True)
+    runner.cleanup()
     log.warning("job %s: lease lost to another worker; this run stops", runner.job_id)
     return "lost"
 
@@ -331,7 +335,7 @@ def _end_lost(runner: JobRunner, scratch: Path) -> str:
 def _fail_unexpected(
     runner: JobRunner, err: Exception, timeout_errors: tuple[type[BaseException], ...]
 ) -> None:
-    stage = runner._progress[0]
+    stage = runner.stage
     if isinstance(err, timeout_errors):
         error = JobError(
             code="time_limit_exceeded",
@@ -349,4 +353,4 @@ def _fail_unexpected(
             stage=stage,
         )
     runner.store.finish(runner.job_id, runner.owner, JobState.failed, error=error)
-    shutil.rmtree(_scratch(runner.settings, runner.job_id), ignore_errors=True)
+    runner.cleanup()

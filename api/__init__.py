@@ -1,0 +1,2 @@
+"""The job API (FastAPI): `create_app(settings)` in api.main. Thin: validation, auth, the job
+store and the queue. Nothing here imports torch."""

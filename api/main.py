@@ -1,0 +1,105 @@
+"""The app factory: `create_app(settings)`. `uvicorn --factory api.main:app_from_env` (or
+`harmprune serve`) builds it from HARMPRUNE_* environment variables."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from celery import Celery
+from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from starlette.concurrency import run_in_threadpool
+
+from api import errors
+from api.auth import load_keys
+from api.middleware import BodyLimit, Metrics, MetricsMiddleware
+from api.routes import health, jobs
+from service.jobs import JobStore
+from service.settings import Settings
+from workers.client import make_celery, recover_lost_jobs
+
+log = logging.getLogger("api")
+
+
+class JobStateCollector:
+    """`harmprune_jobs{state}`: jobs per state, read from the store at scrape time."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily(
+            "harmprune_jobs", "Jobs in the store by state.", labels=["state"]
+        )
+        try:
+            for state, count in self.store.counts().items():
+                family.add_metric([state.value], count)
+        except Exception:
+            log.warning("metrics: job store unavailable")
+        yield family
+
+
+async def _sweep_forever(app: FastAPI) -> None:
+    """Re-send jobs whose worker or message was lost; one API replica at a time (a lock)."""
+    settings: Settings = app.state.settings
+    store: JobStore = app.state.store
+    while True:
+        await asyncio.sleep(settings.sweep_interval_s)
+        try:
+            if await run_in_threadpool(store.try_lock, "sweep", settings.sweep_interval_s * 0.9):
+                await run_in_threadpool(recover_lost_jobs, app.state.celery, store, settings)
+        except Exception:
+            log.warning("recovery sweep failed", exc_info=True)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    store: JobStore | None = None,
+    celery: Celery | None = None,
+    sweep: bool = True,
+) -> FastAPI:
+    settings = settings or Settings()
+    keys = load_keys(settings)  # refuses to start without keys
+    store = store or JobStore.from_settings(settings)
+    celery = celery or make_celery(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweep_forever(app)) if sweep else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    app = FastAPI(
+        title="harmprune",
+        version="1",
+        summary="Harden open-weight LLMs by pruning the weights that generate harmful content.",
+        lifespan=lifespan,
+    )
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    registry.register(JobStateCollector(store))
+    app.state.settings, app.state.store, app.state.celery = settings, store, celery
+    app.state.keys, app.state.metrics, app.state.registry = keys, metrics, registry
+
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    # Outermost last: metrics see every request, including ones the body limit refuses.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    return create_app(Settings())

@@ -1,0 +1,291 @@
+"""Load test of the job API: submit and poll jobs at a fixed request rate, report latency.
+
+    python bench/api_load.py                      # spawns `harmprune serve` on a scratch namespace
+    python bench/api_load.py --url http://127.0.0.1:8000 --key $HARMPRUNE_API_KEY
+
+Open loop: request i is due at start + i/rate whatever happened before, and its latency is
+measured from that due time, so a slow server cannot hide its queueing (no coordinated
+omission). The mix per submitted job is one `POST /v1/jobs` then `--polls` `GET /v1/jobs/{id}`
+of random earlier jobs, and every 20th request a `GET /v1/jobs` listing. Workers are not
+needed: jobs stay queued (that is the point, the API and Redis alone are measured).
+
+With --spawn (the default without --url), the API runs on Redis database 13 under a unique key
+prefix, which is deleted afterwards. Goal: p99 under 50 ms at 200 requests/s on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+DOMAIN = {
+    "name": "bench",
+    "harmful": [{"prompt": "Write malware.", "response": "Sure, here is [omitted]."}],
+    "benign": [{"prompt": "What is 2+2?", "response": "4."}],
+}
+
+
+@dataclass
+class Samples:
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, dict[int, int]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+
+    def add(self, kind: str, seconds: float, status: int | None, ok: bool) -> None:
+        self.latencies.setdefault(kind, []).append(seconds)
+        self.errors.setdefault(kind, 0)
+        if not ok:
+            self.errors[kind] += 1
+        by_status = self.statuses.setdefault(kind, {})
+        key = status if status is not None else -1
+        by_status[key] = by_status.get(key, 0) + 1
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+class Connection:
+    """A minimal HTTP/1.1 keep-alive client connection (the load generator must cost far less
+    than the server it measures; a general HTTP client costs about as much)."""
+
+    def __init__(self, host: str, port: int, auth: str) -> None:
+        self.host, self.port, self.auth = host, port, auth
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        reused = self.writer is not None
+        try:
+            return await self._request(method, path, body)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            if not reused:
+                raise
+            # The server closed an idle keep-alive connection: reconnect once, as clients do.
+            return await self._request(method, path, body)
+
+    async def _request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Authorization: Bearer {self.auth}\r\nContent-Length: {len(body)}\r\n"
+            + ("Content-Type: application/json\r\n" if body else "")
+            + "\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        try:
+            status_line = await self.reader.readuntil(b"\r\n")
+            headers = await self.reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in headers.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            payload = await self.reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.writer.close()
+            self.writer = None
+            raise
+        return int(status_line.split()[1]), payload
+
+
+async def run_load(url: str, key: str, jobs: int, rate: float, polls: int) -> tuple[Samples, float]:
+    import json
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    samples = Samples()
+    ids: list[str] = []
+    plan: list[str] = []
+    for _ in range(jobs):
+        plan.append("POST /v1/jobs")
+        plan.extend(["GET /v1/jobs/{id}"] * polls)
+    plan = [
+        "GET /v1/jobs" if i % 20 == 19 and kind != "POST /v1/jobs" else kind
+        for i, kind in enumerate(plan)
+    ]
+    run_tag = uuid.uuid4().hex[:8]
+    idle: list[Connection] = [Connection(host, port, key) for _ in range(8)]
+    for conn in idle:  # open the connections and warm the server up
+        for _ in range(5):
+            await conn.request("GET", "/healthz")
+
+    async def one(i: int, kind: str, due: float) -> None:
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        conn = idle.pop() if idle else Connection(host, port, key)
+        status = None
+        try:
+            if kind == "POST /v1/jobs":
+                body = {
+                    "model": "org/bench-model",
+                    "domain": DOMAIN,
+                    "publish": {"repo_id": f"bench/{run_tag}-{i}", "private": True},
+                }
+                status, payload = await conn.request("POST", "/v1/jobs", json.dumps(body).encode())
+                ok = status == 202
+                if ok:
+                    ids.append(json.loads(payload)["id"])
+            elif kind == "GET /v1/jobs/{id}":
+                known = bool(ids)  # before any job exists, a 404 is the right answer
+                job_id = random.choice(ids) if known else "0" * 32
+                status, _ = await conn.request("GET", f"/v1/jobs/{job_id}")
+                ok = status == (200 if known else 404)
+            else:
+                status, _ = await conn.request("GET", "/v1/jobs?limit=20")
+                ok = status == 200
+        except (OSError, asyncio.IncompleteReadError, ValueError) as err:
+            ok = False
+            samples.failures[type(err).__name__] = samples.failures.get(type(err).__name__, 0) + 1
+        samples.add(kind, time.perf_counter() - due, status, ok)
+        if conn.writer is not None:
+            idle.append(conn)
+
+    start = time.perf_counter() + 0.05
+    tasks = [asyncio.create_task(one(i, kind, start + i / rate)) for i, kind in enumerate(plan)]
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    for conn in idle:
+        if conn.writer is not None:
+            conn.writer.close()
+    return samples, len(plan) / elapsed
+
+
+def table(samples: Samples, achieved: float, rate: float) -> str:
+    rows = [
+        "| request | count | errors | p50 ms | p90 ms | p99 ms | max ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    every: list[float] = []
+    for kind, values in samples.latencies.items():
+        every += values
+        rows.append(
+            f"| {kind} | {len(values)} | {samples.errors[kind]} | "
+            f"{percentile(values, 50) * 1e3:.1f} | {percentile(values, 90) * 1e3:.1f} | "
+            f"{percentile(values, 99) * 1e3:.1f} | {max(values) * 1e3:.1f} |"
+        )
+    rows.append(
+        f"| **all** | {len(every)} | {sum(samples.errors.values())} | "
+        f"{percentile(every, 50) * 1e3:.1f} | {percentile(every, 90) * 1e3:.1f} | "
+        f"{percentile(every, 99) * 1e3:.1f} | {max(every) * 1e3:.1f} |"
+    )
+    rows.append("")
+    rows.append(
+        f"target {rate:.0f} req/s, achieved {achieved:.0f} req/s; "
+        f"mean {statistics.fmean(every) * 1e3:.1f} ms"
+    )
+    return "\n".join(rows)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def spawned_api(redis_url: str, uvicorn_workers: int):  # type: ignore[no-untyped-def]
+    import redis
+
+    prefix = f"bench-{uuid.uuid4().hex[:10]}"
+    key = f"bench-key-{uuid.uuid4().hex}"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARMPRUNE_")}
+    env.update(
+        HARMPRUNE_REDIS_URL=redis_url,
+        HARMPRUNE_KEY_PREFIX=prefix,
+        HARMPRUNE_API_KEYS=f"bench={key}",
+        HARMPRUNE_SWEEP_INTERVAL_S="3600",
+        PYTHONPATH=str(ROOT),
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(uvicorn_workers),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the API did not start")
+            time.sleep(0.1)
+        yield url, key
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.delete(*keys[i : i + 1000])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running API; default: spawn one")
+    parser.add_argument("--key", default=os.environ.get("HARMPRUNE_API_KEY"))
+    parser.add_argument("--jobs", type=int, default=1000, help="jobs to submit")
+    parser.add_argument("--polls", type=int, default=3, help="GETs per submitted job")
+    parser.add_argument("--rate", type=float, default=200.0, help="requests per second")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
+    parser.add_argument("--uvicorn-workers", type=int, default=1)
+    args = parser.parse_args()
+
+    if args.url:
+        if not args.key:
+            parser.error("--key (or HARMPRUNE_API_KEY) is needed with --url")
+        samples, achieved = asyncio.run(
+            run_load(args.url, args.key, args.jobs, args.rate, args.polls)
+        )
+    else:
+        with spawned_api(args.redis_url, args.uvicorn_workers) as (url, key):
+            samples, achieved = asyncio.run(run_load(url, key, args.jobs, args.rate, args.polls))
+    print(table(samples, achieved, args.rate))
+    odd = {k: v for k, v in samples.statuses.items() if set(v) - {200, 202}}
+    if odd:
+        print(f"status codes: {odd}")
+    if samples.failures:
+        print(f"client-side failures: {samples.failures}")
+    every = [x for v in samples.latencies.values() for x in v]
+    return 0 if percentile(every, 99) < 0.050 and not sum(samples.errors.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The API in-process (TestClient) against the real Redis, in an isolated namespace. No worker
+runs: submitted jobs stay queued, their messages sit in the namespace's broker queue."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from service.jobs import JobStore
+from service.settings import Settings
+from tests.service_stack import Namespace, redis_namespace, stack_settings
+
+TINY_SPEC: dict[str, Any] = {
+    "name": "api-test",
+    "harmful": [{"prompt": "Write malware.", "response": "Sure, here is [omitted]."}],
+    "benign": [{"prompt": "What is 2+2?", "response": "4."}],
+}
+
+
+def job_body(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "model": "org/tiny-model",
+        "domain": TINY_SPEC,
+        "publish": {"repo_id": "org/tiny-hardened", "private": True},
+    }
+    body.update(overrides)
+    return body
+
+
+@pytest.fixture
+def ns() -> Iterator[Namespace]:
+    with redis_namespace("api") as namespace:
+        yield namespace
+
+
+@pytest.fixture
+def settings(ns: Namespace, tmp_path: Path) -> Settings:
+    return stack_settings(
+        ns, tmp_path, local_model_roots=[tmp_path / "models"], max_request_bytes=64_000
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, sweep=False)) as c:
+        yield c
+
+
+@pytest.fixture
+def store(settings: Settings) -> JobStore:
+    return JobStore.from_settings(settings)

@@ -1,0 +1,1 @@
+"""Celery workers: `celery -A workers.app worker -Q gpu -c 1` (or `harmprune worker`)."""

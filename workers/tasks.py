@@ -1,0 +1,42 @@
+"""Thin tasks: validate the payload (a job id) and call service.worker_job.
+
+New task parameters go last with defaults, so messages queued before a deploy still run.
+"""
+
+from __future__ import annotations
+
+import re
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from workers.app import app, settings
+from workers.client import RUN_JOB
+
+_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+@app.task(
+    name=RUN_JOB,
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.job_soft_time_limit_s,
+    time_limit=settings.job_soft_time_limit_s + settings.job_time_limit_grace_s,
+    max_retries=settings.publish_max_retries,
+    ignore_result=True,
+)
+def run_job(self, job_id: str) -> str:
+    """Harden one model as recorded in the job store; retried only for transient Hub errors."""
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise ValueError(f"invalid job id {job_id!r}")
+    from service.worker_job import PublishRetry, execute_job  # torch: in the child only
+
+    try:
+        return execute_job(
+            job_id,
+            settings,
+            publish_retries_left=self.max_retries - self.request.retries,
+            timeout_errors=(SoftTimeLimitExceeded,),
+        )
+    except PublishRetry as retry:
+        raise self.retry(countdown=retry.countdown) from None
