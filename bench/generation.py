@@ -26,9 +26,13 @@ def one_at_a_time(model, tokenizer, contexts, max_new_tokens):
     for c in contexts:
         ids = tokenizer(c, add_special_tokens=False, return_tensors="pt")
         with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:]
+            out = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[0, ids["input_ids"].shape[1] :]
         tokens += new.numel()
         answers.append(tokenizer.decode(new, skip_special_tokens=True))
     return answers, tokens
@@ -56,22 +60,38 @@ def main() -> None:
     t_single = time.perf_counter() - start
 
     start = time.perf_counter()
-    batched = generate_greedy(loaded.model, loaded.tokenizer, contexts,
-                              max_new_tokens=args.new_tokens, batch_size=args.batch_size)
+    batched = generate_greedy(
+        loaded.model,
+        loaded.tokenizer,
+        contexts,
+        max_new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+    )
     t_batched = time.perf_counter() - start
-    batched_tokens = sum(len(loaded.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in batched)
+    batched_tokens = sum(
+        len(loaded.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in batched
+    )
 
     same = sum(a == b for a, b in zip(single, batched, strict=True))
     result = {
-        "prompts": len(prompts), "max_new_tokens": args.new_tokens, "batch_size": args.batch_size,
-        "threads": args.threads, "one_at_a_time_s": round(t_single, 2),
+        "prompts": len(prompts),
+        "max_new_tokens": args.new_tokens,
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "one_at_a_time_s": round(t_single, 2),
         "one_at_a_time_tok_s": round(single_tokens / t_single, 1),
-        "batched_s": round(t_batched, 2), "batched_tok_s": round(batched_tokens / t_batched, 1),
-        "speedup": round(t_single / t_batched, 2), "identical_answers": same,
+        "batched_s": round(t_batched, 2),
+        "batched_tok_s": round(batched_tokens / t_batched, 1),
+        "speedup": round(t_single / t_batched, 2),
+        "identical_answers": same,
     }
     print("| strategy | wall s | tokens/s |\n|---|---|---|")
-    print(f"| one prompt at a time | {result['one_at_a_time_s']} | {result['one_at_a_time_tok_s']} |")
-    print(f"| batched (batch {args.batch_size}) | {result['batched_s']} | {result['batched_tok_s']} |")
+    print(
+        f"| one prompt at a time | {result['one_at_a_time_s']} | {result['one_at_a_time_tok_s']} |"
+    )
+    print(
+        f"| batched (batch {args.batch_size}) | {result['batched_s']} | {result['batched_tok_s']} |"
+    )
     print(f"speed-up {result['speedup']}x; identical answers {same}/{len(prompts)}")
     if args.json:
         with open(args.json, "w") as f:

@@ -87,6 +87,46 @@ def _add_restore(sub: Any) -> None:
     p.set_defaults(func=cmd_restore)
 
 
+def _add_preflight(sub: Any) -> None:
+    p = sub.add_parser(
+        "preflight", help="Check a model and estimate memory and time, from config files alone."
+    )
+    p.add_argument(
+        "--model-dir",
+        required=True,
+        type=Path,
+        help="Directory with config.json (+ tokenizer files); no weights needed",
+    )
+    p.add_argument("--pairs", type=int, default=824, help="Calibration pairs (harmful + benign)")
+    p.add_argument("--tokens", type=int, default=300, help="Tokens per pair")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device-kind", default="nvidia-h100")
+    p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p.add_argument("--plain", action="store_true", help="The spec uses prompt_format: plain")
+    p.set_defaults(func=cmd_preflight)
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from service.preflight import estimate
+
+    result = estimate(
+        args.model_dir,
+        calibration_pairs=args.pairs,
+        tokens_per_pair=args.tokens,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        device_kind=args.device_kind,
+        device_memory_gb=args.device_memory_gb,
+        need_chat_template=not args.plain,
+    )
+    print(result.model_dump_json(indent=2))
+    if not result.fits:
+        print("harmprune: preflight refused: " + "; ".join(result.problems), file=sys.stderr)
+        return EXIT_USER_ERROR
+    return 0
+
+
 def build_config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
@@ -176,10 +216,16 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 Registrar = Callable[[Any], None]
-REGISTRARS: list[Registrar] = [_add_harden, _add_restore]
-REGISTRARS.append(
-    lambda sub: __import__("service.cli_service", fromlist=["register"]).register(sub)
-)
+
+
+def _add_service_commands(sub: Any) -> None:
+    """serve, worker, submit, status, pull, cancel (service/cli_service.py)."""
+    from service.cli_service import register
+
+    register(sub)
+
+
+REGISTRARS: list[Registrar] = [_add_harden, _add_restore, _add_preflight, _add_service_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:

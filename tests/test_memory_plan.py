@@ -48,7 +48,7 @@ def test_ranked_scores_select_like_full_maps(ties: bool, p: float) -> None:
 
 
 def test_ranked_scores_refuse_q_above_reduction() -> None:
-    harm, keep = _maps(seed=1, ties=False)
+    harm, _ = _maps(seed=1, ties=False)
     ranked = selection.RankedScores(
         {n: t.numel() for n, t in harm.items()},
         {n: selection.ranked_top(t, 5) for n, t in harm.items()},
