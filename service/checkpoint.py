@@ -28,6 +28,9 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output directory {out} is not empty (use --overwrite to replace it)")
     parent = out.resolve().parent
+    # FIX(tests): a parent that exists as a regular file was reported as "does not exist".
+    if parent.exists() and not parent.is_dir():
+        raise OutputError(f"cannot write {out}: {parent} is a file, not a directory")
     if not parent.is_dir():
         raise OutputError(f"cannot write {out}: parent directory {parent} does not exist")
     try:

@@ -243,6 +243,16 @@ def check_architecture(config: Any) -> None:
         raise UnsupportedModelError(
             f"unsupported architecture '{model_type}': transformers has no causal-LM class for it"
         )
+    # FIX(tests): encoder-only models (bert, roberta, ...) have a causal-LM head class too, but
+    # unless configured `is_decoder` they attend both ways: every position sees its own label, so
+    # a causal loss (and the scores from it) means nothing. They used to be accepted.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise UnsupportedModelError(
+            f"unsupported architecture '{model_type}': an encoder-only model (not is_decoder) "
+            "is not a decoder-only LM"
+        )
 
 
 def pick_device_and_dtype(device: str | None, dtype: str) -> tuple[torch.device, torch.dtype]:
