@@ -97,6 +97,7 @@ def estimate(
     device_kind: str = "nvidia-h100",
     device_memory_gb: float = 80.0,
     need_chat_template: bool = True,
+    selection: str = "per_matrix",
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job."""
     from service.loading import check_architecture
@@ -111,7 +112,8 @@ def estimate(
     chat = has_chat_template(directory)
     gb = 1024**3
     weights = total * DTYPE_BYTES[dtype] / gb
-    buffers = 2 * scored * 4 / gb  # harm scores reduced to candidates; preserve sum + its scores
+    # per-matrix selection reduces each score map as soon as it is computed: one fp32 buffer alive
+    buffers = (2 if selection == "global" else 1) * scored * 4 / gb
     # Saved activations per token and layer, ~34*hidden bytes in bf16 for a Llama-style block,
     # plus fp32 logits and their gradient for one batch.
     act = (

@@ -1,0 +1,39 @@
+"""Smoke test of bench/gpu_attribution.py --tiny on CPU: it runs and reports sane numbers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_attribution_bench_tiny_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_attribution.py"), "--tiny"]
+    cmd += ["--threads", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "goal 120 s" in proc.stdout
+
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu"
+    assert report["model"]["parameters"] > report["model"]["scored_weights"] > 0
+    cal = report["calibration"]
+    assert cal["preserve"] == "sum_abs" and cal["benign_batch"] == 1
+    assert cal["harmful_tokens"] == cal["harmful"] * cal["tokens_per_pair"]
+    assert set(report["runs"]) == {"ours", "bare"}
+    for run in report["runs"].values():
+        assert run["wall_s"] > 0 and run["harm_s"] > 0 and run["preserve_s"] > 0
+        assert run["tokens"] == cal["harmful_tokens"] + cal["benign_tokens"]
+        assert run["tokens_per_s"] > 0 and run["tflops"] > 0
+        assert run["peak_gpu_gib"] is None and run["mfu"] is None  # CPU: no GPU, no peak
+    ours = report["runs"]["ours"]
+    assert ours["pruned"] > 0 and report["selection"]["pruned"] == ours["pruned"]
+    assert ours["candidates"] >= ours["pruned"]
+    assert report["time_vs_bare"] > 0
+    goal = report["goal"]
+    assert goal["seconds"] == 120 and isinstance(goal["met"], bool)
+    assert goal["abs_mean_estimate_s"] > 0 and goal["sum_abs_backward_passes"] == cal["benign"]
