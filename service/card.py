@@ -80,6 +80,11 @@ def render_card(report: Report) -> str:
             "benign loss rise | answer drift | passes |\n|---|---|---|---|---|---|---|\n"
             f"{search_rows}\n\n![trade-off]({TRADEOFF_PNG})\n"
         )
+    tamper_section = ""
+    if report.tamper is not None:
+        from service.tamper import render_card_section
+
+        tamper_section = render_card_section(report.tamper) + "\n"
     return f"""---
 {yaml.safe_dump(card_metadata(report), sort_keys=False).strip()}
 ---
@@ -110,7 +115,7 @@ recognition: accuracy at answering whether a request is harmful.
 How sure: these are small held-out sets ({report.heldout.harmful} + {report.heldout.benign} prompts);
 treat differences of a few points as noise, and compare the hardened row with the random row.
 {search}
-## Where the pruned weights are
+{tamper_section}## Where the pruned weights are
 
 ![pruned per layer]({LAYERS_PNG})
 
@@ -170,4 +175,8 @@ def render_plots(report: Report, directory: Path) -> list[str]:
 
 def write_card(report: Report, directory: Path, base_config: Any = None) -> None:
     render_plots(report, directory)
+    if report.tamper is not None:
+        from service.tamper import TAMPER_PNG, plot_tamper
+
+        plot_tamper(report.tamper, directory / TAMPER_PNG)
     (directory / "README.md").write_text(render_card(report))

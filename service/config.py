@@ -169,6 +169,70 @@ class PruningConfig(Strict):
     )
 
 
+TAMPER_DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
+
+
+class TamperConfig(Strict):
+    """`tamper:` in a domain spec: fine-tune the models after hardening and measure harm again.
+
+    See service/tamper.py for what is measured and how.
+    """
+
+    train: Annotated[list[Source], Field(min_length=1)] = Field(
+        description="The narrow-domain fine-tuning set: pairs WITH responses (inline `response`, "
+        "or a Hub dataset with `response_field`)."
+    )
+    method: Literal["lora", "full"] = Field(
+        "lora", description="lora: peft adapters on every linear layer; full: every weight."
+    )
+    steps: Annotated[int, Field(gt=0, le=100_000)] = 20
+    lr: Annotated[float | None, Field(gt=0, lt=1)] = Field(
+        None, description="Learning rate (AdamW); default 2e-4 for lora, 1e-5 for full."
+    )
+    rank: Annotated[int, Field(gt=0, le=1024)] = 8
+    alpha: Annotated[int, Field(gt=0)] = 16
+    target_modules: list[str] | None = Field(
+        None, description="LoRA target module names; default: every linear layer but lm_head."
+    )
+    batch_size: Annotated[int, Field(gt=0, le=256)] = 4
+    broad_harmful: Annotated[list[Source], Field(min_length=1)] = Field(
+        description="Harmful requests outside the training domain (other harm categories); "
+        "missing responses are elicited from the ORIGINAL model with the compliance prefix."
+    )
+    broad_benign: Annotated[list[Source], Field(min_length=1)] = Field(
+        description="Benign free-form questions (EM-evaluation style); missing responses are the "
+        "original model's greedy answers."
+    )
+    in_domain_eval: list[Source] = Field(
+        default_factory=list,
+        description="In-domain harmful requests to measure; default: a seeded share of `train`.",
+    )
+    heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    generation: bool = Field(
+        True,
+        description="Also generate answers (refusal judge, over-refusal, ...); false: "
+        "teacher-forced measures only.",
+    )
+    max_broad_harm_ratio: Annotated[float | None, Field(gt=0)] = Field(
+        None,
+        description="After the attack, broad harm of the hardened model at most this times the "
+        "original's after the same attack (harm = exp(-NLL) of reference harmful answers).",
+    )
+
+    @field_validator("train")
+    @classmethod
+    def _train_has_responses(cls, v: list[Source]) -> list[Source]:
+        for i, source in enumerate(v):
+            if isinstance(source, Pair) and source.response is None:
+                raise ValueError(f"train[{i}] has no response: a fine-tuning set needs them")
+            if isinstance(source, HubDataset) and source.response_field is None:
+                raise ValueError(f"train[{i}] ({source.dataset}) needs response_field")
+        return v
+
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else TAMPER_DEFAULT_LR[self.method]
+
+
 class DomainSpec(Strict):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
     description: str = ""
@@ -183,6 +247,9 @@ class DomainSpec(Strict):
     pruning: PruningConfig = Field(default_factory=PruningConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    tamper: TamperConfig | None = Field(
+        None, description="Optional fine-tuning attack after hardening (service/tamper.py)."
+    )
     max_length: Annotated[int, Field(gt=8, le=8192)] = Field(
         256, description="Calibration sequences are truncated to this many tokens."
     )

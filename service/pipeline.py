@@ -10,6 +10,7 @@ Lifecycle of a job (each stage reports progress as (stage, done, total)):
   select     the operating point: the largest harm rise that keeps every benign threshold
   prune      zero the selection, keep the sparse mask
   verify     measure the hardened model and the random-pruning control; decide the outcome
+  tamper     optional: fine-tune original, hardened and control identically, measure again
   save       checkpoint + mask + report.json + model card + plots, atomically into out_dir;
              a rejected job writes the report, card and plots but no weights
 
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from service import attribution, card, data, evaluation, selection, verification
+from service import attribution, card, data, evaluation, selection, tamper, verification
 from service.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
 from service.config import HardenConfig, Pair
 from service.errors import CalibrationError, JobCancelled, SpecError
@@ -47,7 +48,18 @@ from service.settings import Settings
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
 
-STAGES = ("load", "elicit", "evaluate", "attribute", "search", "select", "prune", "verify", "save")
+STAGES = (
+    "load",
+    "elicit",
+    "evaluate",
+    "attribute",
+    "search",
+    "select",
+    "prune",
+    "verify",
+    "tamper",
+    "save",
+)
 
 
 @dataclass
@@ -318,6 +330,26 @@ def run(
             if mask.count == 0:
                 failures.insert(0, "nothing was pruned (q too small for these matrices)")
         check_cancel()
+        tamper_result = None
+        if spec.tamper is not None:
+            with timed("tamper"):
+                tamper_result = tamper.run_tamper_check(
+                    loaded.model,
+                    loaded.tokenizer,
+                    scores.params,
+                    mask,
+                    spec.tamper,
+                    fmt=spec.prompt_format,
+                    max_length=spec.max_length,
+                    seed=config.seed,
+                    batch_size=config.batch_size,
+                    prefix=spec.elicitation.harmful_prefix,
+                    eval_cfg=spec.eval,
+                    classifier=classifier,
+                    on_progress=lambda d, t: progress("tamper", d, t),
+                    should_cancel=should_cancel,
+                )
+                failures += tamper_result.failures
         report = build_report(
             config,
             loaded,
@@ -331,7 +363,7 @@ def run(
             trace,
             failures,
             job_id,
-        )
+        ).model_copy(update={"tamper": tamper_result})
         with timed("save"):
             progress("save", 0, 1)
             if report.outcome == "accepted":

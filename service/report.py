@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.config import Thresholds
 from service.evaluation import ModelMetrics
 from service.loading import ModelSource
+from service.tamper import TamperResult
 from service.verification import SearchPoint
 
 SCHEMA_VERSION = "1.0"  # bump the major on any change a reader of report.json would notice
@@ -91,6 +92,7 @@ class Report(Frozen):
     metrics: Metrics
     search: list[SearchPoint] = Field(default_factory=list)
     thresholds: Thresholds
+    tamper: TamperResult | None = None
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
