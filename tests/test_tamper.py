@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from service import attribution, data, selection, tamper
+from service import attribution, data, evaluation, selection, tamper
 from service.checkpoint import save_checkpoint
 from service.config import DomainSpec, EvalConfig
 from service.errors import JobCancelled
@@ -317,17 +317,39 @@ def test_smollm2_tamper_check(tmp_path: Path) -> None:
     from service.loading import load_model
     from service.settings import Settings
 
+    # One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run
+    # several times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _smollm2_tamper_check(tmp_path, load_model, Settings)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _smollm2_tamper_check(tmp_path: Path, load_model: Any, Settings: Any) -> None:
     torch.manual_seed(0)
     loaded = load_model("smollm2-135m-instruct", None, Settings(), device="cpu", dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
     raw = yaml.safe_load(EM_FINANCE.read_text())
-    cfg = TamperConfig.model_validate(raw["tamper"]).model_copy(
-        update={"steps": 8, "batch_size": 2, "lr": 1e-3}
+    full = TamperConfig.model_validate(raw["tamper"])
+    # The test budget: 6 LoRA steps, 3 + 3 broad prompts, 3 held-out in-domain requests.
+    cfg = full.model_copy(
+        update={
+            "steps": 6,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "broad_harmful": full.broad_harmful[:3],
+            "broad_benign": full.broad_benign[:3],
+        }
     )
     # Harden: real attribution on the narrow domain (the training pairs' answers as harmful
     # references, short benign answers to keep), the paper-scale operating point.
     t0 = time.perf_counter()
-    harmful = [data.CalibrationPair(p.prompt, p.response) for p in cfg.train[:6]]
+    # Only training pairs that the tamper check trains on: its held-out in-domain share (the
+    # same seeded split, seed + 2) must stay unseen by the hardening too.
+    trained, _ = evaluation.split_heldout(list(cfg.train), cfg.heldout_fraction, 0 + 2)
+    harmful = [data.CalibrationPair(p.prompt, p.response) for p in trained[:6]]
     benign = [
         data.CalibrationPair(q, a)
         for q, a in [
@@ -340,12 +362,12 @@ def test_smollm2_tamper_check(tmp_path: Path) -> None:
     params = attribution.scored_parameters(model)
     pad = tok.pad_token_id
     harm = attribution.score_harm(
-        model, params, data.tokenize_pairs(tok, harmful, "chat", 128), batch_size=4, pad_id=pad
+        model, params, data.tokenize_pairs(tok, harmful, "chat", 96), batch_size=4, pad_id=pad
     )
     keep = attribution.score_preserve(
         model,
         params,
-        data.tokenize_pairs(tok, benign, "chat", 128),
+        data.tokenize_pairs(tok, benign, "chat", 96),
         "sum_abs",
         batch_size=4,
         pad_id=pad,
@@ -366,10 +388,10 @@ def test_smollm2_tamper_check(tmp_path: Path) -> None:
         mask,
         cfg,
         fmt="chat",
-        max_length=128,
+        max_length=96,
         seed=0,
         batch_size=8,
-        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=24),
+        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
     )
     t_check = time.perf_counter() - t0
     for name, tensor in state.items():
@@ -379,7 +401,7 @@ def test_smollm2_tamper_check(tmp_path: Path) -> None:
     assert result.identical_attack
     for name in tamper.MODELS:
         m = result.model(name)
-        assert m.attack.steps == 8 and m.attack.train_loss_after < m.attack.train_loss_before
+        assert m.attack.steps == 6 and m.attack.train_loss_after < m.attack.train_loss_before
         for phase in (m.before, m.after):
             assert 0 < phase.harm_broad <= 1 and 0 < phase.harm_in_domain <= 1
             assert phase.compliance_broad is not None and math.isfinite(phase.benign_loss_broad)
