@@ -202,6 +202,29 @@ def run_bare(model, params, harmful, benign, pad_id, q, p, args):
 RUNNERS = {"a": run_ours, "b": run_reference, "c": run_bare}
 
 
+def count_flops(model, params, example, pad_id) -> dict[str, Any]:
+    """Matmul/attention FLOPs of one sample's forward+backward: with every scored weight taking
+    gradients (the per-sample work of (a) and (c)) and with one layer at a time (b). Independent
+    of machine load; the hooks' elementwise adds are not counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batch = collate([example], pad_id)
+
+    def one_pass(ws) -> int:
+        with attribution.only_these_require_grad(model, ws), torch.enable_grad():
+            with FlopCounterMode(display=False) as counter:
+                attribution.response_losses(model, batch).sum().backward()
+            model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    every = one_pass(list(params.values()))
+    per_layer = []
+    for layer in attribution.decoder_layers(model):
+        ids = {id(x) for x in layer.parameters()}
+        per_layer.append(one_pass([w for w in params.values() if id(w) in ids]))
+    return {"flops_one_pass": every, "flops_per_layer_pass": per_layer}
+
+
 # ---------------------------------------------------------------- memory
 
 
@@ -244,6 +267,10 @@ def worker(args: argparse.Namespace) -> None:
         attribution.response_losses(model, collate(benign[:1], pad_id)).sum().backward()
         model.zero_grad(set_to_none=True)
     gc.collect()
+    if args.worker == "f":
+        result = count_flops(model, params, benign[0], pad_id)
+        Path(args.worker_out + ".json").write_text(json.dumps(result))
+        return
 
     reset_ok = reset_peak_rss()
     rss_before = _status_kib("VmRSS")
@@ -296,13 +323,17 @@ def agreement(a: dict[str, Any], b: dict[str, Any], which: int) -> float:
     return 1.0 if max(size_a, size_b) == 0 else inter / max(size_a, size_b)
 
 
-def spawn(args: argparse.Namespace, strategy: str, tmp: str, rep: int) -> dict[str, Any]:
-    out = os.path.join(tmp, f"{strategy}{rep}")
+def worker_cmd(args: argparse.Namespace, strategy: str, out: str) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", strategy, "--worker-out", out]
     cmd += ["--model", args.model, "--pairs", str(args.pairs), "--tokens", str(args.tokens)]
     cmd += ["--q", repr(args.q), "--p", repr(args.p), "--threads", str(args.threads)]
     cmd += ["--reference-layers", str(args.reference_layers)]
-    cmd += ["--tiny"] if args.tiny else []
+    return cmd + (["--tiny"] if args.tiny else [])
+
+
+def spawn(args: argparse.Namespace, strategy: str, tmp: str, rep: int) -> dict[str, Any]:
+    out = os.path.join(tmp, f"{strategy}{rep}")
+    cmd = worker_cmd(args, strategy, out)
     print(
         f"running ({strategy}) {STRATEGIES[strategy]}, repeat {rep + 1} ...",
         file=sys.stderr,
@@ -315,7 +346,6 @@ def spawn(args: argparse.Namespace, strategy: str, tmp: str, rep: int) -> dict[s
 
 
 def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
-    n_layers = next(iter(res.values()))["layers"]
     rows = [
         "| strategy | wall s | CPU s | peak RSS MiB | peak over loaded model MiB | pruned |",
         "|---|---:|---:|---:|---:|---:|",
@@ -345,6 +375,12 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
         "|---|---:|---|---|",
         goal("time (b)/(a)", s.get("speedup_vs_reference"), ">= 15", s.get("goal_speedup")),
         goal("CPU time (b)/(a)", s.get("cpu_speedup_vs_reference"), "(info)", None),
+        goal(
+            "FLOPs (b)/(a), load-independent",
+            s.get("flops_ratio_reference"),
+            "(info: ceiling of time (b)/(a))",
+            None,
+        ),
         goal("time (a)/(c)", s.get("time_vs_bare"), "<= 1.3", s.get("goal_time_vs_bare")),
         goal("CPU time (a)/(c)", s.get("cpu_time_vs_bare"), "(info)", None),
         goal("peak RSS (a)/(c)", s.get("peak_vs_bare"), "<= 1.0", s.get("goal_peak_vs_bare")),
@@ -355,10 +391,14 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
             s.get("goal_agreement"),
         ),
         goal("candidate agreement (a) vs (b)", s.get("candidate_agreement"), "(info)", None),
-        "",
-        f"{n_layers} decoder layers, {res[next(iter(res))]['scored_weights']:,} scored weights "
-        f"in {res[next(iter(res))]['scored_matrices']} matrices.",
     ]
+    if res:
+        r = next(iter(res.values()))
+        lines += [
+            "",
+            f"{r['layers']} decoder layers, {r['scored_weights']:,} scored weights "
+            f"in {r['scored_matrices']} matrices.",
+        ]
     return "\n".join(lines)
 
 
@@ -380,6 +420,15 @@ def driver(args: argparse.Namespace) -> int:
             r["wall_s"], r["cpu_s"] = min(r["runs_wall_s"]), min(r["runs_cpu_s"])
             r["peak_rss_mib"] = max(r["runs_peak_rss_mib"])
         summary: dict[str, Any] = {}
+        if not args.no_flops:
+            print("counting FLOPs ...", file=sys.stderr, flush=True)
+            out = os.path.join(tmp, "flops")
+            subprocess.run([*worker_cmd(args, "f", out)], check=True, cwd=ROOT)
+            flops = json.loads(Path(out + ".json").read_text())
+            summary["flops_one_pass"] = flops["flops_one_pass"]
+            summary["flops_ratio_reference"] = (
+                sum(flops["flops_per_layer_pass"]) / flops["flops_one_pass"]
+            )
         if "a" in res and "b" in res:
             ma = json.loads(Path(res["a"]["masks"]).read_text())
             mb = json.loads(Path(res["b"]["masks"]).read_text())
@@ -440,7 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         help="(b) on K evenly spaced layers only, time scaled to all (0: all layers)",
     )
     ap.add_argument("--json")
-    ap.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--no-flops", action="store_true", help="skip the FLOP count of (b) against (a)"
+    )
+    ap.add_argument("--worker", choices=[*sorted(RUNNERS), "f"], help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.q is None:
