@@ -3,8 +3,9 @@
 Three strategies over one calibration set (N harmful + N benign examples of T tokens), each in a
 fresh subprocess so that its peak RSS is its own:
 
-  a  ours:       service.attribution.score_harm (batch 8) + score_preserve(sum_abs, batch 1),
-                 then service.selection.select per matrix
+  a  ours:       service.attribution.score_harm (batch 8, back-propagated in slices of at most
+                 --max-backward-tokens padded tokens, the pipeline's default 1024) +
+                 score_preserve(sum_abs, batch 1), then service.selection.select per matrix
   b  reference:  gradients for ONE decoder layer at a time; the whole set forward+backward once
                  per layer (harm batched like ours, preserve one sample at a time), same score
                  formulas, same selection (btap-method.md, "Cost of the reference implementation")
@@ -17,7 +18,12 @@ the timer). Peak RSS is measured over the timed part: the kernel's high-water ma
 Mask agreement = |A & B| / max(|A|, |B|) over the pruned weights of (a) and (b).
 
     .venv/bin/python bench/attribution.py [--model smollm2-135m-instruct] [--pairs 16]
-        [--tokens 160] [--json out.json] [--tiny]
+        [--tokens 160] [--json out.json] [--tiny] [--repeat R] [--reference-layers K]
+        [--strategies a,b,c] [--max-backward-tokens N] [--no-flops]
+
+--repeat interleaves R runs and keeps each strategy's minimum time (the machine is shared);
+--reference-layers times (b) on K evenly spaced layers and scales to all; a FLOP count
+(FlopCounterMode, one sample) gives the load-independent work ratio (b)/(a).
 
 `--tiny` runs on a small random llama built from a config (no download): the CI smoke test.
 """
@@ -42,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from service.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
+
 if TYPE_CHECKING:
     import torch
 
@@ -59,6 +67,7 @@ def _import_heavy() -> None:
 
 
 HARM_BATCH = 8  # the pipeline's default batch size (HardenConfig.batch_size)
+
 STRATEGIES = {"a": "ours (hooks, one pass)", "b": "reference (layer by layer)", "c": "bare fwd+bwd"}
 
 HARM_RESPONSE = (
@@ -137,7 +146,10 @@ def calibration_set(
 
 
 def run_ours(model, params, harmful, benign, pad_id, q, p, args):
-    harm = attribution.score_harm(model, params, harmful, batch_size=HARM_BATCH, pad_id=pad_id)
+    cap = args.max_backward_tokens or None  # 0: no cap (then (a) = (c) + one score buffer)
+    harm = attribution.score_harm(
+        model, params, harmful, batch_size=HARM_BATCH, max_tokens=cap, pad_id=pad_id
+    )
     keep = attribution.score_preserve(
         model, params, benign, "sum_abs", batch_size=HARM_BATCH, pad_id=pad_id
     )
@@ -328,6 +340,7 @@ def worker_cmd(args: argparse.Namespace, strategy: str, out: str) -> list[str]:
     cmd += ["--model", args.model, "--pairs", str(args.pairs), "--tokens", str(args.tokens)]
     cmd += ["--q", repr(args.q), "--p", repr(args.p), "--threads", str(args.threads)]
     cmd += ["--reference-layers", str(args.reference_layers)]
+    cmd += ["--max-backward-tokens", str(args.max_backward_tokens)]
     return cmd + (["--tiny"] if args.tiny else [])
 
 
@@ -413,12 +426,15 @@ def driver(args: argparse.Namespace) -> int:
                 r = spawn(args, s, tmp, rep)
                 if s not in res:
                     res[s] = r | {"runs_wall_s": [], "runs_cpu_s": [], "runs_peak_rss_mib": []}
+                    res[s]["runs_peak_over_loaded_mib"] = []
                 res[s]["runs_wall_s"].append(r["wall_s"])
                 res[s]["runs_cpu_s"].append(r["cpu_s"])
                 res[s]["runs_peak_rss_mib"].append(r["peak_rss_mib"])
+                res[s]["runs_peak_over_loaded_mib"].append(r["peak_over_loaded_mib"])
         for r in res.values():
             r["wall_s"], r["cpu_s"] = min(r["runs_wall_s"]), min(r["runs_cpu_s"])
             r["peak_rss_mib"] = max(r["runs_peak_rss_mib"])
+            r["peak_over_loaded_mib"] = max(r["runs_peak_over_loaded_mib"])
         summary: dict[str, Any] = {}
         if not args.no_flops:
             print("counting FLOPs ...", file=sys.stderr, flush=True)
@@ -454,6 +470,7 @@ def driver(args: argparse.Namespace) -> int:
             "q": args.q,
             "p": args.p,
             "harm_batch": HARM_BATCH,
+            "ours_max_backward_tokens": args.max_backward_tokens or None,
             "preserve_batch": 1,
             "threads": args.threads,
             "repeat": args.repeat,
@@ -481,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=3e-2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="a,b,c", help="subset of a,b,c")
+    ap.add_argument(
+        "--max-backward-tokens",
+        type=int,
+        default=HardenConfig.model_fields["max_backward_tokens"].default,
+        help="(a)'s cap on padded tokens per backward (the pipeline's default); 0: no cap",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs; min time is kept")
     ap.add_argument(
         "--reference-layers",

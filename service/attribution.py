@@ -13,7 +13,9 @@ forward+backward per batch scores every layer and full gradients are never held.
 
 Sums over samples are linear, so the harm pass (and abs_mean) back-propagates a whole batch at
 once (the loss is the sum of per-sample means). sum_abs needs each sample's own gradient, so that
-pass back-propagates one sample at a time.
+pass back-propagates one sample at a time. For the same reason a batch may be back-propagated in
+slices with the same scores: `max_tokens` caps the padded tokens of one backward, which bounds
+the activation memory (the attribution's peak) whatever the batch size.
 
 This module keeps the hooks and bookkeeping; the score formulas are plain tensor functions.
 """
@@ -138,12 +140,14 @@ def accumulate_gradients(
     reduction: GradReduction,
     batch_size: int,
     pad_id: int,
+    max_tokens: int | None = None,
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """sum_i g_i (reduction="sum") or sum_i |g_i| ("sum_abs") per scored matrix, in fp32.
 
     `sum_abs` forces one sample per backward: |.| of a batch gradient is not the sum of |.|.
+    `max_tokens` (padded tokens per backward) splits a batch into equal slices.
     """
     if reduction == "sum_abs":
         batch_size = 1
@@ -163,8 +167,8 @@ def accumulate_gradients(
 
         return fold
 
-    # FIX(tests): hooks are registered inside `only_these_require_grad`: torch refuses a hook on
-    # a tensor that does not require grad, so a frozen model (requires_grad=False) used to fail.
+    # Hooks are registered inside `only_these_require_grad`: torch refuses a hook on a tensor
+    # that does not require grad, so a frozen model (requires_grad=False) would fail.
     handles: list[Any] = []
     was_training = model.training
     model.eval()  # no dropout: scores must be deterministic
@@ -176,8 +180,9 @@ def accumulate_gradients(
                 if should_cancel and should_cancel():
                     raise JobCancelled("cancelled during attribution")
                 chunk = examples[start : start + batch_size]
-                batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-                response_losses(model, batch).sum().backward()
+                for piece in backward_slices(chunk, max_tokens):
+                    batch = {k: v.to(device) for k, v in collate(piece, pad_id).items()}
+                    response_losses(model, batch).sum().backward()
                 if on_step:
                     on_step(min(start + batch_size, len(examples)), len(examples))
     finally:
@@ -185,6 +190,16 @@ def accumulate_gradients(
             h.remove()
         model.train(was_training)
     return buffers
+
+
+def backward_slices(chunk: Sequence[Example], max_tokens: int | None) -> list[Sequence[Example]]:
+    """The batch in as few equal slices as keep rows x padded length <= max_tokens (>= 1 row)."""
+    width = max(len(e.input_ids) for e in chunk)
+    if max_tokens is None or len(chunk) * width <= max_tokens:
+        return [chunk]
+    n_slices = -(-len(chunk) // max(1, max_tokens // width))
+    rows = -(-len(chunk) // n_slices)  # equal slices, never more rows than the budget allows
+    return [chunk[i : i + rows] for i in range(0, len(chunk), rows)]
 
 
 def harm_score_map(

@@ -72,6 +72,12 @@ def _add_harden(sub: Any) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument(
+        "--max-backward-tokens",
+        type=int,
+        default=1024,
+        help="Padded tokens per attribution backward; larger batches are sliced with the same scores (0: no cap)",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="Run the model repo's code (also needs HARMPRUNE_ALLOW_REMOTE_CODE=true)",
@@ -157,6 +163,7 @@ def build_config(args: argparse.Namespace) -> Any:
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
             batch_size=args.batch_size,
+            max_backward_tokens=args.max_backward_tokens or None,  # 0: no cap
         )
     except ValidationError as err:
         raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None

@@ -297,6 +297,11 @@ class HardenConfig(Strict):
     batch_size: Annotated[int, Field(gt=0, le=256)] = Field(
         8, description="Sequences per forward pass (elicitation, and the harm pass)."
     )
+    max_backward_tokens: Annotated[int, Field(ge=16)] | None = Field(
+        1024,
+        description="Padded tokens per backward in the attribution passes; a larger batch is "
+        "back-propagated in slices with identical scores (bounds peak memory). null: no cap.",
+    )
 
 
 def format_validation_error(err: ValidationError) -> str:

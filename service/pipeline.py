@@ -174,6 +174,7 @@ def compute_scores(
     n_h, n_b = len(calibration.harmful_examples), len(calibration.benign_examples)
     common = dict(
         batch_size=config.batch_size,
+        max_tokens=config.max_backward_tokens,
         pad_id=loaded.tokenizer.pad_token_id,
         should_cancel=should_cancel,
     )

@@ -153,6 +153,42 @@ def test_harm_scores_do_not_depend_on_batch_size(
     assert_scores_close(many, one)
 
 
+def test_harm_scores_with_a_token_cap_equal_the_reference(
+    tiny_model: Any, tokenizer: Any, harmful_examples: list[Example]
+) -> None:
+    """A batch back-propagated in slices (max_tokens) gives the unsliced scores."""
+    model = tiny_model("qwen2")
+    params = attribution.scored_parameters(model)
+    ref = reference_scores(model, list(params), harmful_examples)["harm"]
+    width = max(len(e.input_ids) for e in harmful_examples)
+    assert len(attribution.backward_slices(harmful_examples, 2 * width)) > 1  # it does slice
+    capped = attribution.score_harm(
+        model,
+        params,
+        harmful_examples,
+        batch_size=len(harmful_examples),
+        max_tokens=2 * width,
+        pad_id=tokenizer.pad_token_id,
+    )
+    assert_scores_close(capped, ref)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 7, 8])
+@pytest.mark.parametrize("max_tokens", [None, 1, 50, 99, 100, 260, 1000])
+def test_backward_slices_cover_the_batch_within_the_cap(rows: int, max_tokens: int | None) -> None:
+    chunk = [Example([1] * (10 + 15 * i), [1] * (10 + 15 * i)) for i in range(rows)]
+    width = max(len(e.input_ids) for e in chunk)
+    slices = attribution.backward_slices(chunk, max_tokens)
+    assert [e for piece in slices for e in piece] == chunk  # every example once, in order
+    if max_tokens is None or rows * width <= max_tokens:
+        assert len(slices) == 1
+    else:
+        # within the cap unless a single row is already wider; sizes differ by at most one row
+        assert all(len(piece) * width <= max(max_tokens, width) for piece in slices)
+        assert max(map(len, slices)) - min(map(len, slices)) <= 1
+        assert len(slices) == -(-rows // max(1, max_tokens // width))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_scope_is_decoder_block_linear_weights(arch: str, tiny_model: Any) -> None:
     model = tiny_model(arch)
