@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.config import DomainSpec, example_domain_path
 from service.jobs import JobRecord, JobState
+from service.preflight import Estimate
 
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 EXAMPLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -67,8 +68,11 @@ class JobCreate(StrictIn):
     )
     domain: Annotated[DomainSpec, Field(json_schema_extra=_domain_schema)]
     publish: PublishIn
-    hardware: Literal["gpu", "cpu"] | None = Field(
-        None, description="Queue to run on; default: the operator's (usually gpu)."
+    hardware: Literal["gpu", "gpu-multi", "cpu"] | None = Field(
+        None,
+        description="Queue to run on; default: the operator's (usually gpu). A gpu job whose "
+        "attribution does not fit one GPU is routed to gpu-multi (FSDP2) when the deployment "
+        "has multi-GPU workers.",
     )
     seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     batch_size: Annotated[int, Field(gt=0, le=256)] = 8
@@ -154,7 +158,14 @@ class JobOut(BaseModel):
     revision: str | None
     domain: str
     spec_hash: str
-    hardware: str
+    hardware: str = Field(
+        description="The queue it runs on (preflight may route gpu to gpu-multi)."
+    )
+    preflight: Estimate | None = Field(
+        None,
+        description="What the model needs, from its config files: parameters, peak memory per "
+        "device, estimated attribution time. None: not checked (built-in model, GGUF file).",
+    )
     publish: PublishOut
     attempts: int = Field(description="Runs started (a run is repeated if its worker was lost).")
     cancel_requested: bool
@@ -187,6 +198,7 @@ class JobOut(BaseModel):
             domain=rec.domain,
             spec_hash=rec.spec_hash,
             hardware=rec.queue,
+            preflight=Estimate.model_validate(rec.preflight) if rec.preflight else None,
             publish=PublishOut(repo_id=rec.publish.repo_id, private=rec.publish.private),
             attempts=rec.attempts,
             cancel_requested=rec.cancel_requested,

@@ -89,7 +89,9 @@ def _add_worker(sub: Any) -> None:
         "worker",
         help="Run one Celery worker (prefork, one job at a time, a fresh process per job).",
     )
-    p.add_argument("--queues", default="gpu", help="comma-separated: gpu, cpu (default gpu)")
+    p.add_argument(
+        "--queues", default="gpu", help="comma-separated: gpu, gpu-multi, cpu (default gpu)"
+    )
     p.add_argument(
         "--gpu", help="pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES); one worker per GPU"
     )
@@ -103,15 +105,17 @@ def _add_worker(sub: Any) -> None:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
-    known = {"gpu", "cpu"}
+    known = {"gpu", "gpu-multi", "cpu"}
     if not queues or set(queues) - known:
         raise ServiceCommandError(f"--queues: expected a comma-separated subset of {sorted(known)}")
     if args.concurrency < 1:
         raise ServiceCommandError("--concurrency must be at least 1")
-    if "gpu" in queues and args.concurrency != 1:
+    if {"gpu", "gpu-multi"} & set(queues) and args.concurrency != 1:
         raise ServiceCommandError(
             "a gpu worker runs one job at a time: start one `harmprune worker --gpu N` per GPU"
         )
+    if "gpu-multi" in queues and args.gpu is not None:
+        raise ServiceCommandError("--gpu pins one GPU; a gpu-multi worker owns the node's GPUs")
     if args.gpu is not None:
         # Before Celery (and long before any child imports torch): the children inherit it.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
@@ -224,7 +228,7 @@ def _add_submit(sub: Any) -> None:
     p.add_argument("--domain", required=True, help="domain spec file (YAML/JSON) or example name")
     p.add_argument("--repo-id", required=True, help="where to publish: namespace/name")
     p.add_argument("--public", action="store_true", help="publish as a public repo")
-    p.add_argument("--hardware", choices=["gpu", "cpu"])
+    p.add_argument("--hardware", choices=["gpu", "gpu-multi", "cpu"])
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])

@@ -1,8 +1,12 @@
 """Distributed attribution with FSDP2: the attribution of a model too large for one device.
 
 Launch: `launch(nprocs, job)` (torch.multiprocessing.spawn, returns rank 0's result), or
-torchrun: `python -m torch.distributed.run --nproc-per-node N -m service.distributed --job J`
-where J is a `torch.save`d `DistributedJob` (rank 0 writes `<J>.result.pt`).
+`run_torchrun(job, nprocs, work_dir)`: torchrun in a subprocess, with progress and cancel (what
+the pipeline uses on a multi-GPU worker: Celery's pool processes are daemonic and may not
+start multiprocessing children). By hand: `python -m torch.distributed.run --nproc-per-node N
+-m service.distributed --job J` where J is a `torch.save`d `DistributedJob` (rank 0 writes
+`<J>.result.pt`). Job and result files are ours, written into a private scratch directory by
+the same worker; they are never weights and never come from a user.
 
 Each rank holds 1/world of every weight (`fully_shard` on every decoder block, then on the root).
 Weights are loaded once, on rank 0, and broadcast into the shards (the other ranks build the
@@ -56,9 +60,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -72,6 +81,7 @@ from torch import nn
 
 from service import attribution, selection
 from service.data import Example
+from service.errors import AttributionError, JobCancelled
 from service.pruning import MASK_FILE, PruneMask, save_mask
 
 PreserveVariant = Literal["sum_abs", "abs_mean"]
@@ -132,6 +142,7 @@ class DistributedJob:
     sum_abs_mode: SumAbsMode = "abs_reduce"
     backend: str | None = None  # default: nccl with CUDA, else gloo
     threads: int | None = None  # torch.set_num_threads in each rank (CPU runs)
+    progress_path: str | None = None  # rank 0 writes "done total" (samples) here after each step
 
 
 @dataclass
@@ -224,7 +235,7 @@ def _load_full(job: DistributedJob, dtype: torch.dtype) -> nn.Module:
         return job.model.build(dtype)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(job.model, dtype=dtype, use_safetensors=True).eval()
 
 
 def build_sharded_model(
@@ -326,8 +337,10 @@ def accumulate_sharded(
     rank: int,
     world: int,
     abs_comm: Any | None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """This rank's shard of sum_i g_i (or sum_i |g_i|), fp32, one buffer per scored matrix."""
+    """This rank's shard of sum_i g_i (or sum_i |g_i|), fp32, one buffer per scored matrix.
+    `on_step(samples done by all ranks)` after each step."""
     from service.data import collate
 
     sum_abs = reduction == "sum_abs"
@@ -356,10 +369,15 @@ def accumulate_sharded(
     device = next(iter(buffers.values())).device
     try:
         with torch.enable_grad():
-            for chunk, weight in _steps(examples, per_rank, rank, world, replicate):
+            step_size = 1 if replicate else per_rank * world
+            for step, (chunk, weight) in enumerate(
+                _steps(examples, per_rank, rank, world, replicate)
+            ):
                 batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
                 loss = attribution.response_losses(model, batch).sum()
                 (loss * weight if weight != 1.0 else loss).backward()
+                if on_step:
+                    on_step(min((step + 1) * step_size, len(examples)))
     finally:
         for h in handles:
             h.remove()
@@ -539,10 +557,12 @@ def distributed_attribution_main(
         common = dict(batch_size=job.batch_size, pad_id=job.pad_id, rank=rank, world=world)
         q_max = job.q_max if job.q_max is not None else job.q
         n_of = {n: int(p.numel()) for n, p in params.items()}
+        n_h, n_all = len(job.harmful), len(job.harmful) + len(job.benign)
+        report = _progress_writer(job.progress_path if rank == 0 else None, n_all)
 
         t0 = time.perf_counter()
         grads = accumulate_sharded(
-            model, params, job.harmful, reduction="sum", abs_comm=abs_comm, **common
+            model, params, job.harmful, reduction="sum", abs_comm=abs_comm, on_step=report, **common
         )
         harm = attribution.harm_score_map(local_w, grads)  # type: ignore[arg-type]
         k_max = {n: selection.count_for(q_max, n_of[n]) for n in params}
@@ -554,7 +574,13 @@ def distributed_attribution_main(
         t0 = time.perf_counter()
         reduction: attribution.GradReduction = "sum_abs" if job.preserve == "sum_abs" else "sum"
         grads = accumulate_sharded(
-            model, params, job.benign, reduction=reduction, abs_comm=abs_comm, **common
+            model,
+            params,
+            job.benign,
+            reduction=reduction,
+            abs_comm=abs_comm,
+            on_step=lambda done: report(n_h + done),
+            **common,
         )
         keep = attribution.preserve_score_map(
             local_w,  # type: ignore[arg-type]
@@ -597,6 +623,18 @@ def distributed_attribution_main(
     if result_path:
         torch.save(result, result_path)
     return result
+
+
+def _progress_writer(path: str | None, total: int) -> Callable[[int], None]:
+    """`write(done)`: "done total" into `path`, replaced atomically (the launcher polls it)."""
+
+    def write(done: int) -> None:
+        if path is not None:
+            tmp = f"{path}.tmp"
+            Path(tmp).write_text(f"{done} {total}")
+            os.replace(tmp, path)
+
+    return write
 
 
 def save_pruned_checkpoint(
@@ -678,6 +716,104 @@ def launch(
     return results if many else results[0]
 
 
+ROOT = Path(__file__).resolve().parent.parent
+# Never handed to the ranks: they read a local model directory and need no credentials.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HARMPRUNE_HF_TOKEN", "HARMPRUNE_API_KEYS")
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies (a killed worker leaves no ranks)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+            return
+
+
+def rank_errors(log: str) -> str:
+    """The exception lines of the ranks' tracebacks (torchrun's own summary says little)."""
+    found = re.findall(r"^(?:\[rank\d+\]: )?([\w.]*(?:Error|Exception)\b:? .*)$", log, re.M)
+    unique = list(dict.fromkeys(line.strip() for line in found))
+    return "; ".join(unique[-3:]) or "\n".join(log.strip().splitlines()[-10:])
+
+
+def run_torchrun(
+    job: DistributedJob,
+    nprocs: int,
+    work_dir: Path,
+    *,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    poll_s: float = 0.5,
+) -> DistributedResult:
+    """The job on `nprocs` local ranks (one per GPU; gloo CPU processes without CUDA) under
+    torchrun, in a subprocess of its own process group.
+
+    Polls every `poll_s`: forwards rank 0's progress (samples done, total) and stops the whole
+    group when `should_cancel()` (raising JobCancelled) or on any exception here (e.g. a soft
+    time limit). A rank that fails raises AttributionError with the tail of the ranks' log.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    job_path, result_path = work_dir / "job.pt", work_dir / "result.pt"
+    progress_path, log_path = work_dir / "progress", work_dir / "ranks.log"
+    torch.save(dataclasses.replace(job, progress_path=str(progress_path)), job_path)
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nprocs}",
+        "-m",
+        "service.distributed",
+        "--job",
+        str(job_path),
+        "--result",
+        str(result_path),
+    ]
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=work_dir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one group: cancel stops the launcher and every rank
+            preexec_fn=die_with_parent,
+        )
+    try:
+        while True:
+            try:
+                proc.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if should_cancel and should_cancel():
+                raise JobCancelled("cancelled during distributed attribution")
+            if on_progress and progress_path.is_file():
+                with contextlib.suppress(ValueError, OSError):
+                    done, total = map(int, progress_path.read_text().split())
+                    on_progress(done, total)
+    except BaseException:
+        _stop_group(proc)
+        raise
+    if proc.returncode != 0 or not result_path.is_file():
+        raise AttributionError(
+            f"distributed attribution failed on {nprocs} processes (exit {proc.returncode}): "
+            + rank_errors(log_path.read_text(errors="replace"))
+        )
+    return torch.load(result_path, weights_only=False)  # our own file (see the module doc)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """torchrun entry: `python -m torch.distributed.run --nproc-per-node N -m service.distributed
     --job job.pt`; rank 0 writes `job.pt.result.pt` (or --result)."""
@@ -685,6 +821,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--job", required=True)
     parser.add_argument("--result")
     args = parser.parse_args(argv)
+    die_with_parent()  # the torchrun agent is our parent: no orphan ranks if it is killed
     job = torch.load(args.job, weights_only=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     distributed_attribution_main(rank, world, job, args.result or f"{args.job}.result.pt")

@@ -43,6 +43,11 @@ class CalibrationError(HarmpruneError):
     code = "calibration_failed"
 
 
+class AttributionError(HarmpruneError):
+    stage = "attribute"
+    code = "attribution_failed"
+
+
 class OutputError(HarmpruneError):
     stage = "save"
     code = "output_not_writable"

@@ -156,6 +156,9 @@ class JobRecord(_Model):
     enqueued_at: float | None = None
     queue: str = "gpu"
     config: dict[str, Any] = Field(description="HardenConfig as JSON: the worker reads it here.")
+    preflight: dict[str, Any] | None = Field(
+        None, description="service.preflight.Estimate as JSON: expected memory and time."
+    )
     publish: PublishTarget
     spec_hash: str
     domain: str

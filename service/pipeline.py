@@ -5,7 +5,8 @@ Lifecycle of a job (each stage reports progress as (stage, done, total)):
   elicit     hold out evaluation prompts; complete missing harmful (prefilled) and benign
              responses, and the held-out reference answers, with the original model
   evaluate   measure the original model on the held-out prompts
-  attribute  harm scores on the harmful set, preserve scores on the benign set
+  attribute  harm scores on the harmful set, preserve scores on the benign set (in process, or
+             on N FSDP2 ranks with `attribution_processes=N`: a multi-GPU worker)
   search     for each candidate q: select, prune, measure, undo (one attribution for all)
   select     the operating point: the largest harm rise that keeps every benign threshold
   prune      zero the selection, keep the sparse mask
@@ -19,7 +20,9 @@ Used in-process by the CLI (the embedded default) and by the Celery workers alik
 
 from __future__ import annotations
 
+import gc
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +31,16 @@ from typing import Any
 
 import torch
 
-from service import attribution, card, data, evaluation, selection, tamper, verification
+from service import (
+    attribution,
+    card,
+    data,
+    evaluation,
+    preflight,
+    selection,
+    tamper,
+    verification,
+)
 from service.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
 from service.config import HardenConfig, Pair
 from service.errors import CalibrationError, JobCancelled, SpecError
@@ -210,6 +222,80 @@ def compute_scores(
     return Scores(params, selection.RankedScores(sizes, ranked, protected, q_max))
 
 
+def distributed_scores(
+    loaded: LoadedModel,
+    calibration: Calibration,
+    config: HardenConfig,
+    settings: Settings,
+    q_max: float,
+    processes: int,
+    on_progress: ProgressFn,
+    should_cancel: CancelFn | None,
+) -> tuple[LoadedModel, Scores]:
+    """`compute_scores` on `processes` FSDP2 ranks (service.distributed under torchrun): the
+    same per-matrix selection, for a model whose attribution does not fit one device.
+
+    The ranks need every GPU, so the in-process model is released while they run and loaded
+    again (from the same local files) for the stages after; returns that reloaded model.
+    """
+    from service import distributed
+
+    pruning = config.domain.pruning
+    if pruning.selection != "per_matrix":
+        raise SpecError("pruning.selection: distributed attribution supports per_matrix only")
+    if config.trust_remote_code:
+        raise SpecError(
+            "trust_remote_code: distributed attribution runs built-in architectures only"
+        )
+    n_total = len(calibration.harmful_examples) + len(calibration.benign_examples)
+    job = distributed.DistributedJob(
+        model=str(loaded.local_dir),
+        harmful=calibration.harmful_examples,
+        benign=calibration.benign_examples,
+        q=q_max,
+        p=pruning.p,
+        q_max=q_max,
+        preserve=pruning.preserve_score,
+        batch_size=config.batch_size,
+        pad_id=loaded.tokenizer.pad_token_id,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        threads=1 if loaded.device.type == "cpu" else None,
+    )
+    on_gpu = loaded.device.type == "cuda"
+    loaded.model.to("meta")  # frees its memory; the object is replaced below
+    gc.collect()
+    if on_gpu:
+        torch.cuda.empty_cache()
+    work = settings.job_work_dir()
+    work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="attribution-", dir=work) as tmp:
+        result = distributed.run_torchrun(
+            job,
+            processes,
+            Path(tmp),
+            on_progress=lambda d, t: on_progress("attribute", d, n_total),
+            should_cancel=should_cancel,
+        )
+    reloaded = load_model(
+        str(loaded.local_dir),
+        None,
+        settings,
+        device=str(loaded.device),
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        trust_remote_code=False,
+        need_chat_template=False,
+    )
+    reloaded = LoadedModel(
+        reloaded.model,
+        loaded.tokenizer,
+        loaded.source,
+        loaded.local_dir,
+        loaded.device,
+        loaded.dtype,
+    )
+    return reloaded, Scores(attribution.scored_parameters(reloaded.model), result.scores)
+
+
 def run(
     config: HardenConfig,
     settings: Settings,
@@ -219,8 +305,11 @@ def run(
     should_cancel: CancelFn | None = None,
     overwrite: bool = False,
     job_id: str | None = None,
+    attribution_processes: int = 1,
 ) -> Report:
-    """Harden one model for one domain; write the result into `out_dir` (see the module doc)."""
+    """Harden one model for one domain; write the result into `out_dir` (see the module doc).
+
+    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU)."""
     progress = on_progress or _noop_progress
     timings: dict[str, float] = {}
     spec = config.domain
@@ -238,6 +327,8 @@ def run(
         with timed("load"):
             progress("load", 0, 1)
             harmful, benign, eval_harmful, eval_benign, heldout_source = split_sets(config)
+            # config files only: a job this machine cannot run fails before any weight is read
+            preflight.check_before_loading(config, settings, attribution_processes)
             loaded = load_model(
                 config.model,
                 config.revision,
@@ -292,9 +383,21 @@ def run(
         with timed("attribute"):
             pruning = spec.pruning
             q_values = spec.search.candidates(pruning.q)
-            scores = compute_scores(
-                loaded, calibration, config, max(q_values), progress, should_cancel
-            )
+            if attribution_processes > 1:
+                loaded, scores = distributed_scores(
+                    loaded,
+                    calibration,
+                    config,
+                    settings,
+                    max(q_values),
+                    attribution_processes,
+                    progress,
+                    should_cancel,
+                )
+            else:
+                scores = compute_scores(
+                    loaded, calibration, config, max(q_values), progress, should_cancel
+                )
         trace: list[verification.SearchPoint] = []
         with timed("search"):
             if len(q_values) > 1:
@@ -364,6 +467,7 @@ def run(
             trace,
             failures,
             job_id,
+            attribution_processes,
         ).model_copy(update={"tamper": tamper_result})
         with timed("save"):
             progress("save", 0, 1)
@@ -416,6 +520,7 @@ def build_report(
     trace: list[verification.SearchPoint],
     failures: list[str],
     job_id: str | None,
+    attribution_processes: int = 1,
 ) -> Report:
     pruning = config.domain.pruning
     sizes = {n: p.numel() for n, p in scores.params.items()}
@@ -434,6 +539,7 @@ def build_report(
             seed=config.seed,
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=loaded.device.type,
+            attribution_processes=attribution_processes,
             versions=library_versions(),
         ),
         calibration=calibration.summary(),

@@ -1,23 +1,36 @@
-"""Preflight: can this job run, and what will it cost? From config.json and tokenizer files alone.
+"""Preflight: can this job run, where, and what will it cost? From config.json and tokenizer
+files alone.
 
 No weight is downloaded: the model is instantiated on the meta device (shapes, no memory), which
 gives exact parameter and scored-weight counts for any architecture transformers knows. The API
-runs this before queueing, the CLI before loading, so an impossible job is refused at once.
+runs `plan_job` before queueing (and picks the queue: one GPU, or the multi-GPU workers), the
+pipeline runs it before loading weights, so an impossible job is refused at once.
 
 Memory plan (one GPU): weights in the compute dtype, ONE fp32 score-sized buffer alive at a time
 (the harm pass's gradient sum is reduced to per-matrix candidates before the preserve pass), the
-preserve buffer, activations of one batch with gradient checkpointing off, and fp32 logits.
+activations of one backward (at most `max_backward_tokens` tokens, gradient checkpointing off),
+and fp32 logits.
+
+Memory plan (N GPUs, FSDP2 attribution): weights and score buffers sharded N ways, plus the
+unsharded weights of two decoder blocks (the current one and the prefetched next) and the same
+activations on every rank. Elicitation and evaluation run in one process on one GPU, so the
+weights must also fit one GPU: models whose weights alone do not are refused (no pipeline-
+parallel inference yet).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
-from service.errors import ModelLoadError, UnsupportedModelError
+from service.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from service.config import DomainSpec, HardenConfig
+    from service.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Sustained bf16 throughput we plan with (about 40% of the dense peak), in TFLOP/s.
@@ -47,6 +60,7 @@ class Estimate(BaseModel):
     attribution_tflop: float
     attribution_seconds: float
     device_kind: str
+    devices: int = 1
     fits: bool
     problems: list[str]
 
@@ -93,13 +107,16 @@ def estimate(
     calibration_pairs: int,
     tokens_per_pair: int,
     batch_size: int = 8,
+    max_backward_tokens: int | None = None,
     dtype: str = "bfloat16",
     device_kind: str = "nvidia-h100",
     device_memory_gb: float = 80.0,
+    devices: int = 1,
     need_chat_template: bool = True,
     selection: str = "per_matrix",
 ) -> Estimate:
-    """Check a model directory holding config.json (+ tokenizer files) and plan the job."""
+    """Check a model directory holding config.json (+ tokenizer files) and plan the job on
+    `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution)."""
     from service.loading import check_architecture
 
     if not (directory / "config.json").is_file():
@@ -115,21 +132,37 @@ def estimate(
     # per-matrix selection reduces each score map as soon as it is computed: one fp32 buffer alive
     buffers = (2 if selection == "global" else 1) * scored * 4 / gb
     # Saved activations per token and layer, ~34*hidden bytes in bf16 for a Llama-style block,
-    # plus fp32 logits and their gradient for one batch.
-    act = (
-        batch_size * tokens_per_pair * (34 * hidden * layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb
-    )
-    peak = weights + buffers + act + 1.0  # + CUDA context and allocator slack
+    # plus fp32 logits and their gradient, for the tokens of one backward (a batch above
+    # max_backward_tokens is back-propagated in slices; one sequence at least).
+    tokens_per_backward = batch_size * tokens_per_pair
+    if max_backward_tokens is not None:
+        rows = max(1, min(batch_size, max_backward_tokens // max(1, tokens_per_pair)))
+        tokens_per_backward = rows * tokens_per_pair
+    act = tokens_per_backward * (34 * hidden * layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb
+    if devices > 1:  # FSDP2: shards, plus two unsharded blocks (current + prefetched)
+        peak = (weights + buffers) / devices + 2 * weights / max(1, layers) + act + 1.0
+    else:
+        peak = weights + buffers + act + 1.0  # + CUDA context and allocator slack
     tokens = calibration_pairs * tokens_per_pair
     tflop = 6 * total * tokens / 1e12  # forward + backward
     seconds = tflop / PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"])
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
-    if peak > device_memory_gb:
+    if devices > 1 and weights + 2.0 > device_memory_gb:
         problems.append(
-            f"needs about {peak:.0f} GB on one device but {device_memory_gb:.0f} GB is available; "
+            f"its weights ({weights:.0f} GB) do not fit one {device_memory_gb:.0f} GB device, "
+            "which elicitation and evaluation need; models this large are not supported yet"
+        )
+    elif peak > device_memory_gb:
+        where = "on one device" if devices == 1 else f"per device on {devices} devices"
+        hint = (
             "use a multi-GPU worker (FSDP2) or a smaller calibration batch"
+            if devices == 1
+            else "no worker kind of this deployment is large enough"
+        )
+        problems.append(
+            f"needs about {peak:.0f} GB {where} but {device_memory_gb:.0f} GB is available; {hint}"
         )
     return Estimate(
         model_type=str(config.model_type),
@@ -146,6 +179,201 @@ def estimate(
         attribution_tflop=round(tflop, 1),
         attribution_seconds=round(seconds, 1),
         device_kind=device_kind,
+        devices=devices,
         fits=not problems,
         problems=problems,
     )
+
+
+# ---------------------------------------------------------------- a job's plan: where it runs
+
+QUEUE_CPU, QUEUE_GPU, QUEUE_MULTI_GPU = "cpu", "gpu", "gpu-multi"
+SMOLLM2_ALIAS = "smollm2-135m-instruct"  # service.loading's alias (not imported: it loads torch)
+CONFIG_FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
+# A Hub dataset without `limit` is counted as this many rows in the estimate.
+UNLIMITED_DATASET_ROWS = 1000
+
+
+class PreflightRefused(HarmpruneError):
+    """The job cannot run on any worker of this deployment; `field` is the request field."""
+
+    stage = "preflight"
+    code = "preflight_refused"
+    user_error = True
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class HubUnreachable(HarmpruneError):
+    """The Hub could not be asked for the model's config (try again later)."""
+
+    stage = "preflight"
+    code = "hub_unreachable"
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue: str
+    devices: int  # GPUs the attribution uses: 0 on CPU, > 1 with FSDP2
+    estimate: Estimate | None  # None: no config files to read (the built-in alias, a GGUF file)
+
+
+def fetch_config_files(model: str, revision: str | None, settings: Settings) -> Path | None:
+    """A directory with the model's config.json and tokenizer files, no weights.
+
+    A local directory is used as is; a Hub repo's small files are downloaded into the Hub cache.
+    None for the built-in alias and GGUF files (their config is inside the GGUF; the loader
+    checks it before any heavy work).
+    """
+    if model == SMOLLM2_ALIAS or model.endswith(".gguf"):
+        return None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"model not found: {model} is neither a directory nor a file")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    directory = None
+    for name in CONFIG_FILES:
+        try:
+            got = hf_hub_download(model, name, revision=revision, token=settings.token_value())
+            directory = Path(got).parent
+        except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError)
+            raise HubUnreachable(
+                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
+            ) from None
+        except EntryNotFoundError:
+            if name == "config.json":
+                raise ModelLoadError(f"{model} has no config.json on the Hub") from None
+        except RevisionNotFoundError:
+            raise ModelLoadError(f"{model} has no revision {revision!r} on the Hub") from None
+        except RepositoryNotFoundError:  # also gated repos the operator's token cannot read
+            raise ModelLoadError(
+                f"unknown model: {model} was not found on the Hub (or is not readable with the "
+                "operator's token)"
+            ) from None
+        except (HfHubHTTPError, OSError) as err:
+            # huggingface_hub errors carry URLs, never the token.
+            raise HubUnreachable(
+                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
+            ) from None
+    return directory
+
+
+def calibration_pairs(spec: DomainSpec) -> int:
+    """Harmful + benign calibration pairs the job will use (an upper bound: held-out split)."""
+    from service.config import HubDataset
+
+    return sum(
+        (s.limit or UNLIMITED_DATASET_ROWS) if isinstance(s, HubDataset) else 1
+        for s in (*spec.harmful, *spec.benign)
+    )
+
+
+def estimate_job(
+    config: HardenConfig,
+    directory: Path,
+    *,
+    devices: int,
+    device_memory_gb: float,
+    device_kind: str,
+) -> Estimate:
+    """`estimate` for this job's calibration set and batch on `devices` GPUs (0: the CPU)."""
+    spec = config.domain
+    on_gpu = devices > 0
+    dtype = config.dtype if config.dtype != "auto" else "bfloat16" if on_gpu else "float32"
+    return estimate(
+        directory,
+        calibration_pairs=calibration_pairs(spec),
+        tokens_per_pair=spec.max_length,
+        batch_size=config.batch_size,
+        max_backward_tokens=config.max_backward_tokens,
+        dtype=dtype,
+        device_kind=device_kind if on_gpu else "cpu",
+        device_memory_gb=device_memory_gb if on_gpu else float("inf"),
+        devices=max(1, devices),
+        need_chat_template=spec.prompt_format == "chat",
+        selection=spec.pruning.selection,
+    )
+
+
+def _refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:
+    if not est.chat_template and config.domain.prompt_format == "chat":
+        raise PreflightRefused(
+            "domain.prompt_format",
+            f"{config.model} has no chat template; use prompt_format: plain",
+        )
+    if not est.fits:
+        raise PreflightRefused("model", f"{config.model} " + "; ".join(est.problems))
+
+
+def plan_job(config: HardenConfig, settings: Settings, hardware: str | None = None) -> Plan:
+    """Check the job's model from its config files and choose the queue it runs on.
+
+    `hardware` is what the job asked for (None: the operator's default). A GPU job whose
+    attribution does not fit one GPU goes to the multi-GPU workers if the deployment has them
+    (`multi_gpu_count`); a job that fits no worker is refused with what is missing.
+    """
+    queue = hardware or settings.default_hardware
+    if queue == QUEUE_MULTI_GPU and settings.multi_gpu_count < 2:
+        raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
+    directory = fetch_config_files(config.model, config.revision, settings)
+    devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, settings.multi_gpu_count)
+    if directory is None:
+        return Plan(queue=queue, devices=devices, estimate=None)
+
+    def on(devices: int) -> Estimate:
+        return estimate_job(
+            config,
+            directory,
+            devices=devices,
+            device_memory_gb=settings.gpu_memory_gb,
+            device_kind=settings.gpu_kind,
+        )
+
+    est = on(devices)
+    if est.chat_template and not est.fits and queue == QUEUE_GPU and settings.multi_gpu_count > 1:
+        if config.domain.pruning.selection == "global":
+            raise PreflightRefused(
+                "domain.pruning.selection",
+                f"{est.problems[0]}; distributed attribution supports per_matrix selection only",
+            )
+        queue, devices = QUEUE_MULTI_GPU, settings.multi_gpu_count
+        est = on(devices)
+    _refuse_unless_fits(config, est)
+    return Plan(queue=queue, devices=devices, estimate=est)
+
+
+def check_before_loading(
+    config: HardenConfig, settings: Settings, attribution_processes: int = 1
+) -> Estimate | None:
+    """The pipeline's own preflight, on this machine, before any weight is read: architecture,
+    chat template, and (on CUDA) the memory of the device it will use."""
+    directory = fetch_config_files(config.model, config.revision, settings)
+    if directory is None:
+        return None
+    import torch
+
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda" and torch.cuda.is_available()
+    memory = torch.cuda.get_device_properties(device).total_memory / 1024**3 if on_gpu else 0.0
+    est = estimate_job(
+        config,
+        directory,
+        devices=max(1, attribution_processes) if on_gpu else 0,
+        device_memory_gb=memory,
+        device_kind=settings.gpu_kind,
+    )
+    _refuse_unless_fits(config, est)
+    return est

@@ -39,6 +39,9 @@ class ReportInputs(Frozen):
     seed: int
     dtype: str
     device: str
+    attribution_processes: int = Field(
+        1, description="FSDP2 ranks of the attribution (1: in process, one device)"
+    )
     versions: dict[str, str]
 
 

@@ -70,6 +70,26 @@ class Settings(BaseSettings):
     default_hardware: Literal["gpu", "cpu"] = Field(
         "gpu", description="Queue of jobs that do not choose one (one queue per worker kind)."
     )
+    preflight: bool = Field(
+        True,
+        description="Check each job's model from its config files before queueing (Hub: "
+        "config.json and tokenizer files only) and route it by the GPUs it needs.",
+    )
+    gpu_memory_gb: float = Field(80.0, gt=0, description="Memory of one GPU of the GPU workers.")
+    gpu_kind: str = Field(
+        "nvidia-h100", description="GPU model of the GPU workers (for the time estimate)."
+    )
+    multi_gpu_count: int = Field(
+        0,
+        ge=0,
+        description="GPUs per multi-GPU worker (queue gpu-multi); 0: this deployment has none, "
+        "and a job whose attribution does not fit one GPU is refused.",
+    )
+    attribution_processes: int = Field(
+        0,
+        ge=0,
+        description="Worker side: FSDP2 processes for gpu-multi jobs (0: one per visible GPU).",
+    )
     lease_s: float = Field(
         60.0,
         gt=0,

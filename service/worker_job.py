@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.errors import HarmpruneError, JobCancelled, PublishError
+from service.errors import AttributionError, HarmpruneError, JobCancelled, PublishError
 from service.jobs import (
     Claim,
     JobError,
@@ -312,8 +312,27 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         on_progress=runner.on_progress,
         should_cancel=runner.should_cancel,
         job_id=record.id,
+        attribution_processes=attribution_processes(record.queue, runner.settings),
     )
     return report.model_dump(mode="json")
+
+
+def attribution_processes(queue: str, settings: Settings) -> int:
+    """FSDP2 ranks for a job of this queue: gpu-multi jobs use every GPU of the node (or the
+    operator's `attribution_processes`); the other queues attribute in process."""
+    if queue != "gpu-multi":
+        return 1
+    if settings.attribution_processes:
+        return settings.attribution_processes
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        raise AttributionError(
+            f"this gpu-multi worker sees {count} GPU(s); it needs at least 2 "
+            "(or HARMPRUNE_ATTRIBUTION_PROCESSES)"
+        )
+    return count
 
 
 def _end_cancelled(runner: JobRunner) -> str:

@@ -104,6 +104,9 @@ def stack_settings(ns: Namespace, tmp: Path, **overrides: Any) -> Settings:
         publish_retry_backoff_s=0.5,
         job_soft_time_limit_s=300,
         job_time_limit_grace_s=30,
+        # Off by default: most API tests name Hub ids that exist nowhere (no network here);
+        # the preflight tests and the worker stacks (local model directories) turn it on.
+        preflight=False,
     )
     values.update(overrides)
     return Settings(**values)

@@ -14,9 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from huggingface_hub import HfApi
 
+from service.config import HardenConfig, HubDataset
 from service.errors import ModelLoadError, UnsupportedModelError
-from service.preflight import Estimate, estimate
+from service.preflight import (
+    Estimate,
+    HubUnreachable,
+    Plan,
+    PreflightRefused,
+    calibration_pairs,
+    estimate,
+    estimate_job,
+    plan_job,
+)
+from service.settings import Settings
+from tests.support.fixtures import hub_server  # noqa: F401  (fixture)
+from tests.support.hub_server import HubServer, hub_environment
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 GB = 1024**3
@@ -177,3 +191,144 @@ def test_refused_architecture(model_dir: Callable[..., Path], name: str, model_t
 def test_missing_config(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         estimate(tmp_path, calibration_pairs=8, tokens_per_pair=64)
+
+
+# ---------------------------------------------------------------- plan_job: route or refuse
+
+
+def job_config(model: Path | str, **spec: Any) -> HardenConfig:
+    """A job on `model` with 412 + 412 calibration pairs of up to 300 tokens."""
+    pairs = [{"prompt": f"p{i}", "response": "r"} for i in range(PAIRS // 2)]
+    domain = {"name": "plan", "harmful": pairs, "benign": pairs, "max_length": TOKENS, **spec}
+    return HardenConfig(model=str(model), domain=domain)
+
+
+def plan_settings(tmp_path: Path, **kw: Any) -> Settings:
+    return Settings(cache_dir=tmp_path / "cache", gpu_memory_gb=80.0, **kw)
+
+
+def test_plan_keeps_an_8b_job_on_one_gpu(model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    plan = plan_job(
+        job_config(model_dir("llama-3.1-8b-instruct")), plan_settings(tmp_path, multi_gpu_count=4)
+    )
+    assert (plan.queue, plan.devices) == ("gpu", 1)
+    assert plan.estimate is not None and plan.estimate.fits and plan.estimate.devices == 1
+    assert plan.estimate.peak_memory_gb < 80
+
+
+def test_plan_routes_a_14b_job_to_the_multi_gpu_workers(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = job_config(model_dir("qwen2.5-14b"))
+    plan = plan_job(config, plan_settings(tmp_path, multi_gpu_count=4))
+    assert (plan.queue, plan.devices) == ("gpu-multi", 4)
+    est = plan.estimate
+    assert est is not None and est.fits and est.devices == 4
+    one_gpu = estimate_job(
+        config, model_dir("qwen2.5-14b"), devices=1, device_memory_gb=80, device_kind="x"
+    )
+    assert one_gpu.peak_memory_gb > 80 > est.peak_memory_gb  # sharding is what makes it fit
+    # the same job asked for the multi-GPU queue directly
+    direct = plan_job(config, plan_settings(tmp_path, multi_gpu_count=4), "gpu-multi")
+    assert direct == plan
+
+
+def test_plan_refuses_what_no_worker_can_run(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = job_config(model_dir("qwen2.5-14b"))
+    with pytest.raises(PreflightRefused, match=r"needs about \d+ GB on one device.*FSDP2") as err:
+        plan_job(config, plan_settings(tmp_path))  # no multi-GPU workers
+    assert err.value.field == "model" and "qwen2.5-14b" in str(err.value)
+    with pytest.raises(PreflightRefused, match="no multi-GPU workers") as err:
+        plan_job(config, plan_settings(tmp_path), "gpu-multi")
+    assert err.value.field == "hardware"
+    # 70B: its bf16 weights alone exceed one 80 GB GPU, which elicitation and evaluation need
+    big = job_config(model_dir("llama-3.1-70b-instruct"))
+    with pytest.raises(PreflightRefused, match=r"weights \(13\d GB\) do not fit one 80 GB"):
+        plan_job(big, plan_settings(tmp_path, multi_gpu_count=8))
+    # distributed attribution selects per matrix only
+    glob = job_config(model_dir("qwen2.5-14b"), pruning={"selection": "global"})
+    with pytest.raises(PreflightRefused, match="per_matrix") as err:
+        plan_job(glob, plan_settings(tmp_path, multi_gpu_count=4))
+    assert err.value.field == "domain.pruning.selection"
+
+
+def test_plan_refuses_a_chat_job_without_a_chat_template(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    with pytest.raises(PreflightRefused, match="no chat template") as err:
+        plan_job(job_config(model_dir("gpt2", chat=False)), plan_settings(tmp_path))
+    assert err.value.field == "domain.prompt_format"
+    plain = job_config(model_dir("gpt2", chat=False), prompt_format="plain")
+    assert plan_job(plain, plan_settings(tmp_path)).queue == "gpu"
+
+
+def test_plan_on_cpu_has_no_memory_limit_and_plans_fp32(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    plan = plan_job(job_config(model_dir("qwen2.5-14b")), plan_settings(tmp_path), "cpu")
+    assert (plan.queue, plan.devices) == ("cpu", 0)
+    assert plan.estimate is not None and plan.estimate.fits
+    assert plan.estimate.weights_gb == pytest.approx(plan.estimate.parameters * 4 / GB, abs=0.01)
+
+
+def test_plan_skips_the_builtin_model_and_refuses_unknown_architectures(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    plan = plan_job(job_config("smollm2-135m-instruct"), plan_settings(tmp_path))
+    assert plan == Plan(queue="gpu", devices=1, estimate=None)
+    with pytest.raises(UnsupportedModelError, match="'t5'"):
+        plan_job(job_config(model_dir("t5-small")), plan_settings(tmp_path))
+    with pytest.raises(ModelLoadError, match="not found"):
+        plan_job(job_config(tmp_path / "nowhere"), plan_settings(tmp_path))
+
+
+def test_token_cap_bounds_the_planned_activations(
+    model_dir: Callable[..., Path],
+) -> None:
+    d = model_dir("llama-3.1-8b-instruct")
+    uncapped = estimate(d, calibration_pairs=PAIRS, tokens_per_pair=TOKENS, batch_size=8)
+    capped = estimate(
+        d, calibration_pairs=PAIRS, tokens_per_pair=TOKENS, batch_size=8, max_backward_tokens=1024
+    )
+    # 1024 tokens hold 3 rows of 300: 3/8 of the batch's activations
+    assert capped.activations_gb == pytest.approx(uncapped.activations_gb * 3 / 8, rel=0.01)
+
+
+def test_calibration_pairs_count_hub_datasets_by_their_limit() -> None:
+    spec = job_config("m").domain.model_copy(
+        update={"harmful": [HubDataset(dataset="org/advbench", limit=100)]}
+    )
+    assert calibration_pairs(spec) == 100 + PAIRS // 2
+
+
+def test_plan_reads_only_config_files_from_the_hub(
+    hub_server: HubServer,  # noqa: F811
+    model_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    api = HfApi(token=hub_server.token)
+    api.create_repo("org/big-14b", private=True)
+    api.upload_folder(repo_id="org/big-14b", folder_path=str(model_dir("qwen2.5-14b")))
+    settings = plan_settings(tmp_path, multi_gpu_count=2, hf_token=hub_server.token)
+    plan = plan_job(job_config("org/big-14b"), settings)
+    assert plan.queue == "gpu-multi" and plan.estimate is not None
+    assert plan.estimate.model_type == "qwen2"
+    with pytest.raises(ModelLoadError, match="unknown model: org/missing"):
+        plan_job(job_config("org/missing"), settings)
+    # without the operator's token the private repo is invisible
+    anonymous = plan_settings(tmp_path / "anon", multi_gpu_count=2)
+    with pytest.raises(ModelLoadError, match="not readable with the operator's token"):
+        plan_job(job_config("org/big-14b"), anonymous)
+
+
+def test_plan_says_when_the_hub_cannot_be_reached(tmp_path: Path) -> None:
+    with HubServer() as server:
+        url = server.url
+    # the server is gone: connection refused
+    with (
+        hub_environment(url, tmp_path / "hf_home"),
+        pytest.raises(HubUnreachable, match="org/model"),
+    ):
+        plan_job(job_config("org/model"), plan_settings(tmp_path))

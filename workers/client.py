@@ -18,7 +18,7 @@ from service.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_JOB = "harmprune.run_job"
-QUEUES = ("gpu", "cpu")
+QUEUES = ("gpu", "gpu-multi", "cpu")  # one queue per worker kind (service.preflight routes)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -16,6 +16,7 @@ from api.deps import CeleryDep, MetricsDep, SettingsDep, StoreDep, TenantDep, ge
 from api.errors import ApiError, field_errors
 from api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
 from service.config import HardenConfig
+from service.errors import HarmpruneError
 from service.jobs import (
     IdempotencyConflict,
     JobError,
@@ -26,6 +27,7 @@ from service.jobs import (
     fingerprint,
     new_job_id,
 )
+from service.preflight import HubUnreachable, Plan, PreflightRefused, plan_job
 from service.settings import Settings
 from workers.client import enqueue
 
@@ -81,6 +83,22 @@ def check_model_reference(model: str, settings: Settings) -> None:
         "model",
         f"expected a Hub repo id (org/name), {SMOLLM2_ALIAS}, or an allowed absolute path",
     )
+
+
+def preflight(config: HardenConfig, hardware: str, settings: Settings) -> Plan | None:
+    """Refuse a job no worker can run, before it is queued; choose its queue (service.preflight).
+
+    Reads config.json and tokenizer files only (a Hub repo's, with the operator's token)."""
+    if not settings.preflight:
+        return None
+    try:
+        return plan_job(config, settings, hardware)
+    except PreflightRefused as err:
+        raise _invalid(err.field, str(err).removeprefix(f"{err.field}: ")) from None
+    except HubUnreachable as err:
+        raise ApiError(503, "hub_unreachable", str(err), headers={"Retry-After": "30"}) from None
+    except HarmpruneError as err:  # unknown model, unsupported architecture, unreadable config
+        raise _invalid("model", str(err)) from None
 
 
 def _job(store: Any, job_id: str, tenant: str) -> JobRecord:
@@ -151,6 +169,7 @@ def submit_job(
     except ValidationError as err:
         fields = field_errors(err.errors())
         raise ApiError(422, "invalid_request", fields[0]["message"], fields=fields) from None
+    plan = preflight(config, hardware, settings)
     now = time.time()
     request_json = body.model_dump(mode="json")
     record = JobRecord(
@@ -159,7 +178,8 @@ def submit_job(
         created_at=now,
         updated_at=now,
         enqueued_at=now,
-        queue=hardware,
+        queue=plan.queue if plan else hardware,
+        preflight=plan.estimate.model_dump(mode="json") if plan and plan.estimate else None,
         config=config.model_dump(mode="json"),
         publish=PublishTarget(**body.publish.model_dump()),
         spec_hash=config.domain.spec_hash(),
@@ -193,7 +213,7 @@ def submit_job(
                 "the job queue is unavailable; try again shortly",
                 headers={"Retry-After": "5"},
             ) from None
-        metrics.submitted.labels(hardware).inc()
+        metrics.submitted.labels(record.queue).inc()
     headers = {"Location": f"/v1/jobs/{record.id}", **_job_headers(record, settings)}
     if not created:
         headers["Idempotent-Replayed"] = "true"

@@ -126,7 +126,7 @@ class Stack:
 @contextlib.contextmanager
 def make_stack(tmp: Path, *, sweep: bool = True, **overrides: Any) -> Iterator[Stack]:
     with redis_namespace("stack") as ns:
-        settings = stack_settings(ns, tmp, **overrides)
+        settings = stack_settings(ns, tmp, **{"preflight": True, **overrides})
         with TestClient(create_app(settings, sweep=sweep)) as client:
             stack = Stack(ns, settings, tmp, client)
             try:
