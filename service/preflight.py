@@ -213,6 +213,10 @@ class HubUnreachable(HarmpruneError):
     code = "hub_unreachable"
 
 
+class RepoNotVisible(ModelLoadError):
+    """No such repo, or a private or gated one the token in use cannot read."""
+
+
 class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -259,11 +263,20 @@ def fetch_config_files(model: str, revision: str | None, settings: Settings) -> 
         except RevisionNotFoundError:
             raise ModelLoadError(f"{model} has no revision {revision!r} on the Hub") from None
         except RepositoryNotFoundError:  # also gated repos the operator's token cannot read
-            raise ModelLoadError(
+            raise RepoNotVisible(
                 f"unknown model: {model} was not found on the Hub (or is not readable with the "
                 "operator's token)"
             ) from None
-        except (HfHubHTTPError, OSError) as err:
+        except HfHubHTTPError as err:
+            status = getattr(err.response, "status_code", None)
+            if status in (401, 403):
+                raise RepoNotVisible(
+                    f"{model} is not readable with the operator's token (HTTP {status})"
+                ) from None
+            raise HubUnreachable(
+                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
+            ) from None
+        except OSError as err:
             # huggingface_hub errors carry URLs, never the token.
             raise HubUnreachable(
                 f"cannot read {model}'s config from the Hub: {type(err).__name__}"
@@ -328,8 +341,15 @@ def plan_job(config: HardenConfig, settings: Settings, hardware: str | None = No
     queue = hardware or settings.default_hardware
     if queue == QUEUE_MULTI_GPU and settings.multi_gpu_count < 2:
         raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
-    directory = fetch_config_files(config.model, config.revision, settings)
     devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, settings.multi_gpu_count)
+    try:
+        directory = fetch_config_files(config.model, config.revision, settings)
+    except RepoNotVisible:
+        if settings.token_value() is not None:
+            raise
+        # An API without a Hub token cannot see private repos the workers' token may read:
+        # queue unchecked (the worker's own preflight runs before it loads any weight).
+        directory = None
     if directory is None:
         return Plan(queue=queue, devices=devices, estimate=None)
 

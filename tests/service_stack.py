@@ -131,8 +131,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
 class WorkerProcess:
     """`harmprune worker` as a subprocess in its own process group, logging to a file."""
 
-    def __init__(self, settings: Settings, log_path: Path, extra_env: dict[str, str] | None = None):
-        self.settings, self.log_path = settings, log_path
+    def __init__(
+        self,
+        settings: Settings,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+        queues: str = "gpu,cpu",
+    ):
+        self.settings, self.log_path, self.queues = settings, log_path, queues
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
@@ -155,7 +161,7 @@ class WorkerProcess:
                 "service.cli",
                 "worker",
                 "--queues",
-                "gpu,cpu",
+                self.queues,
                 "--loglevel",
                 "INFO",
                 "--hostname",

@@ -26,6 +26,7 @@ DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_MULTI = DEPLOY / "compose.multigpu.yaml"
 COMPOSE_GPUS = DEPLOY / "compose.gpus.yaml"
 
 # Environment variables that are not harmprune settings but may appear in the deployment.
@@ -293,8 +294,8 @@ def _compose_cli() -> list[str] | None:
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--profile", "monitoring"], ["-f", str(COMPOSE_GPUS)]],
-    ids=["default", "monitoring", "gpus"],
+    [[], ["--profile", "monitoring"], ["-f", str(COMPOSE_GPUS)], ["-f", str(COMPOSE_MULTI)]],
+    ids=["default", "monitoring", "gpus", "multigpu"],
 )
 def test_docker_compose_config_accepts_the_files(extra: list[str]) -> None:
     cli = _compose_cli()
@@ -378,6 +379,28 @@ def test_k8s_worker_one_gpu_one_process_long_grace() -> None:
     assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0, "no extra GPU on rollout"
 
 
+def test_compose_multigpu_worker_owns_every_gpu_and_the_api_knows_it() -> None:
+    services = load(COMPOSE_MULTI)["services"]
+    multi = services["worker-multi"]
+    assert multi["extends"]["service"] == "worker"
+    args = multi["command"]
+    assert args[args.index("--queues") + 1] == "gpu-multi"
+    (device,) = multi["deploy"]["resources"]["reservations"]["devices"]
+    assert device["count"] == "all"
+    assert int(services["api"]["environment"]["HARMPRUNE_MULTI_GPU_COUNT"]) >= 2
+    assert "devices: !override" in COMPOSE_MULTI.read_text(), "else compose appends to count: 1"
+
+
+def test_k8s_multi_gpu_worker_is_off_until_the_api_is_told() -> None:
+    dep = k8s_find("Deployment", "harmprune-worker-multi")
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"][c["args"].index("--queues") + 1] == "gpu-multi"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] >= 2
+    # replicas 0 and MULTI_GPU_COUNT "0" go together: no job is routed to a queue nobody serves
+    config = k8s_find("ConfigMap", "harmprune-config")["data"]
+    assert dep["spec"]["replicas"] == 0 and config["HARMPRUNE_MULTI_GPU_COUNT"] == "0"
+
+
 def test_k8s_services_select_existing_pods() -> None:
     pod_labels = [w["spec"]["template"]["metadata"]["labels"] for w in workloads()]
     for _, doc in k8s_docs():
@@ -439,7 +462,7 @@ def test_k8s_hub_token_reaches_the_worker_only() -> None:
         for c in containers(w):
             for e in c.get("env", []):
                 if e["name"] == "HF_TOKEN":
-                    assert w["metadata"]["name"] == "harmprune-worker"
+                    assert w["metadata"]["name"] in {"harmprune-worker", "harmprune-worker-multi"}
                     assert "secretKeyRef" in e["valueFrom"] and "value" not in e
     api = yaml.safe_dump(k8s_find("Deployment", "harmprune-api"))
     assert "HF_TOKEN" not in api and "hub-token" not in api

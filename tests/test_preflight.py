@@ -317,10 +317,13 @@ def test_plan_reads_only_config_files_from_the_hub(
     assert plan.estimate.model_type == "qwen2"
     with pytest.raises(ModelLoadError, match="unknown model: org/missing"):
         plan_job(job_config("org/missing"), settings)
-    # without the operator's token the private repo is invisible
-    anonymous = plan_settings(tmp_path / "anon", multi_gpu_count=2)
     with pytest.raises(ModelLoadError, match="not readable with the operator's token"):
-        plan_job(job_config("org/big-14b"), anonymous)
+        plan_job(job_config("org/big-14b"), plan_settings(tmp_path, hf_token="hf_wrong"))
+    # an API without a token cannot tell a private repo from a missing one: queued unchecked
+    anonymous = plan_settings(tmp_path / "anon", multi_gpu_count=2)
+    assert plan_job(job_config("org/big-14b"), anonymous) == Plan(
+        queue="gpu", devices=1, estimate=None
+    )
 
 
 def test_plan_says_when_the_hub_cannot_be_reached(tmp_path: Path) -> None:

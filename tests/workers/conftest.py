@@ -70,9 +70,11 @@ class Stack:
         self.store = JobStore.from_settings(settings)
         self.workers: list[WorkerProcess] = []
 
-    def start_worker(self, extra_env: dict[str, str] | None = None) -> WorkerProcess:
+    def start_worker(
+        self, extra_env: dict[str, str] | None = None, queues: str = "gpu,cpu"
+    ) -> WorkerProcess:
         n = len(self.workers)
-        worker = WorkerProcess(self.settings, self.tmp / f"worker-{n}.log", extra_env)
+        worker = WorkerProcess(self.settings, self.tmp / f"worker-{n}.log", extra_env, queues)
         self.workers.append(worker.start())
         return worker
 
