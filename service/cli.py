@@ -78,12 +78,25 @@ def _add_harden(sub: Any) -> None:
         help="Padded tokens per attribution backward; larger batches are sliced with the same scores (0: no cap)",
     )
     p.add_argument(
+        "--attribution-processes",
+        type=_at_least_one,
+        default=1,
+        help="FSDP2 ranks for the attribution (one per GPU; torchrun); default 1: in process",
+    )
+    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="Run the model repo's code (also needs HARMPRUNE_ALLOW_REMOTE_CODE=true)",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out")
     p.set_defaults(func=cmd_harden)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text) if text.strip().lstrip("-").isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _add_restore(sub: Any) -> None:
@@ -177,7 +190,14 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _quiet_library_bars()
     bars = StageBars()
     try:
-        report = run(config, Settings(), args.out, on_progress=bars, overwrite=args.overwrite)
+        report = run(
+            config,
+            Settings(),
+            args.out,
+            on_progress=bars,
+            overwrite=args.overwrite,
+            attribution_processes=args.attribution_processes,
+        )
     finally:
         bars.close()
     print_summary(report, args.out)

@@ -197,7 +197,7 @@ UNLIMITED_DATASET_ROWS = 1000
 class PreflightRefused(HarmpruneError):
     """The job cannot run on any worker of this deployment; `field` is the request field."""
 
-    stage = "preflight"
+    stage = "load"  # raised while the job checks its model, before loading weights
     code = "preflight_refused"
     user_error = True
 
@@ -209,7 +209,7 @@ class PreflightRefused(HarmpruneError):
 class HubUnreachable(HarmpruneError):
     """The Hub could not be asked for the model's config (try again later)."""
 
-    stage = "preflight"
+    stage = "load"  # raised while the job checks its model, before loading weights
     code = "hub_unreachable"
 
 
@@ -235,7 +235,13 @@ def fetch_config_files(model: str, revision: str | None, settings: Settings) -> 
     if model == SMOLLM2_ALIAS or model.endswith(".gguf"):
         return None
     path = Path(model).expanduser()
-    if path.is_dir():
+    if path.is_dir():  # the loader's own checks, in its words
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{model} is a directory without config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelLoadError(
+                f"{model} has no *.safetensors weights; pickle checkpoints are refused"
+            )
         return path
     if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
         raise ModelLoadError(f"model not found: {model} is neither a directory nor a file")
@@ -253,9 +259,9 @@ def fetch_config_files(model: str, revision: str | None, settings: Settings) -> 
         try:
             got = hf_hub_download(model, name, revision=revision, token=settings.token_value())
             directory = Path(got).parent
-        except LocalEntryNotFoundError as err:  # (a subclass of EntryNotFoundError)
+        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError); as the loader says
             raise HubUnreachable(
-                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
+                f"unknown model: {model} is not a local path and the Hub cannot be reached"
             ) from None
         except EntryNotFoundError:
             if name == "config.json":

@@ -70,13 +70,15 @@ def fixture_config(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """`model_dir(name, chat=True)`: config.json + tokenizer_config.json, built once each."""
+    """`model_dir(name, chat=True)`: config.json + tokenizer_config.json (+ an empty weights
+    file: `plan_job` refuses a model directory without safetensors), built once each."""
     made: dict[tuple[str, bool], Path] = {}
 
     def make(name: str, chat: bool = True) -> Path:
         if (name, chat) not in made:
             d = tmp_path_factory.mktemp(f"{name}-{'chat' if chat else 'plain'}")
             (d / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
+            (d / "model.safetensors").touch()
             tok: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
             if chat:
                 tok["chat_template"] = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
@@ -326,9 +328,16 @@ def test_plan_reads_only_config_files_from_the_hub(
     )
 
 
-def test_plan_says_when_the_hub_cannot_be_reached(tmp_path: Path) -> None:
+def test_plan_says_when_the_hub_cannot_be_reached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with HubServer() as server:
         url = server.url
+    # huggingface_hub retries a refused connection 5 times with backoff (1+2+4+8+8 s): skip the
+    # waiting, not the retries (its module-level `time` is the one patched, for this test only)
+    import huggingface_hub.utils._http as hf_http
+
+    monkeypatch.setattr(hf_http.time, "sleep", lambda s: None)
     # the server is gone: connection refused
     with (
         hub_environment(url, tmp_path / "hf_home"),

@@ -27,9 +27,11 @@ CHAT = '{"chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}"}'
 
 
 def model_dir(root: Path, name: str, chat: bool = True) -> Path:
-    """config.json (+ a tokenizer_config.json with a chat template): all preflight reads."""
+    """config.json (+ a tokenizer_config.json with a chat template): all preflight reads, and
+    an empty weights file (a model directory without safetensors weights is refused)."""
     d = root / f"{name}-{'chat' if chat else 'plain'}"
     d.mkdir(parents=True, exist_ok=True)
+    (d / "model.safetensors").touch()
     (d / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
     (d / "tokenizer_config.json").write_text(CHAT if chat else "{}")
     return d
