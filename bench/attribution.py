@@ -391,7 +391,7 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
         goal(
             "FLOPs (b)/(a), load-independent",
             s.get("flops_ratio_reference"),
-            "(info: ceiling of time (b)/(a))",
+            "(info: work ratio; wall time adds per-pass overhead)",
             None,
         ),
         goal("time (a)/(c)", s.get("time_vs_bare"), "<= 1.3", s.get("goal_time_vs_bare")),

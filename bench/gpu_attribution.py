@@ -83,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, help="tokens per pair (default 300; tiny 48)")
     ap.add_argument("--response-tokens", type=int, help="scored tokens per pair (default 2/3)")
     ap.add_argument("--batch", type=int, default=8, help="harm (and abs_mean) batch size")
+    ap.add_argument(
+        "--max-backward-tokens",
+        type=int,
+        default=1024,
+        help="padded tokens per backward (the pipeline's default 1024); 0: no cap",
+    )
     ap.add_argument("--preserve", choices=["sum_abs", "abs_mean"], default="sum_abs")
     ap.add_argument("--q", type=float, help="harm fraction (default 1e-5; tiny 0.02)")
     ap.add_argument("--p", type=float, help="preserve fraction (default 5e-5; tiny 0.01)")
@@ -166,7 +172,11 @@ def run_ours(model: Any, harmful: list[Example], benign: list[Example], args: ar
     loaded = SimpleNamespace(model=model, tokenizer=SimpleNamespace(pad_token_id=args.pad_id))
     calibration = SimpleNamespace(harmful_examples=harmful, benign_examples=benign)
     pruning = SimpleNamespace(selection="per_matrix", preserve_score=args.preserve, p=args.p)
-    config = SimpleNamespace(batch_size=args.batch, domain=SimpleNamespace(pruning=pruning))
+    config = SimpleNamespace(
+        batch_size=args.batch,
+        max_backward_tokens=args.max_backward_tokens or None,
+        domain=SimpleNamespace(pruning=pruning),
+    )
     marks: dict[str, float] = {}
     n_harm = len(harmful)
 
@@ -330,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             "harmful_tokens": h_tokens,
             "benign_tokens": b_tokens,
             "batch": args.batch,
+            "max_backward_tokens": args.max_backward_tokens or None,
             "preserve": args.preserve,
             "benign_batch": 1 if args.preserve == "sum_abs" else args.batch,
         },
