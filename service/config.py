@@ -300,7 +300,8 @@ class HardenConfig(Strict):
     max_backward_tokens: Annotated[int, Field(ge=16)] | None = Field(
         1024,
         description="Padded tokens per backward in the attribution passes; a larger batch is "
-        "back-propagated in slices with identical scores (bounds peak memory). null: no cap.",
+        "back-propagated in slices with identical scores (bounds peak memory). null: no cap. "
+        "In-process attribution only: FSDP2 ranks back-propagate whole batches.",
     )
 
 

@@ -135,7 +135,8 @@ def estimate(
     # plus fp32 logits and their gradient, for the tokens of one backward (a batch above
     # max_backward_tokens is back-propagated in slices; one sequence at least).
     tokens_per_backward = batch_size * tokens_per_pair
-    if max_backward_tokens is not None:
+    # (FSDP2 ranks back-propagate whole batches: every rank must join the same collectives)
+    if max_backward_tokens is not None and devices == 1:
         rows = max(1, min(batch_size, max_backward_tokens // max(1, tokens_per_pair)))
         tokens_per_backward = rows * tokens_per_pair
     act = tokens_per_backward * (34 * hidden * layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb

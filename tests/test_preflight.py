@@ -313,7 +313,7 @@ def test_plan_reads_only_config_files_from_the_hub(
     api = HfApi(token=hub_server.token)
     api.create_repo("org/big-14b", private=True)
     api.upload_folder(repo_id="org/big-14b", folder_path=str(model_dir("qwen2.5-14b")))
-    settings = plan_settings(tmp_path, multi_gpu_count=2, hf_token=hub_server.token)
+    settings = plan_settings(tmp_path, multi_gpu_count=4, hf_token=hub_server.token)
     plan = plan_job(job_config("org/big-14b"), settings)
     assert plan.queue == "gpu-multi" and plan.estimate is not None
     assert plan.estimate.model_type == "qwen2"
@@ -322,7 +322,7 @@ def test_plan_reads_only_config_files_from_the_hub(
     with pytest.raises(ModelLoadError, match="not readable with the operator's token"):
         plan_job(job_config("org/big-14b"), plan_settings(tmp_path, hf_token="hf_wrong"))
     # an API without a token cannot tell a private repo from a missing one: queued unchecked
-    anonymous = plan_settings(tmp_path / "anon", multi_gpu_count=2)
+    anonymous = plan_settings(tmp_path / "anon", multi_gpu_count=4)
     assert plan_job(job_config("org/big-14b"), anonymous) == Plan(
         queue="gpu", devices=1, estimate=None
     )
