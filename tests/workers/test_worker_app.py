@@ -30,7 +30,7 @@ def test_celery_settings_for_long_gpu_jobs() -> None:
     assert conf.worker_max_tasks_per_child == 1 and conf.worker_concurrency == 1
     assert conf.task_serializer == "json" and conf.accept_content == ["json"]
     assert conf.task_ignore_result
-    assert {q.name for q in conf.task_queues} == set(QUEUES) == {"gpu", "cpu"}
+    assert {q.name for q in conf.task_queues} == set(QUEUES) == {"gpu", "gpu-multi", "cpu"}
     for queue in conf.task_queues:  # one exchange per queue: a job lands in exactly one
         assert queue.exchange.name == queue.routing_key == queue.name
     transport = conf.broker_transport_options
