@@ -147,11 +147,18 @@ def calibration_set(
 
 def run_ours(model, params, harmful, benign, pad_id, q, p, args):
     cap = args.max_backward_tokens or None  # 0: no cap (then (a) = (c) + one score buffer)
+    recompute = args.gradient_checkpointing
     harm = attribution.score_harm(
-        model, params, harmful, batch_size=HARM_BATCH, max_tokens=cap, pad_id=pad_id
+        model,
+        params,
+        harmful,
+        batch_size=HARM_BATCH,
+        max_tokens=cap,
+        pad_id=pad_id,
+        recompute=recompute,
     )
     keep = attribution.score_preserve(
-        model, params, benign, "sum_abs", batch_size=HARM_BATCH, pad_id=pad_id
+        model, params, benign, "sum_abs", batch_size=HARM_BATCH, pad_id=pad_id, recompute=recompute
     )
     return selection.select(harm, keep, q, p, "per_matrix")
 
@@ -341,6 +348,7 @@ def worker_cmd(args: argparse.Namespace, strategy: str, out: str) -> list[str]:
     cmd += ["--q", repr(args.q), "--p", repr(args.p), "--threads", str(args.threads)]
     cmd += ["--reference-layers", str(args.reference_layers)]
     cmd += ["--max-backward-tokens", str(args.max_backward_tokens)]
+    cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     return cmd + (["--tiny"] if args.tiny else [])
 
 
@@ -471,6 +479,7 @@ def driver(args: argparse.Namespace) -> int:
             "p": args.p,
             "harm_batch": HARM_BATCH,
             "ours_max_backward_tokens": args.max_backward_tokens or None,
+            "ours_gradient_checkpointing": args.gradient_checkpointing,
             "preserve_batch": 1,
             "threads": args.threads,
             "repeat": args.repeat,
@@ -503,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=HardenConfig.model_fields["max_backward_tokens"].default,
         help="(a)'s cap on padded tokens per backward (the pipeline's default); 0: no cap",
+    )
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="(a) recomputes each decoder block in backward (the pipeline's `on`)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs; min time is kept")
     ap.add_argument(

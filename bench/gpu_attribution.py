@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1024,
         help="padded tokens per backward (the pipeline's default 1024); 0: no cap",
     )
+    ap.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="ours recomputes each decoder block in backward (the pipeline's on/auto)",
+    )
     ap.add_argument("--preserve", choices=["sum_abs", "abs_mean"], default="sum_abs")
     ap.add_argument("--q", type=float, help="harm fraction (default 1e-5; tiny 0.02)")
     ap.add_argument("--p", type=float, help="preserve fraction (default 5e-5; tiny 0.01)")
@@ -187,7 +192,15 @@ def run_ours(model: Any, harmful: list[Example], benign: list[Example], args: ar
 
     _reset_peak(args.device)
     start = time.perf_counter()
-    scores = pipeline.compute_scores(loaded, calibration, config, args.q, progress, None)  # type: ignore[arg-type]
+    scores = pipeline.compute_scores(
+        loaded,  # type: ignore[arg-type]
+        calibration,  # type: ignore[arg-type]
+        config,  # type: ignore[arg-type]
+        args.q,
+        progress,
+        None,
+        recompute=args.gradient_checkpointing,
+    )
     _sync(args.device)
     end = time.perf_counter()
     chosen = scores.selector.select(args.q)
@@ -341,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "benign_tokens": b_tokens,
             "batch": args.batch,
             "max_backward_tokens": args.max_backward_tokens or None,
+            "gradient_checkpointing": args.gradient_checkpointing,
             "preserve": args.preserve,
             "benign_batch": 1 if args.preserve == "sum_abs" else args.batch,
         },

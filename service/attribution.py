@@ -15,7 +15,10 @@ Sums over samples are linear, so the harm pass (and abs_mean) back-propagates a 
 once (the loss is the sum of per-sample means). sum_abs needs each sample's own gradient, so that
 pass back-propagates one sample at a time. For the same reason a batch may be back-propagated in
 slices with the same scores: `max_tokens` caps the padded tokens of one backward, which bounds
-the activation memory (the attribution's peak) whatever the batch size.
+the activation memory (the attribution's peak) whatever the batch size. One long sequence can
+still need more activation memory than the device has: `recompute` keeps only each
+decoder block's input and recomputes the block in backward (gradient checkpointing: about a
+third more compute, the same gradients).
 
 This module keeps the hooks and bookkeeping; the score formulas are plain tensor functions.
 """
@@ -105,7 +108,10 @@ def response_losses(
 
     With `hits_out`, also appends (tokens where argmax == label, response tokens) for evaluation.
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # no KV cache: nothing is generated, and a cache would be filled twice under recomputation
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).logits
     logits = logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     token_loss = nn.functional.cross_entropy(
@@ -132,6 +138,37 @@ def only_these_require_grad(model: nn.Module, params: Sequence[nn.Parameter]) ->
             p.grad = None
 
 
+@contextlib.contextmanager
+def recomputed_blocks(model: nn.Module) -> Iterator[None]:
+    """Gradient checkpointing of every decoder block, for our passes only and in eval mode.
+
+    transformers' own `gradient_checkpointing_enable` acts in training mode only (dropout on),
+    so each block's forward is wrapped here instead: the block's input is saved, its inner
+    activations are recomputed during backward (non-reentrant checkpoint: parameter gradients
+    arrive even though the embeddings' output does not require grad).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(decoder_layers(model))
+    # a block may already carry an instance-level forward (accelerate's hooks): put it back after
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block in blocks:
+        inner = block.forward
+
+        def checkpointed(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward  # type: ignore[method-assign]
+
+
 def accumulate_gradients(
     model: nn.Module,
     params: dict[str, nn.Parameter],
@@ -141,13 +178,15 @@ def accumulate_gradients(
     batch_size: int,
     pad_id: int,
     max_tokens: int | None = None,
+    recompute: bool = False,
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """sum_i g_i (reduction="sum") or sum_i |g_i| ("sum_abs") per scored matrix, in fp32.
 
     `sum_abs` forces one sample per backward: |.| of a batch gradient is not the sum of |.|.
-    `max_tokens` (padded tokens per backward) splits a batch into equal slices.
+    `max_tokens` (padded tokens per backward) splits a batch into equal slices; `recompute`
+    checkpoints every decoder block (`recomputed_blocks`).
     """
     if reduction == "sum_abs":
         batch_size = 1
@@ -172,8 +211,13 @@ def accumulate_gradients(
     handles: list[Any] = []
     was_training = model.training
     model.eval()  # no dropout: scores must be deterministic
+    recomputing = recomputed_blocks(model) if recompute else contextlib.nullcontext()
     try:
-        with only_these_require_grad(model, list(params.values())), torch.enable_grad():
+        with (
+            only_these_require_grad(model, list(params.values())),
+            torch.enable_grad(),
+            recomputing,
+        ):
             for n, p in params.items():
                 handles.append(p.register_post_accumulate_grad_hook(make_hook(buffers[n])))
             for start in range(0, len(examples), batch_size):

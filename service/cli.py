@@ -77,6 +77,7 @@ def _add_harden(sub: Any) -> None:
         default=1024,
         help="Padded tokens per attribution backward; larger batches are sliced with the same scores (0: no cap)",
     )
+    _add_gradient_checkpointing(p)
     p.add_argument(
         "--attribution-processes",
         type=_at_least_one,
@@ -90,6 +91,16 @@ def _add_harden(sub: Any) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out")
     p.set_defaults(func=cmd_harden)
+
+
+def _add_gradient_checkpointing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gradient-checkpointing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="Recompute decoder blocks in the attribution's backward (auto: only if the "
+        "preflight estimate does not fit the GPU otherwise)",
+    )
 
 
 def _at_least_one(text: str) -> int:
@@ -119,24 +130,32 @@ def _add_preflight(sub: Any) -> None:
     p.add_argument("--pairs", type=int, default=824, help="Calibration pairs (harmful + benign)")
     p.add_argument("--tokens", type=int, default=300, help="Tokens per pair")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-backward-tokens", type=int, default=1024, help="0: no cap")
+    _add_gradient_checkpointing(p)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device-kind", default="nvidia-h100")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
+    p.add_argument(
+        "--devices", type=_at_least_one, default=1, help="GPUs (more than 1: FSDP2 attribution)"
+    )
     p.add_argument("--plain", action="store_true", help="The spec uses prompt_format: plain")
     p.set_defaults(func=cmd_preflight)
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from service.preflight import estimate
+    from service.preflight import estimate_with_checkpointing
 
-    result = estimate(
+    result = estimate_with_checkpointing(
         args.model_dir,
+        args.gradient_checkpointing,
         calibration_pairs=args.pairs,
         tokens_per_pair=args.tokens,
         batch_size=args.batch_size,
+        max_backward_tokens=args.max_backward_tokens or None,
         dtype=args.dtype,
         device_kind=args.device_kind,
         device_memory_gb=args.device_memory_gb,
+        devices=args.devices,
         need_chat_template=not args.plain,
     )
     print(result.model_dump_json(indent=2))
@@ -177,6 +196,7 @@ def build_config(args: argparse.Namespace) -> Any:
             trust_remote_code=args.trust_remote_code,
             batch_size=args.batch_size,
             max_backward_tokens=args.max_backward_tokens or None,  # 0: no cap
+            gradient_checkpointing=args.gradient_checkpointing,
         )
     except ValidationError as err:
         raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None

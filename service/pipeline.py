@@ -177,16 +177,19 @@ def compute_scores(
     q_max: float,
     on_progress: ProgressFn,
     should_cancel: CancelFn | None,
+    recompute: bool = False,
 ) -> Scores:
     """Harm pass, then preserve pass. Per-matrix selection reduces each score map as soon as it
     is computed (harm: ranked top-q_max; preserve: top-p indices), so at most one fp32
-    score-sized buffer is alive at any time; global selection keeps both maps."""
+    score-sized buffer is alive at any time; global selection keeps both maps. `recompute`:
+    gradient checkpointing of the decoder blocks (chosen by the preflight estimate)."""
     pruning = config.domain.pruning
     params = attribution.scored_parameters(loaded.model)
     n_h, n_b = len(calibration.harmful_examples), len(calibration.benign_examples)
     common = dict(
         batch_size=config.batch_size,
         max_tokens=config.max_backward_tokens,
+        recompute=recompute,
         pad_id=loaded.tokenizer.pad_token_id,
         should_cancel=should_cancel,
     )
@@ -328,7 +331,11 @@ def run(
             progress("load", 0, 1)
             harmful, benign, eval_harmful, eval_benign, heldout_source = split_sets(config)
             # config files only: a job this machine cannot run fails before any weight is read
-            preflight.check_before_loading(config, settings, attribution_processes)
+            planned = preflight.check_before_loading(config, settings, attribution_processes)
+            # the estimate decides `auto` (it knows the device); without one, only "on" is on
+            recompute = (
+                planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
+            )
             loaded = load_model(
                 config.model,
                 config.revision,
@@ -396,7 +403,7 @@ def run(
                 )
             else:
                 scores = compute_scores(
-                    loaded, calibration, config, max(q_values), progress, should_cancel
+                    loaded, calibration, config, max(q_values), progress, should_cancel, recompute
                 )
         trace: list[verification.SearchPoint] = []
         with timed("search"):
@@ -468,6 +475,7 @@ def run(
             failures,
             job_id,
             attribution_processes,
+            recompute and attribution_processes == 1,
         ).model_copy(update={"tamper": tamper_result})
         with timed("save"):
             progress("save", 0, 1)
@@ -521,6 +529,7 @@ def build_report(
     failures: list[str],
     job_id: str | None,
     attribution_processes: int = 1,
+    gradient_checkpointing: bool = False,
 ) -> Report:
     pruning = config.domain.pruning
     sizes = {n: p.numel() for n, p in scores.params.items()}
@@ -540,6 +549,7 @@ def build_report(
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=loaded.device.type,
             attribution_processes=attribution_processes,
+            gradient_checkpointing=gradient_checkpointing,
             versions=library_versions(),
         ),
         calibration=calibration.summary(),

@@ -8,8 +8,10 @@ pipeline runs it before loading weights, so an impossible job is refused at once
 
 Memory plan (one GPU): weights in the compute dtype, ONE fp32 score-sized buffer alive at a time
 (the harm pass's gradient sum is reduced to per-matrix candidates before the preserve pass), the
-activations of one backward (at most `max_backward_tokens` tokens, gradient checkpointing off),
-and fp32 logits.
+activations of one backward (at most `max_backward_tokens` tokens), and fp32 logits. When that
+does not fit, gradient checkpointing (`gradient_checkpointing: auto`) keeps only each block's
+input and one block's activations at a time, for about a third more compute.
+A plan may fill at most 90% of a device's memory (`USABLE_MEMORY`).
 
 Memory plan (N GPUs, FSDP2 attribution): weights and score buffers sharded N ways, plus the
 unsharded weights of two decoder blocks (the current one and the prefetched next) and the same
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     from service.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# A job is planned to fill at most this share of a device: the allocator's fragmentation and
+# the estimate's own error need the rest (a plan at 99% of the memory is a gamble, not a plan).
+USABLE_MEMORY = 0.9
 # Sustained bf16 throughput we plan with (about 40% of the dense peak), in TFLOP/s.
 PLANNED_TFLOPS = {
     "cpu": 0.05,
@@ -61,6 +66,7 @@ class Estimate(BaseModel):
     attribution_seconds: float
     device_kind: str
     devices: int = 1
+    gradient_checkpointing: bool = False
     fits: bool
     problems: list[str]
 
@@ -114,9 +120,11 @@ def estimate(
     devices: int = 1,
     need_chat_template: bool = True,
     selection: str = "per_matrix",
+    gradient_checkpointing: bool = False,
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
-    `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution)."""
+    `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
+    not checkpoint)."""
     from service.loading import check_architecture
 
     if not (directory / "config.json").is_file():
@@ -139,31 +147,37 @@ def estimate(
     if max_backward_tokens is not None and devices == 1:
         rows = max(1, min(batch_size, max_backward_tokens // max(1, tokens_per_pair)))
         tokens_per_backward = rows * tokens_per_pair
-    act = tokens_per_backward * (34 * hidden * layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb
+    checkpointing = gradient_checkpointing and devices == 1
+    # checkpointed: every block's input, plus one block's activations while it is recomputed
+    saved_layers = 1 + 1 / 34 * layers if checkpointing else layers
+    act = tokens_per_backward * (34 * hidden * saved_layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb
     if devices > 1:  # FSDP2: shards, plus two unsharded blocks (current + prefetched)
         peak = (weights + buffers) / devices + 2 * weights / max(1, layers) + act + 1.0
     else:
         peak = weights + buffers + act + 1.0  # + CUDA context and allocator slack
     tokens = calibration_pairs * tokens_per_pair
-    tflop = 6 * total * tokens / 1e12  # forward + backward
+    # forward + backward (2 + 4 flop per parameter and token), + one more forward if recomputed
+    tflop = (8 if checkpointing else 6) * total * tokens / 1e12
     seconds = tflop / PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"])
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
-    if devices > 1 and weights + 2.0 > device_memory_gb:
+    usable = USABLE_MEMORY * device_memory_gb
+    if devices > 1 and weights + 2.0 > usable:
         problems.append(
             f"its weights ({weights:.0f} GB) do not fit one {device_memory_gb:.0f} GB device, "
             "which elicitation and evaluation need; models this large are not supported yet"
         )
-    elif peak > device_memory_gb:
+    elif peak > usable:
         where = "on one device" if devices == 1 else f"per device on {devices} devices"
         hint = (
-            "use a multi-GPU worker (FSDP2) or a smaller calibration batch"
+            "use a multi-GPU worker (FSDP2), a smaller max_backward_tokens or max_length"
             if devices == 1
             else "no worker kind of this deployment is large enough"
         )
         problems.append(
-            f"needs about {peak:.0f} GB {where} but {device_memory_gb:.0f} GB is available; {hint}"
+            f"needs about {peak:.0f} GB {where} but {device_memory_gb:.0f} GB is available "
+            f"({usable:.0f} GB usable); {hint}"
         )
     return Estimate(
         model_type=str(config.model_type),
@@ -181,6 +195,7 @@ def estimate(
         attribution_seconds=round(seconds, 1),
         device_kind=device_kind,
         devices=devices,
+        gradient_checkpointing=checkpointing,
         fits=not problems,
         problems=problems,
     )
@@ -313,8 +328,9 @@ def estimate_job(
     spec = config.domain
     on_gpu = devices > 0
     dtype = config.dtype if config.dtype != "auto" else "bfloat16" if on_gpu else "float32"
-    return estimate(
+    return estimate_with_checkpointing(
         directory,
+        config.gradient_checkpointing,
         calibration_pairs=calibration_pairs(spec),
         tokens_per_pair=spec.max_length,
         batch_size=config.batch_size,
@@ -326,6 +342,20 @@ def estimate_job(
         need_chat_template=spec.prompt_format == "chat",
         selection=spec.pruning.selection,
     )
+
+
+def estimate_with_checkpointing(
+    directory: Path, mode: Literal["auto", "on", "off"], **kw: Any
+) -> Estimate:
+    """`estimate` with gradient checkpointing on, off, or (auto) on only if it is needed to fit:
+    recomputing costs time, so it is planned only where the activations would not fit."""
+    est = estimate(directory, gradient_checkpointing=mode == "on", **kw)
+    memory = USABLE_MEMORY * kw.get("device_memory_gb", 80.0)
+    if mode == "auto" and est.peak_memory_gb > memory:
+        checkpointed = estimate(directory, gradient_checkpointing=True, **kw)
+        if checkpointed.gradient_checkpointing:  # one device only (FSDP2 ranks do not)
+            return checkpointed
+    return est
 
 
 def _refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:

@@ -42,6 +42,9 @@ class ReportInputs(Frozen):
     attribution_processes: int = Field(
         1, description="FSDP2 ranks of the attribution (1: in process, one device)"
     )
+    gradient_checkpointing: bool = Field(
+        False, description="Decoder blocks recomputed in the attribution's backward"
+    )
     versions: dict[str, str]
 
 

@@ -173,6 +173,49 @@ def test_harm_scores_with_a_token_cap_equal_the_reference(
     assert_scores_close(capped, ref)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recomputed_blocks_give_the_reference_scores(
+    arch: str,
+    tiny_model: Any,
+    tokenizer: Any,
+    harmful_examples: list[Example],
+    benign_examples: list[Example],
+) -> None:
+    """Gradient checkpointing of every block: each block runs twice per backward (it really
+    recomputes) and the scores are the reference's; the blocks are unwrapped afterwards."""
+    model = tiny_model(arch)
+    params = attribution.scored_parameters(model)
+    ref_h = reference_scores(model, list(params), harmful_examples)["harm"]
+    ref_b = reference_scores(model, list(params), benign_examples)["sum_abs"]
+    blocks = attribution.decoder_layers(model)
+    calls = [0]
+    blocks[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    first_forward = blocks[0].forward  # the hook counts __call__; count the inner forward too
+    inner_calls = [0]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        inner_calls[0] += 1
+        return first_forward(*args, **kwargs)
+
+    blocks[0].forward = counting  # an instance-level forward, as accelerate's hooks leave one
+    pad = tokenizer.pad_token_id
+    harm = attribution.score_harm(
+        model, params, harmful_examples, batch_size=2, pad_id=pad, recompute=True
+    )
+    assert_scores_close(harm, ref_h)
+    backwards = len(range(0, len(harmful_examples), 2))
+    assert (calls[0], inner_calls[0]) == (backwards, 2 * backwards)  # forward + recomputation
+    keep = attribution.score_preserve(
+        model, params, benign_examples, "sum_abs", batch_size=2, pad_id=pad, recompute=True
+    )
+    assert_scores_close(keep, ref_b)
+    assert blocks[0].forward is counting  # restored, not replaced by the class method
+    assert all("forward" not in block.__dict__ for block in list(blocks)[1:])
+    inner_calls[0] = 0
+    attribution.score_harm(model, params, harmful_examples[:1], batch_size=1, pad_id=pad)
+    assert inner_calls[0] == 1  # without `recompute`, one forward per backward again
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 7, 8])
 @pytest.mark.parametrize("max_tokens", [None, 1, 50, 99, 100, 260, 1000])
 def test_backward_slices_cover_the_batch_within_the_cap(rows: int, max_tokens: int | None) -> None:

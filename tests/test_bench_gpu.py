@@ -37,3 +37,18 @@ def test_gpu_attribution_bench_tiny_on_cpu(tmp_path: Path) -> None:
     goal = report["goal"]
     assert goal["seconds"] == 120 and isinstance(goal["met"], bool)
     assert goal["abs_mean_estimate_s"] > 0 and goal["sum_abs_backward_passes"] == cal["benign"]
+
+
+def test_gpu_attribution_bench_recomputed_selects_the_same(tmp_path: Path) -> None:
+    """--gradient-checkpointing: ours recomputes the blocks and prunes the same number."""
+    runs = {}
+    for name, extra in (("plain", []), ("recomputed", ["--gradient-checkpointing"])):
+        out = tmp_path / f"{name}.json"
+        cmd = [sys.executable, str(ROOT / "bench" / "gpu_attribution.py"), "--tiny"]
+        cmd += ["--threads", "1", "--skip-bare", "--json", str(out), *extra]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = json.loads(out.read_text())
+    assert runs["recomputed"]["calibration"]["gradient_checkpointing"] is True
+    assert runs["plain"]["calibration"]["gradient_checkpointing"] is False
+    assert runs["recomputed"]["selection"] == runs["plain"]["selection"]

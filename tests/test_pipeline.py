@@ -39,7 +39,9 @@ def harden(
 ) -> Any:
     """Run the pipeline; return (report, out dir, the in-memory model that was saved)."""
 
-    def go(arch: str, domain: Any = None, out_name: str | None = None) -> tuple[Any, Path, Any]:
+    def go(
+        arch: str, domain: Any = None, out_name: str | None = None, **config_kw: Any
+    ) -> tuple[Any, Path, Any]:
         saved: dict[str, Any] = {}
         real_save = pipeline.save_checkpoint
 
@@ -54,6 +56,7 @@ def harden(
             device="cpu",
             dtype="float32",
             batch_size=2,
+            **config_kw,
         )
         out = tmp_path / (out_name or f"hardened-{arch}")
         report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
@@ -148,3 +151,28 @@ def test_pipeline_is_deterministic(harden: Any) -> None:
     assert m1.entries.keys() == m2.entries.keys()
     for n in m1.entries:
         assert torch.equal(m1.entries[n][0], m2.entries[n][0])
+
+
+def test_gradient_checkpointing_prunes_the_same_weights(
+    harden: Any, domain_spec_path: Path
+) -> None:
+    """Recomputed blocks (with a token cap that slices the batch) select the very same mask;
+    the report says the attribution recomputed. On the CPU `auto` leaves it off."""
+    plain, out1, _ = harden("llama", out_name="plain")
+    recomputed, out2, _ = harden(
+        "llama", out_name="recomputed", gradient_checkpointing="on", max_backward_tokens=16
+    )
+    assert not plain.inputs.gradient_checkpointing and recomputed.inputs.gradient_checkpointing
+    m1, m2 = load_mask(out1 / MASK_FILE), load_mask(out2 / MASK_FILE)
+    assert plain.pruned_count == recomputed.pruned_count > 0
+    assert m1.entries.keys() == m2.entries.keys()
+    for n in m1.entries:
+        assert torch.equal(m1.entries[n][0], m2.entries[n][0]), n
+    # and the CLI flag reaches the job's config
+    from service.cli import build_config, build_parser
+
+    argv = ["harden", "--model", "m", "--domain", str(domain_spec_path), "--out", "o"]
+    argv += ["--gradient-checkpointing", "on", "--max-backward-tokens", "0"]
+    args = build_parser().parse_args(argv)
+    config = build_config(args)
+    assert (config.gradient_checkpointing, config.max_backward_tokens) == ("on", None)

@@ -229,7 +229,9 @@ def test_plan_routes_a_14b_job_to_the_multi_gpu_workers(
     one_gpu = estimate_job(
         config, model_dir("qwen2.5-14b"), devices=1, device_memory_gb=80, device_kind="x"
     )
-    assert one_gpu.peak_memory_gb > 80 > est.peak_memory_gb  # sharding is what makes it fit
+    # even recomputed, one GPU is over the 72 GB a plan may use; sharding is what makes it fit
+    assert one_gpu.gradient_checkpointing and not one_gpu.fits
+    assert one_gpu.peak_memory_gb > 0.9 * 80 > est.peak_memory_gb
     # the same job asked for the multi-GPU queue directly
     direct = plan_job(config, plan_settings(tmp_path, multi_gpu_count=4), "gpu-multi")
     assert direct == plan
@@ -344,3 +346,53 @@ def test_plan_says_when_the_hub_cannot_be_reached(
         pytest.raises(HubUnreachable, match="org/model"),
     ):
         plan_job(job_config("org/model"), plan_settings(tmp_path))
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+
+
+def test_checkpointing_keeps_one_block_of_activations_for_a_third_more_compute(
+    estimated: Callable[..., Estimate],
+) -> None:
+    plain = estimated("llama-3.1-8b-instruct", tokens_per_pair=4096, batch_size=1)
+    recomputed = estimated(
+        "llama-3.1-8b-instruct", tokens_per_pair=4096, batch_size=1, gradient_checkpointing=True
+    )
+    assert recomputed.gradient_checkpointing and not plain.gradient_checkpointing
+    # 32 blocks' activations become every block's input plus one block: about 1/16 here
+    assert recomputed.activations_gb < plain.activations_gb / 6
+    assert recomputed.attribution_tflop == pytest.approx(plain.attribution_tflop * 8 / 6, rel=0.01)
+    # FSDP2 ranks do not recompute: a multi-device plan never says they do
+    sharded = estimated("qwen2.5-14b", devices=4, gradient_checkpointing=True)
+    assert not sharded.gradient_checkpointing
+
+
+def test_auto_checkpointing_where_long_samples_would_not_fit(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Llama-3.1-8B with 4096-token samples: ~80 GB without recomputation (over the 72 GB a
+    plan may use on an 80 GB GPU), ~48 GB with it. auto turns it on; off is refused."""
+    d = model_dir("llama-3.1-8b-instruct")
+    settings = plan_settings(tmp_path)
+
+    def job(mode: str) -> HardenConfig:
+        return job_config(d, max_length=4096).model_copy(update={"gradient_checkpointing": mode})
+
+    auto = plan_job(job("auto"), settings)
+    assert auto.queue == "gpu" and auto.estimate is not None
+    assert auto.estimate.gradient_checkpointing and auto.estimate.fits
+    assert auto.estimate.peak_memory_gb < 0.9 * 80
+    with pytest.raises(PreflightRefused, match=r"needs about 8\d GB on one device.*72 GB usable"):
+        plan_job(job("off"), settings)
+    # the reference job fits without: auto does not pay for recomputation it does not need
+    short = plan_job(job_config(d), settings)
+    assert short.estimate is not None and not short.estimate.gradient_checkpointing
+    forced = plan_job(job_config(d).model_copy(update={"gradient_checkpointing": "on"}), settings)
+    assert forced.estimate is not None and forced.estimate.gradient_checkpointing
+
+
+def test_usable_memory_leaves_headroom(estimated: Callable[..., Estimate]) -> None:
+    """A plan within a whisker of the device's memory is refused: 14B, recomputed, is ~79 GB."""
+    est = estimated("qwen2.5-14b", gradient_checkpointing=True, max_backward_tokens=1024)
+    assert 72 < est.peak_memory_gb < 80 and not est.fits
+    assert est.fits is not estimated("qwen2.5-14b", device_memory_gb=141.0).fits
