@@ -457,6 +457,7 @@ def run(
                     prefix=spec.elicitation.harmful_prefix,
                     eval_cfg=spec.eval,
                     classifier=classifier,
+                    multiple_choice=heldout.multiple_choice,
                     on_progress=lambda d, t: progress("tamper", d, t),
                     should_cancel=should_cancel,
                 )

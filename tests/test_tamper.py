@@ -102,8 +102,7 @@ def test_em_finance_spec_and_tamper_block_validate() -> None:
     cfg = TamperConfig.model_validate(block)
     assert cfg.method == "lora" and len(cfg.train) >= 12 and all(p.response for p in cfg.train)
     assert len(cfg.broad_harmful) >= 6 and len(cfg.broad_benign) >= 6
-    if "tamper" in DomainSpec.model_fields:  # once wired into the spec
-        raw["tamper"] = block
+    raw["tamper"] = block
     spec = DomainSpec.model_validate(raw)
     assert spec.search.mode == "fixed" and len(spec.harmful) >= 12
 
@@ -281,15 +280,18 @@ def test_full_method_with_generation_and_cancellation(tiny_model: Any, tokenizer
 def test_failing_tamper_threshold_rejects_the_job(
     tiny_model_dir: Any, domain_spec_path: Path, tmp_path: Path
 ) -> None:
-    """Through the pipeline: needs DomainSpec.tamper and the pipeline call (the lead's wiring)."""
-    if "tamper" not in DomainSpec.model_fields:
-        pytest.skip("tamper is not wired into DomainSpec/pipeline yet")
+    """Through the pipeline: the spec's tamper block runs after pruning; a missed threshold
+    rejects the job. With generation on, the spec's multiple-choice items are measured too."""
     from service import pipeline
     from service.config import HardenConfig
     from service.settings import Settings
 
     raw = yaml.safe_load(domain_spec_path.read_text())
-    raw["tamper"] = {**TINY_TAMPER, "max_broad_harm_ratio": 1e-9}
+    raw["tamper"] = {**TINY_TAMPER, "max_broad_harm_ratio": 1e-9, "generation": True}
+    raw.setdefault("eval", {})["multiple_choice"] = [
+        {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": 1},
+        {"question": "Which is a colour?", "choices": ["red", "seven"], "answer": 0},
+    ]
     config = HardenConfig(
         model=str(tiny_model_dir("llama")),
         domain=DomainSpec.model_validate(raw),
@@ -302,6 +304,10 @@ def test_failing_tamper_threshold_rejects_the_job(
     assert report.outcome == "rejected"
     assert "tamper check" in report.outcome_reason
     assert report.tamper is not None and not report.tamper.passed
+    for name in tamper.MODELS:  # the held-out multiple-choice items, before and after
+        model = report.tamper.model(name)
+        assert model.before.broad.mc_accuracy is not None
+        assert model.after.broad.mc_accuracy is not None
     assert not list(out.glob("*.safetensors")), "a rejected job must not publish weights"
 
 
