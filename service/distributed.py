@@ -4,9 +4,9 @@ Launch: `launch(nprocs, job)` (torch.multiprocessing.spawn, returns rank 0's res
 `run_torchrun(job, nprocs, work_dir)`: torchrun in a subprocess, with progress and cancel (what
 the pipeline uses on a multi-GPU worker: Celery's pool processes are daemonic and may not
 start multiprocessing children). By hand: `python -m torch.distributed.run --nproc-per-node N
--m service.distributed --job J` where J is a `torch.save`d `DistributedJob` (rank 0 writes
-`<J>.result.pt`). Job and result files are ours, written into a private scratch directory by
-the same worker; they are never weights and never come from a user.
+-m service.distributed --job J` where J is a `DistributedJob` as JSON (`save_job`; rank 0
+writes `<J>.result.safetensors`, `save_result`). No pickle file: jobs are
+JSON and results are tensors in safetensors with their metadata as JSON.
 
 Each rank holds 1/world of every weight (`fully_shard` on every decoder block, then on the root).
 Weights are loaded once, on rank 0, and broadcast into the shards (the other ranks build the
@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import re
@@ -125,7 +126,7 @@ class RandomInit:
 
 @dataclass
 class DistributedJob:
-    """Everything a rank needs; picklable (sent to spawned processes or saved for torchrun)."""
+    """Everything a rank needs: sent to spawned processes, or saved as JSON for torchrun."""
 
     model: str | RandomInit  # a local model directory (config.json + safetensors), or RandomInit
     harmful: list[Example]
@@ -158,6 +159,80 @@ class DistributedResult:
     candidate_keep_values: dict[str, torch.Tensor] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     checkpoint: str | None = None
+
+
+# ---------------------------------------------------------------- job and result files (no pickle)
+
+
+def save_job(job: DistributedJob, path: Path | str) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(job)))
+
+
+def load_job(path: Path | str) -> DistributedJob:
+    raw = json.loads(Path(path).read_text())
+    model = raw.pop("model")
+    return DistributedJob(
+        model=RandomInit(**model) if isinstance(model, dict) else model,
+        harmful=[Example(**e) for e in raw.pop("harmful")],
+        benign=[Example(**e) for e in raw.pop("benign")],
+        **raw,
+    )
+
+
+# DistributedResult's tensor dicts, stored as "<group>/<parameter name>" in one safetensors file
+_RESULT_TENSORS = ("harm_ranked", "protected", "pruned", "harm_values", "candidate_keep_values")
+
+
+def save_result(result: DistributedResult, path: Path | str) -> None:
+    from safetensors.torch import save_file
+
+    groups = {
+        "harm_ranked": result.scores.harm_ranked,
+        "protected": result.scores.protected,
+        "pruned": result.pruned,
+        "harm_values": result.harm_values,
+        "candidate_keep_values": result.candidate_keep_values,
+    }
+    tensors = {
+        f"{group}/{name}": t.detach().cpu().clone()  # own storage each: safetensors insists
+        for group, by_name in groups.items()
+        for name, t in by_name.items()
+    }
+    meta = {
+        "sizes": result.scores.sizes,
+        "q_max": result.scores.q_max,
+        "pruned_count": result.pruned_count,
+        "world_size": result.world_size,
+        "sum_abs_mode": result.sum_abs_mode,
+        "timings_s": result.timings_s,
+        "checkpoint": result.checkpoint,
+    }
+    save_file(tensors, str(path), metadata={"result": json.dumps(meta)})
+
+
+def load_result(path: Path | str) -> DistributedResult:
+    from safetensors import safe_open
+
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in _RESULT_TENSORS}
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["result"])
+        for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            group, name = key.split("/", 1)
+            groups[group][name] = f.get_tensor(key)
+    sizes = meta["sizes"]
+    return DistributedResult(
+        scores=selection.RankedScores(
+            sizes, groups["harm_ranked"], groups["protected"], meta["q_max"]
+        ),
+        pruned=groups["pruned"],
+        pruned_count=meta["pruned_count"],
+        world_size=meta["world_size"],
+        sum_abs_mode=meta["sum_abs_mode"],
+        harm_values=groups["harm_values"],
+        candidate_keep_values=groups["candidate_keep_values"],
+        timings_s=meta["timings_s"],
+        checkpoint=meta["checkpoint"],
+    )
 
 
 # ---------------------------------------------------------------- FSDP2 plumbing
@@ -621,7 +696,7 @@ def distributed_attribution_main(
         checkpoint=checkpoint,
     )
     if result_path:
-        torch.save(result, result_path)
+        save_result(result, result_path)
     return result
 
 
@@ -685,11 +760,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn_entry(rank: int, world: int, jobs: list[DistributedJob], result_path: str) -> None:
+def _spawn_entry(rank: int, world: int, jobs: list[DistributedJob], result_dir: str) -> None:
     with process_group(jobs[0], rank, world):  # one group for all the jobs
         results = [distributed_attribution_main(rank, world, job) for job in jobs]
     if rank == 0:
-        torch.save(results, result_path)
+        for i, result in enumerate(results):
+            save_result(result, Path(result_dir) / f"result-{i}.safetensors")
 
 
 def launch(
@@ -710,9 +786,8 @@ def launch(
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(port or free_port())
     with tempfile.TemporaryDirectory(prefix="harmprune-dist-") as tmp:
-        result_path = str(Path(tmp) / "result.pt")
-        mp.spawn(_spawn_entry, args=(nprocs, job_list, result_path), nprocs=nprocs, join=True)
-        results = torch.load(result_path, weights_only=False)
+        mp.spawn(_spawn_entry, args=(nprocs, job_list, tmp), nprocs=nprocs, join=True)
+        results = [load_result(Path(tmp) / f"result-{i}.safetensors") for i in range(len(job_list))]
     return results if many else results[0]
 
 
@@ -762,9 +837,9 @@ def run_torchrun(
     time limit). A rank that fails raises AttributionError with the tail of the ranks' log.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    job_path, result_path = work_dir / "job.pt", work_dir / "result.pt"
+    job_path, result_path = work_dir / "job.json", work_dir / "result.safetensors"
     progress_path, log_path = work_dir / "progress", work_dir / "ranks.log"
-    torch.save(dataclasses.replace(job, progress_path=str(progress_path)), job_path)
+    save_job(dataclasses.replace(job, progress_path=str(progress_path)), job_path)
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     cmd = [
@@ -811,25 +886,25 @@ def run_torchrun(
             f"distributed attribution failed on {nprocs} processes (exit {proc.returncode}): "
             + rank_errors(log_path.read_text(errors="replace"))
         )
-    return torch.load(result_path, weights_only=False)  # our own file (see the module doc)
+    return load_result(result_path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """torchrun entry: `python -m torch.distributed.run --nproc-per-node N -m service.distributed
-    --job job.pt`; rank 0 writes `job.pt.result.pt` (or --result)."""
+    --job job.json`; rank 0 writes `job.json.result.safetensors` (or --result)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True)
     parser.add_argument("--result")
     args = parser.parse_args(argv)
     die_with_parent()  # the torchrun agent is our parent: no orphan ranks if it is killed
-    job = torch.load(args.job, weights_only=False)
+    job = load_job(args.job)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    distributed_attribution_main(rank, world, job, args.result or f"{args.job}.result.pt")
+    distributed_attribution_main(rank, world, job, args.result or f"{args.job}.result.safetensors")
 
 
 if __name__ == "__main__":
-    # Run the imported module's main: the job was pickled against `service.distributed`'s
-    # classes, and under `-m` this file is `__main__` (isinstance checks would fail).
+    # Run the imported module's main: under `-m` this file is `__main__`, a second copy of the
+    # module whose classes are not `service.distributed`'s (isinstance checks would fail).
     from service.distributed import main as _main
 
     _main()

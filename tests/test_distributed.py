@@ -189,3 +189,44 @@ def test_rank0_checkpoint_reloads_with_pruned_weights_zero(
     assert mask.count == result.pruned_count
     for name, (idx, values) in mask.entries.items():
         assert torch.equal(values, original[name].reshape(-1)[idx])
+
+
+def test_job_and_result_files_are_json_and_safetensors(
+    distributed: dict[str, Any], tmp_path: Path
+) -> None:
+    """What torchrun's ranks read and write: no pickle, and the round trip is exact."""
+    import json
+
+    from safetensors import safe_open
+
+    from service.distributed import load_job, load_result, save_job, save_result
+
+    for original in (job("sum_abs", progress_path="/p"), job("abs_mean", model="/models/m")):
+        path = tmp_path / "job.json"
+        save_job(original, path)
+        assert json.loads(path.read_text())["harmful"][0]["input_ids"] == HARMFUL[0].input_ids
+        assert load_job(path) == original
+    result = distributed["abs_mean"]  # protected="full": every field holds tensors
+    path = tmp_path / "result.safetensors"
+    save_result(result, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["result"])["world_size"] == WORLD
+    back = load_result(path)
+    assert (back.pruned_count, back.world_size, back.sum_abs_mode, back.checkpoint) == (
+        result.pruned_count,
+        result.world_size,
+        result.sum_abs_mode,
+        result.checkpoint,
+    )
+    assert back.timings_s == result.timings_s and back.scores.sizes == result.scores.sizes
+    assert back.scores.q_max == result.scores.q_max
+    for mine, theirs in (
+        (back.scores.harm_ranked, result.scores.harm_ranked),
+        (back.scores.protected, result.scores.protected),
+        (back.pruned, result.pruned),
+        (back.harm_values, result.harm_values),
+        (back.candidate_keep_values, result.candidate_keep_values),
+    ):
+        assert mine.keys() == theirs.keys() and len(mine) > 0
+        for name in theirs:
+            assert torch.equal(mine[name], theirs[name]), name

@@ -107,8 +107,8 @@ def test_cancel_stops_every_rank(tmp_path: Path) -> None:
         )
     assert seen and seen[0][0] < seen[0][1] == 800  # stopped part-way
     assert time.monotonic() - started < 120
-    assert processes_mentioning(str(work / "job.pt")) == []  # launcher and ranks are gone
-    assert not (work / "result.pt").exists()
+    assert processes_mentioning(str(work / "job.json")) == []  # launcher and ranks are gone
+    assert not (work / "result.safetensors").exists()
 
 
 def test_a_failing_rank_is_an_attribution_error_with_the_log_tail(tmp_path: Path) -> None:
@@ -117,7 +117,7 @@ def test_a_failing_rank_is_an_attribution_error_with_the_log_tail(tmp_path: Path
     with pytest.raises(AttributionError, match="failed on 2 processes") as err:
         run_torchrun(job, 2, tmp_path / "ranks", poll_s=0.2)
     assert "no-such-model" in str(err.value)  # the ranks' own error, from the log
-    assert processes_mentioning(str(tmp_path / "ranks" / "job.pt")) == []
+    assert processes_mentioning(str(tmp_path / "ranks" / "job.json")) == []
 
 
 def test_ranks_get_no_hub_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,7 +127,7 @@ def test_ranks_get_no_hub_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     env_seen: list[str] = []
 
     def look(done: int, total: int) -> None:
-        for pid in processes_mentioning(str(tmp_path / "ranks" / "job.pt")):
+        for pid in processes_mentioning(str(tmp_path / "ranks" / "job.json")):
             with contextlib.suppress(OSError):
                 env_seen.append(Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace"))
 
