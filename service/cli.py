@@ -71,13 +71,7 @@ def _add_harden(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument(
-        "--max-backward-tokens",
-        type=int,
-        default=1024,
-        help="Padded tokens per attribution backward; larger batches are sliced with the same scores (0: no cap)",
-    )
-    _add_gradient_checkpointing(p)
+    _add_memory_options(p)
     p.add_argument(
         "--attribution-processes",
         type=_at_least_one,
@@ -93,7 +87,14 @@ def _add_harden(sub: Any) -> None:
     p.set_defaults(func=cmd_harden)
 
 
-def _add_gradient_checkpointing(parser: argparse.ArgumentParser) -> None:
+def _add_memory_options(parser: argparse.ArgumentParser) -> None:
+    """The attribution's memory knobs (HardenConfig's), shared by `harden` and `preflight`."""
+    parser.add_argument(
+        "--max-backward-tokens",
+        type=int,
+        default=1024,
+        help="Padded tokens per attribution backward; larger batches are sliced with the same scores (0: no cap)",
+    )
     parser.add_argument(
         "--gradient-checkpointing",
         choices=["auto", "on", "off"],
@@ -130,8 +131,7 @@ def _add_preflight(sub: Any) -> None:
     p.add_argument("--pairs", type=int, default=824, help="Calibration pairs (harmful + benign)")
     p.add_argument("--tokens", type=int, default=300, help="Tokens per pair")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-backward-tokens", type=int, default=1024, help="0: no cap")
-    _add_gradient_checkpointing(p)
+    _add_memory_options(p)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device-kind", default="nvidia-h100")
     p.add_argument("--device-memory-gb", type=float, default=80.0)
@@ -143,11 +143,10 @@ def _add_preflight(sub: Any) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from service.preflight import estimate_with_checkpointing
+    from service.preflight import estimate
 
-    result = estimate_with_checkpointing(
+    result = estimate(
         args.model_dir,
-        args.gradient_checkpointing,
         calibration_pairs=args.pairs,
         tokens_per_pair=args.tokens,
         batch_size=args.batch_size,
@@ -157,6 +156,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
         device_memory_gb=args.device_memory_gb,
         devices=args.devices,
         need_chat_template=not args.plain,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     print(result.model_dump_json(indent=2))
     if not result.fits:

@@ -186,21 +186,26 @@ _RESULT_TENSORS = ("harm_ranked", "protected", "pruned", "harm_values", "candida
 def save_result(result: DistributedResult, path: Path | str) -> None:
     from safetensors.torch import save_file
 
-    groups = {
-        "harm_ranked": result.scores.harm_ranked,
-        "protected": result.scores.protected,
-        "pruned": result.pruned,
-        "harm_values": result.harm_values,
-        "candidate_keep_values": result.candidate_keep_values,
-    }
+    scores = result.scores
+    groups = zip(
+        _RESULT_TENSORS,
+        (
+            scores.harm_ranked,
+            scores.protected,
+            result.pruned,
+            result.harm_values,
+            result.candidate_keep_values,
+        ),
+        strict=True,
+    )
     tensors = {
         f"{group}/{name}": t.detach().cpu().clone()  # own storage each: safetensors insists
-        for group, by_name in groups.items()
+        for group, by_name in groups
         for name, t in by_name.items()
     }
     meta = {
-        "sizes": result.scores.sizes,
-        "q_max": result.scores.q_max,
+        "sizes": scores.sizes,
+        "q_max": scores.q_max,
         "pruned_count": result.pruned_count,
         "world_size": result.world_size,
         "sum_abs_mode": result.sum_abs_mode,

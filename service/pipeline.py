@@ -332,8 +332,9 @@ def run(
             harmful, benign, eval_harmful, eval_benign, heldout_source = split_sets(config)
             # config files only: a job this machine cannot run fails before any weight is read
             planned = preflight.check_before_loading(config, settings, attribution_processes)
-            # the estimate decides `auto` (it knows the device); without one, only "on" is on
-            recompute = (
+            # the estimate decides `auto` (it knows the device); without one, only "on" is on.
+            # FSDP2 ranks never recompute.
+            recompute = attribution_processes == 1 and (
                 planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
             )
             loaded = load_model(
@@ -476,7 +477,7 @@ def run(
             failures,
             job_id,
             attribution_processes,
-            recompute and attribution_processes == 1,
+            recompute,
         ).model_copy(update={"tamper": tamper_result})
         with timed("save"):
             progress("save", 0, 1)

@@ -120,11 +120,12 @@ def estimate(
     devices: int = 1,
     need_chat_template: bool = True,
     selection: str = "per_matrix",
-    gradient_checkpointing: bool = False,
+    gradient_checkpointing: Literal["auto", "on", "off"] = "off",
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
-    not checkpoint)."""
+    not recompute). `gradient_checkpointing: auto` plans recomputation only where the plan
+    without it would not fit: recomputing costs time."""
     from service.loading import check_architecture
 
     if not (directory / "config.json").is_file():
@@ -147,14 +148,25 @@ def estimate(
     if max_backward_tokens is not None and devices == 1:
         rows = max(1, min(batch_size, max_backward_tokens // max(1, tokens_per_pair)))
         tokens_per_backward = rows * tokens_per_pair
-    checkpointing = gradient_checkpointing and devices == 1
-    # checkpointed: every block's input, plus one block's activations while it is recomputed
-    saved_layers = 1 + 1 / 34 * layers if checkpointing else layers
-    act = tokens_per_backward * (34 * hidden * saved_layers * DTYPE_BYTES[dtype] + 8 * vocab) / gb
-    if devices > 1:  # FSDP2: shards, plus two unsharded blocks (current + prefetched)
-        peak = (weights + buffers) / devices + 2 * weights / max(1, layers) + act + 1.0
-    else:
-        peak = weights + buffers + act + 1.0  # + CUDA context and allocator slack
+
+    def activations_gb(recomputed: bool) -> float:
+        # recomputed: every block's input, plus one block's activations while it is recomputed
+        saved_layers = 1 + layers / 34 if recomputed else layers
+        per_token = 34 * hidden * saved_layers * DTYPE_BYTES[dtype] + 8 * vocab
+        return tokens_per_backward * per_token / gb
+
+    def peak_gb(act: float) -> float:
+        if devices > 1:  # FSDP2: shards, plus two unsharded blocks (current + prefetched)
+            return (weights + buffers) / devices + 2 * weights / max(1, layers) + act + 1.0
+        return weights + buffers + act + 1.0  # + CUDA context and allocator slack
+
+    usable = USABLE_MEMORY * device_memory_gb
+    checkpointing = devices == 1 and (
+        gradient_checkpointing == "on"
+        or (gradient_checkpointing == "auto" and peak_gb(activations_gb(False)) > usable)
+    )
+    act = activations_gb(checkpointing)
+    peak = peak_gb(act)
     tokens = calibration_pairs * tokens_per_pair
     # forward + backward (2 + 4 flop per parameter and token), + one more forward if recomputed
     tflop = (8 if checkpointing else 6) * total * tokens / 1e12
@@ -162,7 +174,6 @@ def estimate(
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
-    usable = USABLE_MEMORY * device_memory_gb
     if devices > 1 and weights + 2.0 > usable:
         problems.append(
             f"its weights ({weights:.0f} GB) do not fit one {device_memory_gb:.0f} GB device, "
@@ -328,9 +339,8 @@ def estimate_job(
     spec = config.domain
     on_gpu = devices > 0
     dtype = config.dtype if config.dtype != "auto" else "bfloat16" if on_gpu else "float32"
-    return estimate_with_checkpointing(
+    return estimate(
         directory,
-        config.gradient_checkpointing,
         calibration_pairs=calibration_pairs(spec),
         tokens_per_pair=spec.max_length,
         batch_size=config.batch_size,
@@ -341,21 +351,8 @@ def estimate_job(
         devices=max(1, devices),
         need_chat_template=spec.prompt_format == "chat",
         selection=spec.pruning.selection,
+        gradient_checkpointing=config.gradient_checkpointing,
     )
-
-
-def estimate_with_checkpointing(
-    directory: Path, mode: Literal["auto", "on", "off"], **kw: Any
-) -> Estimate:
-    """`estimate` with gradient checkpointing on, off, or (auto) on only if it is needed to fit:
-    recomputing costs time, so it is planned only where the activations would not fit."""
-    est = estimate(directory, gradient_checkpointing=mode == "on", **kw)
-    memory = USABLE_MEMORY * kw.get("device_memory_gb", 80.0)
-    if mode == "auto" and est.peak_memory_gb > memory:
-        checkpointed = estimate(directory, gradient_checkpointing=True, **kw)
-        if checkpointed.gradient_checkpointing:  # one device only (FSDP2 ranks do not)
-            return checkpointed
-    return est
 
 
 def _refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:

@@ -97,6 +97,15 @@ def expected_scope(model: nn.Module) -> set[str]:
 # ---------------------------------------------------------------- tests
 
 
+def model_and_references(
+    model: nn.Module, harmful: list[Example], benign: list[Example]
+) -> tuple[dict[str, nn.Parameter], dict[str, Any], dict[str, Any]]:
+    """The scored parameters, and the reference scores of the harmful and the benign set."""
+    params = attribution.scored_parameters(model)
+    names = list(params)
+    return params, reference_scores(model, names, harmful), reference_scores(model, names, benign)
+
+
 @pytest.fixture(scope="module")
 def harmful_examples(tokenizer: Any) -> list[Example]:
     return examples(tokenizer, HARMFUL)
@@ -118,10 +127,7 @@ def test_scores_match_reference(
     model = tiny_model(arch)
     # Lengths differ, so the batched passes pad.
     assert len({len(e.input_ids) for e in harmful_examples}) > 1
-    params = attribution.scored_parameters(model)
-    names = list(params)
-    ref_h = reference_scores(model, names, harmful_examples)
-    ref_b = reference_scores(model, names, benign_examples)
+    params, ref_h, ref_b = model_and_references(model, harmful_examples, benign_examples)
     pad = tokenizer.pad_token_id
 
     harm = attribution.score_harm(model, params, harmful_examples, batch_size=3, pad_id=pad)
@@ -135,7 +141,7 @@ def test_scores_match_reference(
     )
     assert_scores_close(keep_mean, ref_b["abs_mean"])
     # The two variants are different scores, not the same number under two names.
-    assert not all(torch.allclose(keep[n], keep_mean[n]) for n in names)
+    assert not all(torch.allclose(keep[n], keep_mean[n]) for n in params)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5, 8])
@@ -184,9 +190,7 @@ def test_recomputed_blocks_give_the_reference_scores(
     """Gradient checkpointing of every block: each block runs twice per backward (it really
     recomputes) and the scores are the reference's; the blocks are unwrapped afterwards."""
     model = tiny_model(arch)
-    params = attribution.scored_parameters(model)
-    ref_h = reference_scores(model, list(params), harmful_examples)["harm"]
-    ref_b = reference_scores(model, list(params), benign_examples)["sum_abs"]
+    params, ref_h, ref_b = model_and_references(model, harmful_examples, benign_examples)
     blocks = attribution.decoder_layers(model)
     calls = [0]
     blocks[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -202,13 +206,13 @@ def test_recomputed_blocks_give_the_reference_scores(
     harm = attribution.score_harm(
         model, params, harmful_examples, batch_size=2, pad_id=pad, recompute=True
     )
-    assert_scores_close(harm, ref_h)
+    assert_scores_close(harm, ref_h["harm"])
     backwards = len(range(0, len(harmful_examples), 2))
     assert (calls[0], inner_calls[0]) == (backwards, 2 * backwards)  # forward + recomputation
     keep = attribution.score_preserve(
         model, params, benign_examples, "sum_abs", batch_size=2, pad_id=pad, recompute=True
     )
-    assert_scores_close(keep, ref_b)
+    assert_scores_close(keep, ref_b["sum_abs"])
     assert blocks[0].forward is counting  # restored, not replaced by the class method
     assert all("forward" not in block.__dict__ for block in list(blocks)[1:])
     inner_calls[0] = 0
