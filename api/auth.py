@@ -14,7 +14,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from service.settings import Settings
+from harmprune.settings import Settings
 
 TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")

@@ -10,12 +10,11 @@ from typing import Annotated
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-
-from api.auth import KeyRing
-from api.errors import ApiError
-from api.middleware import Metrics
-from service.jobs import JobStore
-from service.settings import Settings
+from harmprune.api.auth import KeyRing
+from harmprune.api.errors import ApiError
+from harmprune.api.middleware import Metrics
+from harmprune.jobs.store import JobStore
+from harmprune.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="An API key issued by the operator.")
 

@@ -1,4 +1,4 @@
-"""The app factory: `create_app(settings)`. `uvicorn --factory api.main:app_from_env` (or
+"""The app factory: `create_app(settings)`. `uvicorn --factory harmprune.api.main:app_from_env` (or
 `harmprune serve`) builds it from HARMPRUNE_* environment variables."""
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from typing import Any
 
 from celery import Celery
 from fastapi import FastAPI
+from harmprune.api import errors
+from harmprune.api.auth import load_keys
+from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
+from harmprune.api.routes import health, jobs
+from harmprune.jobs.store import JobStore
+from harmprune.settings import Settings
+from harmprune.workers.client import make_celery, recover_lost_jobs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
-
-from api import errors
-from api.auth import load_keys
-from api.middleware import BodyLimit, Metrics, MetricsMiddleware
-from api.routes import health, jobs
-from service.jobs import JobStore
-from service.settings import Settings
-from workers.client import make_celery, recover_lost_jobs
 
 log = logging.getLogger("api")
 

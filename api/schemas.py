@@ -7,11 +7,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import yaml
+from harmprune.config import DomainSpec, example_domain_path
+from harmprune.jobs.store import JobRecord, JobState
+from harmprune.preflight import Estimate
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from service.config import DomainSpec, example_domain_path
-from service.jobs import JobRecord, JobState
-from service.preflight import Estimate
 
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 EXAMPLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"

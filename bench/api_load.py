@@ -224,7 +224,7 @@ def spawned_api(redis_url: str, uvicorn_workers: int):  # type: ignore[no-untype
         [
             sys.executable,
             "-m",
-            "service.cli",
+            "harmprune.cli.main",
             "serve",
             "--port",
             str(port),

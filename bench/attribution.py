@@ -3,9 +3,9 @@
 Three strategies over one calibration set (N harmful + N benign examples of T tokens), each in a
 fresh subprocess so that its peak RSS is its own:
 
-  a  ours:       service.attribution.score_harm (batch 8, back-propagated in slices of at most
+  a  ours:       harmprune.attribution.score_harm (batch 8, back-propagated in slices of at most
                  --max-backward-tokens padded tokens, the pipeline's default 1024) +
-                 score_preserve(sum_abs, batch 1), then service.selection.select per matrix
+                 score_preserve(sum_abs, batch 1), then harmprune.selection.select per matrix
   b  reference:  gradients for ONE decoder layer at a time; the whole set forward+backward once
                  per layer (harm batched like ours, preserve one sample at a time), same score
                  formulas, same selection (btap-method.md, "Cost of the reference implementation")
@@ -48,12 +48,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
+from harmprune.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
 
 if TYPE_CHECKING:
     import torch
-
-    from service.data import Example
+    from harmprune.data import Example
 
 
 def _import_heavy() -> None:
@@ -61,9 +60,8 @@ def _import_heavy() -> None:
     global torch, attribution, selection, IGNORE_INDEX, CalibrationPair, Example, collate
     global tokenize_pair
     import torch
-
-    from service import attribution, selection
-    from service.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
+    from harmprune import attribution, selection
+    from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
 
 
 HARM_BATCH = 8  # the pipeline's default batch size (HardenConfig.batch_size)
@@ -103,8 +101,8 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Any]:
         )
         model = LlamaForCausalLM(config).float().eval()
         return model, 0, None
-    from service.loading import load_model
-    from service.settings import Settings
+    from harmprune.loading import load_model
+    from harmprune.settings import Settings
 
     loaded = load_model(args.model, None, Settings(), dtype="float32", device="cpu")
     return loaded.model, loaded.tokenizer.pad_token_id, loaded.tokenizer

@@ -13,12 +13,11 @@ import json
 import time
 
 import torch
-
-from service import data
-from service.config import load_domain
-from service.generation import generate_greedy
-from service.loading import load_model
-from service.settings import Settings
+from harmprune import data
+from harmprune.config import load_domain
+from harmprune.generation import generate_greedy
+from harmprune.loading import load_model
+from harmprune.settings import Settings
 
 
 def one_at_a_time(model, tokenizer, contexts, max_new_tokens):

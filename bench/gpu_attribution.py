@@ -4,7 +4,7 @@ A prepared script for a lent H100 (no download: the model is built from a LlamaC
 on the GPU in bf16 with random weights; the tokens are random ids). Two runs over the SAME
 batches, in one process:
 
-  ours  service.pipeline.compute_scores: service.attribution.score_harm (batch 8) then
+  ours  harmprune.pipeline.compute_scores: harmprune.attribution.score_harm (batch 8) then
         score_preserve (sum_abs: one sample per backward; abs_mean: batch 8), each score map
         reduced to the per-matrix RankedScores as soon as it is computed
   bare  forward+backward over the same batches, gradients on the same scored weights, no hooks,
@@ -38,9 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-
-from service import attribution, pipeline  # noqa: E402
-from service.data import IGNORE_INDEX, Example, collate  # noqa: E402
+from harmprune import attribution, pipeline  # noqa: E402
+from harmprune.data import IGNORE_INDEX, Example, collate  # noqa: E402
 
 GOAL_S = 120.0
 # Dense bf16 peak TFLOP/s by device name (no sparsity).
@@ -290,7 +289,7 @@ def goal_verdict(report: dict[str, Any], args: argparse.Namespace) -> dict[str, 
 
 def a_priori(n_params: int, tokens: int, args: argparse.Namespace) -> str:
     """What to expect before running: planned sustained TFLOP/s from the preflight."""
-    from service.preflight import PLANNED_TFLOPS
+    from harmprune.preflight import PLANNED_TFLOPS
 
     planned = PLANNED_TFLOPS["nvidia-h100" if args.device.startswith("cuda") else "cpu"]
     tflop = 6 * n_params * tokens / 1e12

@@ -30,10 +30,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+from harmprune.data import IGNORE_INDEX, Example, collate
+from harmprune.errors import JobCancelled, UnsupportedModelError
 from torch import nn
-
-from service.data import IGNORE_INDEX, Example, collate
-from service.errors import JobCancelled, UnsupportedModelError
 
 GradReduction = Literal["sum", "sum_abs"]
 

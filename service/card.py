@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from service.report import Report
+from harmprune.report import Report
 
 TRADEOFF_PNG = "harmprune-tradeoff.png"
 LAYERS_PNG = "harmprune-pruned-per-layer.png"
@@ -82,7 +81,7 @@ def render_card(report: Report) -> str:
         )
     tamper_section = ""
     if report.tamper is not None:
-        from service.tamper import render_card_section
+        from harmprune.tamper import render_card_section
 
         tamper_section = render_card_section(report.tamper) + "\n"
     return f"""---
@@ -176,7 +175,7 @@ def render_plots(report: Report, directory: Path) -> list[str]:
 def write_card(report: Report, directory: Path, base_config: Any = None) -> None:
     render_plots(report, directory)
     if report.tamper is not None:
-        from service.tamper import TAMPER_PNG, plot_tamper
+        from harmprune.tamper import TAMPER_PNG, plot_tamper
 
         plot_tamper(report.tamper, directory / TAMPER_PNG)
     (directory / "README.md").write_text(render_card(report))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.errors import OutputError
+from harmprune.errors import OutputError
 
 REPORT_FILE = "report.json"
 

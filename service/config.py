@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from harmprune.errors import SpecError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from service.errors import SpecError
 
 
 class Strict(BaseModel):
@@ -327,13 +327,16 @@ def parse_domain(data: object, source: str = "domain spec") -> DomainSpec:
         raise SpecError(f"invalid {source}:\n{format_validation_error(err)}") from None
 
 
-def load_domain(path: str | Path) -> DomainSpec:
-    """Read a YAML or JSON domain spec (JSON is YAML), or a named example domain."""
-    path = Path(path)
+def load_domain(source: str | Path | dict[str, Any]) -> DomainSpec:
+    """The one spec parser: a mapping (an API body), a YAML or JSON file (JSON is YAML), or the
+    name of a shipped example domain (`cyber`)."""
+    if isinstance(source, dict):
+        return parse_domain(source)
+    path = Path(source)
     if not path.exists():
-        named = example_domain_path(str(path))
+        named = example_domain_path(str(source))
         if named is None:
-            raise SpecError(f"domain spec not found: {path}")
+            raise SpecError(f"domain spec not found: {source}")
         path = named
     try:
         data = yaml.safe_load(path.read_text())
@@ -344,12 +347,18 @@ def load_domain(path: str | Path) -> DomainSpec:
     return parse_domain(data, source=f"domain spec {path}")
 
 
-EXAMPLE_DOMAINS_DIR = Path(__file__).resolve().parent.parent / "examples" / "domains"
+def example_domains() -> list[str]:
+    """Names of the example domains shipped as package data (harmprune.examples/domains)."""
+    folder = resources.files("harmprune.examples") / "domains"
+    return sorted(
+        f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")
+    )
 
 
 def example_domain_path(name: str) -> Path | None:
-    """`cyber` -> examples/domains/cyber.yaml, if we ship it."""
+    """`cyber` -> the shipped examples/domains/cyber.yaml, if there is one."""
     if not name.replace("-", "").replace("_", "").isalnum():
         return None
-    candidate = EXAMPLE_DOMAINS_DIR / f"{name}.yaml"
-    return candidate if candidate.is_file() else None
+    candidate = resources.files("harmprune.examples") / "domains" / f"{name}.yaml"
+    # Installed packages are plain directories (no zip import), so the resource is a real path.
+    return Path(str(candidate)) if candidate.is_file() else None

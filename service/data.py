@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-
-from service.config import DomainSpec, Elicitation, HubDataset, Pair, Source
-from service.errors import CalibrationError, SpecError
-from service.generation import generate_greedy
+from harmprune.config import DomainSpec, Elicitation, HubDataset, Pair, Source
+from harmprune.errors import CalibrationError, SpecError
+from harmprune.generation import generate_greedy
 
 PromptFormat = Literal["chat", "plain"]
 IGNORE_INDEX = -100

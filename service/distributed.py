@@ -4,7 +4,7 @@ Launch: `launch(nprocs, job)` (torch.multiprocessing.spawn, returns rank 0's res
 `run_torchrun(job, nprocs, work_dir)`: torchrun in a subprocess, with progress and cancel (what
 the pipeline uses on a multi-GPU worker: Celery's pool processes are daemonic and may not
 start multiprocessing children). By hand: `python -m torch.distributed.run --nproc-per-node N
--m service.distributed --job J` where J is a `DistributedJob` as JSON (`save_job`; rank 0
+-m harmprune.distributed --job J` where J is a `DistributedJob` as JSON (`save_job`; rank 0
 writes `<J>.result.safetensors`, `save_result`). No pickle file: jobs are
 JSON and results are tensors in safetensors with their metadata as JSON.
 
@@ -14,7 +14,7 @@ model on the meta device), so host memory is one full copy, not one per rank.
 
 Scores, per rank, on its OWN shards only: a post-accumulate-grad hook on every scored sharded
 DTensor parameter folds the reduced local gradient shard (`param.grad.to_local()`) into a local
-fp32 buffer and frees it, exactly as `service.attribution` does on one device.
+fp32 buffer and frees it, exactly as `harmprune.attribution` does on one device.
 
 The maths, per pass (ranks work on DIFFERENT samples: data parallel, `world` x throughput):
 - harm (and preserve abs_mean): sum_i g_i is linear in the per-sample gradients, so each rank
@@ -78,12 +78,11 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
+from harmprune import attribution, selection
+from harmprune.data import Example
+from harmprune.errors import AttributionError, JobCancelled
+from harmprune.pruning import MASK_FILE, PruneMask, save_mask
 from torch import nn
-
-from service import attribution, selection
-from service.data import Example
-from service.errors import AttributionError, JobCancelled
-from service.pruning import MASK_FILE, PruneMask, save_mask
 
 PreserveVariant = Literal["sum_abs", "abs_mean"]
 SumAbsMode = Literal["abs_reduce", "replicate"]
@@ -421,7 +420,7 @@ def accumulate_sharded(
 ) -> dict[str, torch.Tensor]:
     """This rank's shard of sum_i g_i (or sum_i |g_i|), fp32, one buffer per scored matrix.
     `on_step(samples done by all ranks)` after each step."""
-    from service.data import collate
+    from harmprune.data import collate
 
     sum_abs = reduction == "sum_abs"
     replicate = sum_abs and abs_comm is None
@@ -854,7 +853,7 @@ def run_torchrun(
         "--standalone",
         f"--nproc-per-node={nprocs}",
         "-m",
-        "service.distributed",
+        "harmprune.distributed",
         "--job",
         str(job_path),
         "--result",
@@ -895,7 +894,7 @@ def run_torchrun(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """torchrun entry: `python -m torch.distributed.run --nproc-per-node N -m service.distributed
+    """torchrun entry: `python -m torch.distributed.run --nproc-per-node N -m harmprune.distributed
     --job job.json`; rank 0 writes `job.json.result.safetensors` (or --result)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--job", required=True)
@@ -909,7 +908,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":
     # Run the imported module's main: under `-m` this file is `__main__`, a second copy of the
-    # module whose classes are not `service.distributed`'s (isinstance checks would fail).
-    from service.distributed import main as _main
+    # module whose classes are not `harmprune.distributed`'s (isinstance checks would fail).
+    from harmprune.distributed import main as _main
 
     _main()

@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from harmprune import data
+from harmprune.config import ClassifierJudge, EvalConfig
+from harmprune.generation import generate_greedy
 from pydantic import BaseModel, ConfigDict
-
-from service import data
-from service.config import ClassifierJudge, EvalConfig
-from service.generation import generate_greedy
 
 ATTACKS = ("plain", "prefill")
 
@@ -174,7 +173,7 @@ def response_stats(
     original model's greedy answers it is ~1 for the original and falls as answers drift. Unlike
     exact match of generated text it does not flip on one near-tie early in an answer.
     """
-    from service.attribution import response_losses
+    from harmprune.attribution import response_losses
 
     if not pairs:
         return float("nan"), float("nan")
@@ -259,7 +258,7 @@ def multiple_choice_accuracy(
         examples = data.tokenize_pairs(tokenizer, pairs, fmt, max_length)
         batch = data.collate(examples, tokenizer.pad_token_id)
         device = next(model.parameters()).device
-        from service.attribution import response_losses
+        from harmprune.attribution import response_losses
 
         with torch.inference_mode():
             losses = response_losses(model, {k: v.to(device) for k, v in batch.items()})

@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict
-
-from service.errors import ModelLoadError, UnsupportedModelError
-from service.settings import Settings
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from service import (
+from harmprune import (
     attribution,
     card,
     data,
@@ -41,12 +40,12 @@ from service import (
     tamper,
     verification,
 )
-from service.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
-from service.config import HardenConfig, Pair
-from service.errors import CalibrationError, JobCancelled, SpecError
-from service.loading import LoadedModel, load_model
-from service.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
-from service.report import (
+from harmprune.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
+from harmprune.config import HardenConfig, Pair
+from harmprune.errors import CalibrationError, JobCancelled, SpecError
+from harmprune.loading import LoadedModel, load_model
+from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
+from harmprune.report import (
     CalibrationSummary,
     HeldoutSummary,
     Metrics,
@@ -55,7 +54,7 @@ from service.report import (
     library_versions,
     module_counts,
 )
-from service.settings import Settings
+from harmprune.settings import Settings
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -235,13 +234,13 @@ def distributed_scores(
     on_progress: ProgressFn,
     should_cancel: CancelFn | None,
 ) -> tuple[LoadedModel, Scores]:
-    """`compute_scores` on `processes` FSDP2 ranks (service.distributed under torchrun): the
+    """`compute_scores` on `processes` FSDP2 ranks (harmprune.distributed under torchrun): the
     same per-matrix selection, for a model whose attribution does not fit one device.
 
     The ranks need every GPU, so the in-process model is released while they run and loaded
     again (from the same local files) for the stages after; returns that reloaded model.
     """
-    from service import distributed
+    from harmprune import distributed
 
     pruning = config.domain.pruning
     if pruning.selection != "per_matrix":

@@ -26,13 +26,12 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from harmprune.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
 from pydantic import BaseModel, ConfigDict
 
-from service.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
-
 if TYPE_CHECKING:
-    from service.config import DomainSpec, HardenConfig
-    from service.settings import Settings
+    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # A job is planned to fill at most this share of a device: the allocator's fragmentation and
@@ -96,9 +95,8 @@ def has_chat_template(directory: Path) -> bool:
 def count_on_meta(config: Any) -> tuple[int, int, int]:
     """(all parameters, scored weights, decoder layers), without allocating any weight."""
     import torch
+    from harmprune.attribution import decoder_layers, scored_parameters
     from transformers import AutoModelForCausalLM
-
-    from service.attribution import decoder_layers, scored_parameters
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
@@ -126,7 +124,7 @@ def estimate(
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
     not recompute). `gradient_checkpointing: auto` plans recomputation only where the plan
     without it would not fit: recomputing costs time."""
-    from service.loading import check_architecture
+    from harmprune.loading import check_architecture
 
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"no config.json in {directory}")
@@ -215,7 +213,7 @@ def estimate(
 # ---------------------------------------------------------------- a job's plan: where it runs
 
 QUEUE_CPU, QUEUE_GPU, QUEUE_MULTI_GPU = "cpu", "gpu", "gpu-multi"
-SMOLLM2_ALIAS = "smollm2-135m-instruct"  # service.loading's alias (not imported: it loads torch)
+SMOLLM2_ALIAS = "smollm2-135m-instruct"  # harmprune.loading's alias (not imported: it loads torch)
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 # A Hub dataset without `limit` is counted as this many rows in the estimate.
 UNLIMITED_DATASET_ROWS = 1000
@@ -319,7 +317,7 @@ def fetch_config_files(model: str, revision: str | None, settings: Settings) -> 
 
 def calibration_pairs(spec: DomainSpec) -> int:
     """Harmful + benign calibration pairs the job will use (an upper bound: held-out split)."""
-    from service.config import HubDataset
+    from harmprune.config import HubDataset
 
     return sum(
         (s.limit or UNLIMITED_DATASET_ROWS) if isinstance(s, HubDataset) else 1

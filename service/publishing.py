@@ -27,9 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
+from harmprune.errors import PublishError
 from pydantic import BaseModel
-
-from service.errors import PublishError
 
 COMMIT_TITLE = "harmprune job {job_id}"
 _TITLE_RE = re.compile(r"harmprune job (\S+)")

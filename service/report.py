@@ -12,13 +12,12 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Literal
 
+from harmprune.config import Thresholds
+from harmprune.evaluation import ModelMetrics
+from harmprune.loading import ModelSource
+from harmprune.tamper import TamperResult
+from harmprune.verification import SearchPoint
 from pydantic import BaseModel, ConfigDict, Field
-
-from service.config import Thresholds
-from service.evaluation import ModelMetrics
-from service.loading import ModelSource
-from service.tamper import TamperResult
-from service.verification import SearchPoint
 
 SCHEMA_VERSION = "1.0"  # bump the major on any change a reader of report.json would notice
 

@@ -54,15 +54,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from harmprune import data, evaluation
+from harmprune.attribution import response_losses
+from harmprune.config import EvalConfig, TamperConfig
+from harmprune.errors import JobCancelled, SpecError
+from harmprune.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.verification import random_control_indices
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-
-from service import data, evaluation
-from service.attribution import response_losses
-from service.config import EvalConfig, TamperConfig
-from service.errors import JobCancelled, SpecError
-from service.pruning import PruneMask, apply_pruning, restore_weights
-from service.verification import random_control_indices
 
 MODELS = ("original", "hardened", "random_control")
 TAMPER_PNG = "harmprune-tamper.png"

@@ -13,13 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from harmprune import selection
+from harmprune.config import Thresholds
+from harmprune.evaluation import ModelMetrics, relative_change
+from harmprune.pruning import PruneMask, apply_pruning, restore_weights
 from pydantic import BaseModel, ConfigDict
 from torch import nn
-
-from service import selection
-from service.config import Thresholds
-from service.evaluation import ModelMetrics, relative_change
-from service.pruning import PruneMask, apply_pruning, restore_weights
 
 
 class SearchPoint(BaseModel):
@@ -107,7 +106,7 @@ def search_operating_point(
     should_cancel: Callable[[], bool] | None = None,
 ) -> list[SearchPoint]:
     """Measure every candidate q; the model is left unpruned afterwards."""
-    from service.errors import JobCancelled
+    from harmprune.errors import JobCancelled
 
     trace = []
     for i, q in enumerate(q_values):

@@ -25,9 +25,8 @@ from typing import Any
 
 import pytest
 import redis
+from harmprune.settings import Settings
 from pydantic import SecretStr
-
-from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_HOST, REDIS_PORT, TEST_DB = "127.0.0.1", 6379, 15
@@ -158,7 +157,7 @@ class WorkerProcess:
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "harmprune.cli.main",
                 "worker",
                 "--queues",
                 self.queues,
@@ -308,7 +307,7 @@ class ApiProcess:
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "harmprune.cli.main", "serve", "--port", str(self.port)],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -7,11 +7,11 @@ from typing import Any
 
 import pytest
 import torch
+from harmprune import attribution
+from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, tokenize_pair
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from service import attribution
-from service.data import IGNORE_INDEX, CalibrationPair, Example, tokenize_pair
 from tests.conftest import ARCHS
 
 HARMFUL = [

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from harmprune.cli.main import main
 from safetensors.torch import save_file
 
-from service.cli import main
 from tests.conftest import TINY_DOMAIN
 
 

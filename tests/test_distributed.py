@@ -13,11 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-
-from service import attribution, selection
-from service.data import IGNORE_INDEX, Example
-from service.distributed import DistributedJob, RandomInit, launch
-from service.pruning import MASK_FILE, load_mask
+from harmprune import attribution, selection
+from harmprune.data import IGNORE_INDEX, Example
+from harmprune.distributed import DistributedJob, RandomInit, launch
+from harmprune.pruning import MASK_FILE, load_mask
 
 WORLD = 2
 Q, P = 0.05, 0.02
@@ -197,9 +196,8 @@ def test_job_and_result_files_are_json_and_safetensors(
     """What torchrun's ranks read and write: no pickle, and the round trip is exact."""
     import json
 
+    from harmprune.distributed import load_job, load_result, save_job, save_result
     from safetensors import safe_open
-
-    from service.distributed import load_job, load_result, save_job, save_result
 
     for original in (job("sum_abs", progress_path="/p"), job("abs_mean", model="/models/m")):
         path = tmp_path / "job.json"

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from harmprune import pipeline
+from harmprune.config import HardenConfig, load_domain
+from harmprune.distributed import DistributedJob, RandomInit, run_torchrun
+from harmprune.errors import AttributionError, JobCancelled
+from harmprune.pruning import MASK_FILE, load_mask
+from harmprune.settings import Settings
 
-from service import pipeline
-from service.config import HardenConfig, load_domain
-from service.distributed import DistributedJob, RandomInit, run_torchrun
-from service.errors import AttributionError, JobCancelled
-from service.pruning import MASK_FILE, load_mask
-from service.settings import Settings
 from tests.test_distributed import CONFIG, make_examples
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-
-from service.jobs import (
+from harmprune.jobs.store import (
     IdempotencyConflict,
     JobError,
     JobRecord,
@@ -27,6 +26,7 @@ from service.jobs import (
     fingerprint,
     new_job_id,
 )
+
 from tests.service_stack import Namespace, RedisServer, redis_namespace
 
 pytestmark = pytest.mark.services

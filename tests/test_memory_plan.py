@@ -3,8 +3,7 @@ plain path (both full score maps held) selects, for every q up to the reduction'
 
 import pytest
 import torch
-
-from service import selection
+from harmprune import selection
 
 
 def _maps(seed: int, ties: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

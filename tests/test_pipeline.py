@@ -8,13 +8,12 @@ from typing import Any
 
 import pytest
 import torch
+from harmprune import pipeline
+from harmprune.cli.main import main
+from harmprune.config import HardenConfig, load_domain
+from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.settings import Settings
 from transformers import AutoModelForCausalLM
-
-from service import pipeline
-from service.cli import main
-from service.config import HardenConfig, load_domain
-from service.pruning import MASK_FILE, apply_pruning, load_mask
-from service.settings import Settings
 
 PIPELINE_ARCHS = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox"]
 TIED = {"llama", "gpt2", "gemma"}
@@ -169,7 +168,7 @@ def test_gradient_checkpointing_prunes_the_same_weights(
     for n in m1.entries:
         assert torch.equal(m1.entries[n][0], m2.entries[n][0]), n
     # and the CLI flag reaches the job's config
-    from service.cli import build_config, build_parser
+    from harmprune.cli.main import build_config, build_parser
 
     argv = ["harden", "--model", "m", "--domain", str(domain_spec_path), "--out", "o"]
     argv += ["--gradient-checkpointing", "on", "--max-backward-tokens", "0"]

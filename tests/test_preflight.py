@@ -14,11 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from huggingface_hub import HfApi
-
-from service.config import HardenConfig, HubDataset
-from service.errors import ModelLoadError, UnsupportedModelError
-from service.preflight import (
+from harmprune.config import HardenConfig, HubDataset
+from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.preflight import (
     Estimate,
     HubUnreachable,
     Plan,
@@ -28,7 +26,9 @@ from service.preflight import (
     estimate_job,
     plan_job,
 )
-from service.settings import Settings
+from harmprune.settings import Settings
+from huggingface_hub import HfApi
+
 from tests.support.fixtures import hub_server  # noqa: F401  (fixture)
 from tests.support.hub_server import HubServer, hub_environment
 

@@ -7,10 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-
-from service.attribution import scored_parameters
-from service.pruning import PruneMask, apply_pruning, load_mask, restore_weights, save_mask
-from service.selection import select_per_matrix
+from harmprune.attribution import scored_parameters
+from harmprune.pruning import PruneMask, apply_pruning, load_mask, restore_weights, save_mask
+from harmprune.selection import select_per_matrix
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,9 +10,8 @@ from typing import Any
 import httpx
 import pytest
 import torch
-
-from service.errors import PublishError
-from service.publishing import (
+from harmprune.errors import PublishError
+from harmprune.publishing import (
     JOB_MARKER,
     HubPublisher,
     LocalPublisher,
@@ -21,6 +20,7 @@ from service.publishing import (
     publish_with_retries,
     tree_digest,
 )
+
 from tests.support.fixtures import hub_server  # noqa: F401  (fixture)
 from tests.support.hub_server import HubServer, free_port
 

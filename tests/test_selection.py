@@ -7,8 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-
-from service.selection import (
+from harmprune.selection import (
     count_for,
     select,
     select_global,

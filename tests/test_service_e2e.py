@@ -20,12 +20,12 @@ import pytest
 import torch
 import yaml
 from fastapi.testclient import TestClient
+from harmprune.api.main import create_app
+from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.publishing import commit_title
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
 
-from api.main import create_app
-from service.pruning import MASK_FILE, apply_pruning, load_mask
-from service.publishing import commit_title
 from tests.service_stack import (
     API_KEYS,
     ROOT,
@@ -82,7 +82,7 @@ def cli(
     full_env.update(env or {})
     full_env["PYTHONPATH"] = str(ROOT)
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "harmprune.cli.main", *args],
         cwd=ROOT,
         env=full_env,
         capture_output=True,
@@ -230,7 +230,7 @@ def test_smollm2_job_end_to_end_on_the_hub(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    from service.loading import convert_gguf, smollm2_gguf_path
+    from harmprune.loading import convert_gguf, smollm2_gguf_path
 
     stack = HubStack(hub_server, tmp_path, [])
     domain = {

@@ -25,7 +25,7 @@ def harmprune_command() -> list[str]:
     exe = shutil.which("harmprune", path=str(Path(sys.executable).parent)) or shutil.which(
         "harmprune"
     )
-    return [exe] if exe else [sys.executable, "-m", "service.cli"]
+    return [exe] if exe else [sys.executable, "-m", "harmprune.cli.main"]
 
 
 @pytest.mark.slow

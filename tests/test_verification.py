@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from harmprune import data, evaluation, pipeline, selection, verification
+from harmprune.attribution import scored_parameters
+from harmprune.config import ClassifierJudge, DomainSpec, EvalConfig, HardenConfig, Thresholds
+from harmprune.loading import load_model
+from harmprune.pruning import apply_pruning
+from harmprune.report import SCHEMA_VERSION, Report
+from harmprune.settings import Settings
 
-from service import data, evaluation, pipeline, selection, verification
-from service.attribution import scored_parameters
-from service.config import ClassifierJudge, DomainSpec, EvalConfig, HardenConfig, Thresholds
-from service.loading import load_model
-from service.pruning import apply_pruning
-from service.report import SCHEMA_VERSION, Report
-from service.settings import Settings
 from tests.conftest import TINY_DOMAIN
 
 # ---------------------------------------------------------------- judges

@@ -1,1 +1,1 @@
-"""Celery workers: `celery -A workers.app worker -Q gpu -c 1` (or `harmprune worker`)."""
+"""Celery workers: `celery -A harmprune.workers.app worker -Q gpu -c 1` (or `harmprune worker`)."""

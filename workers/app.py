@@ -1,4 +1,4 @@
-"""The Celery app of the workers: `celery -A workers.app worker -Q gpu -c 1`.
+"""The Celery app of the workers: `celery -A harmprune.workers.app worker -Q gpu -c 1`.
 
 Settings come from HARMPRUNE_* environment variables. The parent process never imports torch
 (CUDA does not survive fork); each job runs in a fresh child (max_tasks_per_child=1), so its
@@ -12,10 +12,9 @@ import os
 from typing import Any
 
 from celery.signals import task_failure, worker_process_init, worker_ready
-
-from service.jobs import JobStore
-from service.settings import Settings
-from workers.client import make_celery, recover_lost_jobs
+from harmprune.jobs.store import JobStore
+from harmprune.settings import Settings
+from harmprune.workers.client import make_celery, recover_lost_jobs
 
 log = logging.getLogger("workers")
 

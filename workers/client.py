@@ -10,21 +10,20 @@ import logging
 import time
 
 from celery import Celery
+from harmprune.jobs.store import JobRecord, JobState, JobStore
+from harmprune.settings import Settings
 from kombu import Exchange, Queue
-
-from service.jobs import JobRecord, JobState, JobStore
-from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 RUN_JOB = "harmprune.run_job"
-QUEUES = ("gpu", "gpu-multi", "cpu")  # one queue per worker kind (service.preflight routes)
+QUEUES = ("gpu", "gpu-multi", "cpu")  # one queue per worker kind (harmprune.preflight routes)
 
 
 def make_celery(settings: Settings) -> Celery:
     """A Celery app for these settings. Broker keys live under `{key_prefix}:broker:`, so two
     deployments (or test sessions) on one Redis database never see each other's messages."""
-    app = Celery("harmprune", broker=settings.redis_url, include=["workers.tasks"])
+    app = Celery("harmprune", broker=settings.redis_url, include=["harmprune.workers.tasks"])
     transport = {
         # Above the longest job, or a running job's message is handed to a second worker.
         "visibility_timeout": settings.visibility_timeout_s,

@@ -1,4 +1,4 @@
-"""Thin tasks: validate the payload (a job id) and call service.worker_job.
+"""Thin tasks: validate the payload (a job id) and call harmprune.jobs.runner.
 
 New task parameters go last with defaults, so messages queued before a deploy still run.
 """
@@ -8,9 +8,8 @@ from __future__ import annotations
 import re
 
 from celery.exceptions import SoftTimeLimitExceeded
-
-from workers.app import app, settings
-from workers.client import RUN_JOB
+from harmprune.workers.app import app, settings
+from harmprune.workers.client import RUN_JOB
 
 _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -29,7 +28,7 @@ def run_job(self, job_id: str) -> str:
     """Harden one model as recorded in the job store; retried only for transient Hub errors."""
     if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}")
-    from service.worker_job import PublishRetry, execute_job  # torch: in the child only
+    from harmprune.jobs.runner import PublishRetry, execute_job  # torch: in the child only
 
     try:
         return execute_job(

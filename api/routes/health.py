@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from harmprune.api.deps import StoreDep
+from harmprune.api.schemas import HealthOut, ReadyOut
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from api.deps import StoreDep
-from api.schemas import HealthOut, ReadyOut
 
 router = APIRouter(tags=["health"])
 

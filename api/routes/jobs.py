@@ -10,14 +10,12 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from pydantic import BaseModel, ValidationError
-
-from api.deps import CeleryDep, MetricsDep, SettingsDep, StoreDep, TenantDep, get_tenant
-from api.errors import ApiError, field_errors
-from api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
-from service.config import HardenConfig
-from service.errors import HarmpruneError
-from service.jobs import (
+from harmprune.api.deps import CeleryDep, MetricsDep, SettingsDep, StoreDep, TenantDep, get_tenant
+from harmprune.api.errors import ApiError, field_errors
+from harmprune.api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
+from harmprune.config import HardenConfig
+from harmprune.errors import HarmpruneError
+from harmprune.jobs.store import (
     IdempotencyConflict,
     JobError,
     JobRecord,
@@ -27,9 +25,10 @@ from service.jobs import (
     fingerprint,
     new_job_id,
 )
-from service.preflight import HubUnreachable, Plan, PreflightRefused, plan_job
-from service.settings import Settings
-from workers.client import enqueue
+from harmprune.preflight import HubUnreachable, Plan, PreflightRefused, plan_job
+from harmprune.settings import Settings
+from harmprune.workers.client import enqueue
+from pydantic import BaseModel, ValidationError
 
 log = logging.getLogger("api")
 
@@ -52,7 +51,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "Not possible in the job's current state."}
 }
 
-SMOLLM2_ALIAS = "smollm2-135m-instruct"  # service.loading's alias (not imported: it loads torch)
+SMOLLM2_ALIAS = "smollm2-135m-instruct"  # harmprune.loading's alias (not imported: it loads torch)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -86,7 +85,7 @@ def check_model_reference(model: str, settings: Settings) -> None:
 
 
 def preflight(config: HardenConfig, hardware: str, settings: Settings) -> Plan | None:
-    """Refuse a job no worker can run, before it is queued; choose its queue (service.preflight).
+    """Refuse a job no worker can run, before it is queued; choose its queue (harmprune.preflight).
 
     Reads config.json and tokenizer files only (a Hub repo's, with the operator's token)."""
     if not settings.preflight:

@@ -9,11 +9,11 @@ import sys
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
+from harmprune.api.auth import KeyConfigError
+from harmprune.api.main import create_app
+from harmprune.settings import Settings
 from pydantic import SecretStr
 
-from api.auth import KeyConfigError
-from api.main import create_app
-from service.settings import Settings
 from tests.api.conftest import job_body
 from tests.service_stack import ROOT, bearer
 
@@ -74,8 +74,8 @@ def test_api_never_imports_torch() -> None:
     code = (
         "import sys, os\n"
         "os.environ['HARMPRUNE_API_KEYS'] = 't=0123456789abcdef0123'\n"
-        "import api.main, api.routes.jobs, workers.client, service.jobs\n"
-        "api.main.app_from_env()\n"
+        "import harmprune.api.main, harmprune.api.routes.jobs, harmprune.workers.client, harmprune.jobs.store\n"
+        "harmprune.api.main.app_from_env()\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

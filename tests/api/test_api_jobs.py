@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from harmprune.api.main import create_app
+from harmprune.jobs.store import JobRecord, JobResult, JobState, JobStore, Owner, ReportSummary
+from harmprune.settings import Settings
 
-from api.main import create_app
-from service.jobs import JobRecord, JobResult, JobState, JobStore, Owner, ReportSummary
-from service.settings import Settings
 from tests.api.conftest import TINY_SPEC, job_body
 from tests.service_stack import API_KEYS, Namespace, bearer
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from harmprune.api.main import create_app
+from harmprune.jobs.store import JobStore
+from harmprune.settings import Settings
 from huggingface_hub import HfApi
 
-from api.main import create_app
-from service.jobs import JobStore
-from service.settings import Settings
 from tests.api.conftest import TINY_SPEC, job_body
 from tests.service_stack import Namespace, bearer, stack_settings
 from tests.support.fixtures import hub_server  # noqa: F401  (fixture)

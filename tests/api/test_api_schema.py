@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 import schemathesis
+from harmprune.api.main import create_app
 from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
@@ -19,7 +20,6 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from api.main import create_app
 from tests.service_stack import (
     REDIS_HOST,
     REDIS_PORT,

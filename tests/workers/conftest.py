@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from harmprune.api.main import create_app
+from harmprune.jobs.store import JobStore
+from harmprune.settings import Settings
 
-from api.main import create_app
-from service.jobs import JobStore
-from service.settings import Settings
 from tests.service_stack import (
     Namespace,
     WorkerProcess,

@@ -8,14 +8,14 @@ import subprocess
 import sys
 
 import pytest
+from harmprune.settings import Settings
+from harmprune.workers.client import QUEUES, RUN_JOB, make_celery
 
-from service.settings import Settings
 from tests.service_stack import ROOT
-from workers.client import QUEUES, RUN_JOB, make_celery
 
 
 def test_registered_task_names_are_pinned() -> None:
-    from workers.app import app
+    from harmprune.workers.app import app
 
     app.loader.import_default_modules()
     assert sorted(n for n in app.tasks if not n.startswith("celery.")) == [RUN_JOB]
@@ -39,7 +39,7 @@ def test_celery_settings_for_long_gpu_jobs() -> None:
 
 
 def test_task_options() -> None:
-    from workers.tasks import run_job, settings
+    from harmprune.workers.tasks import run_job, settings
 
     assert run_job.acks_late and run_job.reject_on_worker_lost
     assert run_job.soft_time_limit == settings.job_soft_time_limit_s
@@ -48,7 +48,7 @@ def test_task_options() -> None:
 
 
 def test_the_task_refuses_a_payload_that_is_not_a_job_id() -> None:
-    from workers.tasks import run_job
+    from harmprune.workers.tasks import run_job
 
     for bad in ["", "x" * 32, "../../etc", 42]:
         with pytest.raises(ValueError, match="invalid job id"):
@@ -58,8 +58,8 @@ def test_the_task_refuses_a_payload_that_is_not_a_job_id() -> None:
 def test_worker_parent_never_imports_torch() -> None:
     code = (
         "import sys\n"
-        "import workers.app, workers.tasks, service.cli_service\n"
-        "workers.app.app.loader.import_default_modules()\n"
+        "import harmprune.workers.app, harmprune.workers.tasks, harmprune.cli.service\n"
+        "harmprune.workers.app.app.loader.import_default_modules()\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
@@ -77,7 +77,7 @@ def test_worker_parent_never_imports_torch() -> None:
 def test_service_commands_fail_clearly(
     argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from service.cli import EXIT_USER_ERROR, main
+    from harmprune.cli.main import EXIT_USER_ERROR, main
 
     monkeypatch.delenv("HARMPRUNE_API_KEY", raising=False)
     assert main(argv) == EXIT_USER_ERROR

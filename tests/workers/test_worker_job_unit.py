@@ -1,4 +1,4 @@
-"""service.worker_job in-process, with the pipeline replaced by a fake (the real one runs in the
+"""harmprune.jobs.runner in-process, with the pipeline replaced by a fake (the real one runs in the
 stack tests): publish retries and resumption, errors, time limits, lost leases, cancellation."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harmprune.jobs import runner as worker_job
+from harmprune.errors import ModelLoadError, PublishError
+from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint, new_job_id
+from harmprune.publishing import LocalPublisher, PublishResult
+from harmprune.settings import Settings
 
-from service import worker_job
-from service.errors import ModelLoadError, PublishError
-from service.jobs import JobRecord, JobState, JobStore, Owner, fingerprint, new_job_id
-from service.publishing import LocalPublisher, PublishResult
-from service.settings import Settings
 from tests.service_stack import Namespace, redis_namespace, stack_settings
 
 pytestmark = pytest.mark.services
@@ -45,7 +45,7 @@ class FakePipeline:
         if self.during is not None:
             self.during(runner)
         if runner.should_cancel():
-            from service.errors import JobCancelled
+            from harmprune.errors import JobCancelled
 
             raise JobCancelled("the job was cancelled")
         if self.fail is not None:
@@ -279,7 +279,7 @@ def test_recovery_sweep_requeues_lost_jobs_and_resends_them(
     import subprocess
     import sys
 
-    from workers.client import make_celery, recover_lost_jobs
+    from harmprune.workers.client import make_celery, recover_lost_jobs
 
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from harmprune.jobs.store import JobState
+from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.publishing import JOB_MARKER
 from transformers import AutoModelForCausalLM
 
-from service.jobs import JobState
-from service.pruning import MASK_FILE, apply_pruning, load_mask
-from service.publishing import JOB_MARKER
 from tests.service_stack import bearer
 from tests.workers.conftest import FAST_DOMAIN, REJECT_DOMAIN, SLOW_DOMAIN, Stack, poll
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from harmprune import pipeline
+from harmprune.config import HardenConfig
+from harmprune.pruning import MASK_FILE, load_mask
+from harmprune.settings import Settings
 
-from service import pipeline
-from service.config import HardenConfig
-from service.pruning import MASK_FILE, load_mask
-from service.settings import Settings
 from tests.service_stack import bearer
 from tests.workers.conftest import FAST_DOMAIN, make_stack
 

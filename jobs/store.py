@@ -32,9 +32,8 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import redis
+from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict, Field
-
-from service.settings import Settings
 
 
 class JobState(StrEnum):
@@ -157,7 +156,7 @@ class JobRecord(_Model):
     queue: str = "gpu"
     config: dict[str, Any] = Field(description="HardenConfig as JSON: the worker reads it here.")
     preflight: dict[str, Any] | None = Field(
-        None, description="service.preflight.Estimate as JSON: expected memory and time."
+        None, description="harmprune.preflight.Estimate as JSON: expected memory and time."
     )
     publish: PublishTarget
     spec_hash: str

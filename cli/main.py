@@ -143,7 +143,7 @@ def _add_preflight(sub: Any) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from service.preflight import estimate
+    from harmprune.preflight import estimate
 
     result = estimate(
         args.model_dir,
@@ -166,10 +166,9 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def build_config(args: argparse.Namespace) -> Any:
+    from harmprune.config import HardenConfig, format_validation_error, load_domain
+    from harmprune.errors import SpecError
     from pydantic import ValidationError
-
-    from service.config import HardenConfig, format_validation_error, load_domain
-    from service.errors import SpecError
 
     spec = load_domain(args.domain)
     overrides = {
@@ -203,8 +202,8 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_harden(args: argparse.Namespace) -> int:
-    from service.pipeline import run
-    from service.settings import Settings
+    from harmprune.pipeline import run
+    from harmprune.settings import Settings
 
     config = build_config(args)
     _quiet_library_bars()
@@ -255,7 +254,7 @@ def print_summary(report: Any, out: Path) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from service.restore import restore_checkpoint
+    from harmprune.restore import restore_checkpoint
 
     restore_checkpoint(args.checkpoint, args.out)
     print(f"restored original weights into {args.out}")
@@ -266,8 +265,8 @@ Registrar = Callable[[Any], None]
 
 
 def _add_service_commands(sub: Any) -> None:
-    """serve, worker, submit, status, pull, cancel (service/cli_service.py)."""
-    from service.cli_service import register
+    """serve, worker, submit, status, pull, cancel (harmprune.cli.service)."""
+    from harmprune.cli.service import register
 
     register(sub)
 
@@ -287,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from service.errors import HarmpruneError
+    from harmprune.errors import HarmpruneError
 
     try:
         return int(args.func(args))

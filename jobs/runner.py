@@ -1,8 +1,8 @@
 """What a worker does with one job id: claim it, run the pipeline, publish, record the outcome.
 
-    claim      the job record decides (see service.jobs): run, resume a publish retry, re-run
+    claim      the job record decides (see harmprune.jobs.store): run, resume a publish retry, re-run
                after a lost worker, or do nothing (duplicate delivery, finished, cancelled)
-    run        service.pipeline.run into a fresh scratch directory; progress and a lease
+    run        harmprune.pipeline.run into a fresh scratch directory; progress and a lease
                heartbeat go to the job store; should_cancel reads the cancel flag
     publish    only an accepted report, only while this process still owns the job, and only
                if no cancel was asked for; transient Hub errors are retried by the task
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from service.errors import AttributionError, HarmpruneError, JobCancelled, PublishError
-from service.jobs import (
+from harmprune.errors import AttributionError, HarmpruneError, JobCancelled, PublishError
+from harmprune.jobs.store import (
     Claim,
     JobError,
     JobRecord,
@@ -37,7 +37,7 @@ from service.jobs import (
     Owner,
     ReportSummary,
 )
-from service.settings import Settings
+from harmprune.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def make_publisher(settings: Settings) -> Any:
     LocalPublisher into `publish_dir`. The token comes from the worker's environment only."""
     import os
 
-    from service.publishing import HubPublisher, LocalPublisher
+    from harmprune.publishing import HubPublisher, LocalPublisher
 
     if settings.hub_enabled:
         return HubPublisher(token=settings.token_value(), endpoint=os.environ.get("HF_ENDPOINT"))
@@ -301,8 +301,8 @@ def _run_claimed(
 
 
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
-    from service.config import HardenConfig
-    from service.pipeline import run
+    from harmprune.config import HardenConfig
+    from harmprune.pipeline import run
 
     config = HardenConfig.model_validate(record.config)
     report = run(

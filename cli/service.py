@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from service.errors import HarmpruneError
+from harmprune.errors import HarmpruneError
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -64,16 +64,15 @@ def _add_serve(sub: Any) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from api.auth import KeyConfigError, load_keys
-    from service.settings import Settings
+    from harmprune.api.auth import KeyConfigError, load_keys
+    from harmprune.settings import Settings
 
     try:
         load_keys(Settings())  # fail here, with the reason, rather than inside uvicorn
     except KeyConfigError as err:
         raise ServiceCommandError(str(err)) from None
     uvicorn.run(
-        "api.main:app_from_env",
+        "harmprune.api.main:app_from_env",
         factory=True,
         host=args.host,
         port=args.port,
@@ -124,7 +123,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         if args.gpu is not None
         else f"harmprune-{'-'.join(queues)}@%h"
     )
-    from workers.app import app
+    from harmprune.workers.app import app
 
     app.worker_main(
         [
@@ -334,7 +333,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def _copy_local(source: Path, out: Path) -> None:
     import shutil
 
-    from service.publishing import JOB_MARKER
+    from harmprune.publishing import JOB_MARKER
 
     if not source.is_dir():
         raise ServiceCommandError(f"published directory {source} is not reachable from here")

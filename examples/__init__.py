@@ -1,0 +1,1 @@
+"""Example domain specs shipped with harmprune (`harmprune harden --domain cyber`)."""
