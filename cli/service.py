@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from harmprune.errors import HarmpruneError
+from harmprune.vocabulary import JOB_ID_PATTERN
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 EXIT_BY_STATE = {"succeeded": 0, "rejected": 3, "failed": 1, "cancelled": 1}
 
 
@@ -316,7 +315,7 @@ def _add_pull(sub: Any) -> None:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     repo_id, revision, url = args.ref, args.revision, None
-    if JOB_ID.match(args.ref):
+    if JOB_ID_PATTERN.match(args.ref):
         job = ApiClient(args.api).job(args.ref)
         result = job.get("result") or {}
         if job["state"] != "succeeded" or not result.get("repo_id"):

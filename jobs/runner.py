@@ -38,33 +38,11 @@ from harmprune.jobs.store import (
     ReportSummary,
 )
 from harmprune.settings import Settings
+from harmprune.vocabulary import REPORT_FILE, overall_progress
 
 log = logging.getLogger(__name__)
 
-# Share of the whole job per stage, in pipeline order; progress = finished stages + this one's part.
-STAGE_WEIGHTS: dict[str, float] = {
-    "load": 0.08,
-    "elicit": 0.22,
-    "evaluate": 0.08,
-    "attribute": 0.30,
-    "search": 0.10,
-    "select": 0.02,
-    "prune": 0.02,
-    "verify": 0.10,
-    "save": 0.04,
-    "publish": 0.04,
-}
-_OFFSETS = {stage: sum(list(STAGE_WEIGHTS.values())[:i]) for i, stage in enumerate(STAGE_WEIGHTS)}
 CHECKPOINT = "checkpoint"
-REPORT_FILE = "report.json"
-
-
-def overall_progress(stage: str, done: int, total: int) -> float | None:
-    """0..1 for the whole job; None for a stage we do not know (progress then stays put)."""
-    if stage not in STAGE_WEIGHTS:
-        return None
-    part = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
-    return round(_OFFSETS[stage] + STAGE_WEIGHTS[stage] * part, 4)
 
 
 class PublishRetry(Exception):

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 from harmprune.report import Report
+from harmprune.vocabulary import CARD_FILE
 
 TRADEOFF_PNG = "harmprune-tradeoff.png"
 LAYERS_PNG = "harmprune-pruned-per-layer.png"
@@ -178,4 +179,4 @@ def write_card(report: Report, directory: Path, base_config: Any = None) -> None
         from harmprune.tamper import TAMPER_PNG, plot_tamper
 
         plot_tamper(report.tamper, directory / TAMPER_PNG)
-    (directory / "README.md").write_text(render_card(report))
+    (directory / CARD_FILE).write_text(render_card(report))

@@ -18,8 +18,6 @@ from typing import Any
 
 from harmprune.errors import OutputError
 
-REPORT_FILE = "report.json"
-
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
     """Fail before any heavy work if the target cannot be written."""

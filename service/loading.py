@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
 from harmprune.settings import Settings
+from harmprune.vocabulary import SMOLLM2_ALIAS, sha256_file
 from pydantic import BaseModel, ConfigDict
 
-SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What a Hub download may contain: weights as safetensors only, never *.bin / *.pt / *.pth.
 HUB_ALLOW_PATTERNS = [
@@ -166,14 +166,6 @@ def card_license(readme: Path) -> str | None:
     return str(value) if value else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
     """De-quantise a GGUF file once into `cache_dir/models/<sha>`; later loads take seconds.
 
@@ -190,7 +182,7 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    sha = _sha256(gguf)
+    sha = sha256_file(gguf)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantized = AutoModelForCausalLM.from_pretrained(

@@ -40,7 +40,7 @@ from harmprune import (
     tamper,
     verification,
 )
-from harmprune.checkpoint import REPORT_FILE, save_checkpoint, staged_output, write_json
+from harmprune.checkpoint import save_checkpoint, staged_output, write_json
 from harmprune.config import HardenConfig, Pair
 from harmprune.errors import CalibrationError, JobCancelled, SpecError
 from harmprune.loading import LoadedModel, load_model
@@ -55,22 +55,10 @@ from harmprune.report import (
     module_counts,
 )
 from harmprune.settings import Settings
+from harmprune.vocabulary import REPORT_FILE
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
-
-STAGES = (
-    "load",
-    "elicit",
-    "evaluate",
-    "attribute",
-    "search",
-    "select",
-    "prune",
-    "verify",
-    "tamper",
-    "save",
-)
 
 
 @dataclass
@@ -423,8 +411,10 @@ def run(
             point = verification.choose(trace) if trace else None
             q = point.q if point else (min(q_values) if trace else pruning.q)
             chosen = scores.selector.select(q)
-            mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
             progress("select", 1, 1)
+            progress("prune", 0, 1)
+            mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
+            progress("prune", 1, 1)
         check_cancel()
         with timed("verify"):
             progress("verify", 0, 2)

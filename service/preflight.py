@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from harmprune.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
+from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
@@ -213,7 +214,6 @@ def estimate(
 # ---------------------------------------------------------------- a job's plan: where it runs
 
 QUEUE_CPU, QUEUE_GPU, QUEUE_MULTI_GPU = "cpu", "gpu", "gpu-multi"
-SMOLLM2_ALIAS = "smollm2-135m-instruct"  # harmprune.loading's alias (not imported: it loads torch)
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 # A Hub dataset without `limit` is counted as this many rows in the estimate.
 UNLIMITED_DATASET_ROWS = 1000

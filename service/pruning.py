@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from harmprune.vocabulary import MASK_FILE as MASK_FILE  # re-exported (shared name)
 from safetensors.torch import load_file, save_file
 from torch import nn
-
-MASK_FILE = "harmprune-mask.safetensors"
 
 
 @dataclass(frozen=True)

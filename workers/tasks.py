@@ -5,13 +5,10 @@ New task parameters go last with defaults, so messages queued before a deploy st
 
 from __future__ import annotations
 
-import re
-
 from celery.exceptions import SoftTimeLimitExceeded
+from harmprune.vocabulary import JOB_ID_PATTERN
 from harmprune.workers.app import app, settings
 from harmprune.workers.client import RUN_JOB
-
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @app.task(
@@ -26,7 +23,7 @@ _JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 )
 def run_job(self, job_id: str) -> str:
     """Harden one model as recorded in the job store; retried only for transient Hub errors."""
-    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+    if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}")
     from harmprune.jobs.runner import PublishRetry, execute_job  # torch: in the child only
 

@@ -27,6 +27,7 @@ from harmprune.jobs.store import (
 )
 from harmprune.preflight import HubUnreachable, Plan, PreflightRefused, plan_job
 from harmprune.settings import Settings
+from harmprune.vocabulary import JOB_ID_PATTERN, SMOLLM2_ALIAS
 from harmprune.workers.client import enqueue
 from pydantic import BaseModel, ValidationError
 
@@ -51,9 +52,7 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "Not possible in the job's current state."}
 }
 
-SMOLLM2_ALIAS = "smollm2-135m-instruct"  # harmprune.loading's alias (not imported: it loads torch)
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
@@ -101,7 +100,7 @@ def preflight(config: HardenConfig, hardware: str, settings: Settings) -> Plan |
 
 
 def _job(store: Any, job_id: str, tenant: str) -> JobRecord:
-    record = store.get(job_id, tenant) if JOB_ID.match(job_id) else None
+    record = store.get(job_id, tenant) if JOB_ID_PATTERN.match(job_id) else None
     if record is None:
         raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r} for this API key")
     return record
