@@ -21,6 +21,12 @@ import yaml
 from harmprune.errors import SpecError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+JudgeName = Literal["nll", "refusal", "classifier"]
+
+
+def _default_judges() -> list[JudgeName]:
+    return ["nll", "refusal"]
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,9 +99,7 @@ class EvalConfig(Strict):
     harmful: list[Source] = Field(default_factory=list)
     benign: list[Source] = Field(default_factory=list)
     multiple_choice: list[MultipleChoiceItem] = Field(default_factory=list)
-    judges: list[Literal["nll", "refusal", "classifier"]] = Field(
-        default_factory=lambda: ["nll", "refusal"], min_length=1
-    )
+    judges: list[JudgeName] = Field(default_factory=_default_judges, min_length=1)
     classifier: ClassifierJudge | None = None
     max_new_tokens: Annotated[int, Field(gt=0, le=512)] = 32
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25

@@ -321,6 +321,6 @@ def load_model(
         )
     except (OSError, ValueError, RuntimeError) as err:
         raise ModelLoadError(f"cannot load weights of {reference}: {err}".splitlines()[0]) from None
-    model.to(dev)
+    model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() oddly
     model.eval()
     return LoadedModel(model, tokenizer, source, local_dir, dev, torch_dtype)

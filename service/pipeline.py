@@ -129,7 +129,7 @@ def build_calibration(
     spec = config.domain
     n_missing = sum(p.response is None for p in harmful_pairs + benign_pairs)
     n_harm_missing = sum(p.response is None for p in harmful_pairs)
-    common = dict(
+    common: dict[str, Any] = dict(
         fmt=spec.prompt_format, elicitation=spec.elicitation, batch_size=config.batch_size
     )
     harmful = data.complete_pairs(

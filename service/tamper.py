@@ -410,7 +410,7 @@ def _prepare(
             raise SpecError("tamper: give in_domain_eval or at least 2 train pairs (one held out)")
         train, in_domain = evaluation.split_heldout(train, cfg.heldout_fraction, seed + 2)
         source = "split"
-    common = dict(fmt=fmt, prefix=prefix, cfg=eval_cfg, batch_size=batch_size)
+    common: dict[str, Any] = dict(fmt=fmt, prefix=prefix, cfg=eval_cfg, batch_size=batch_size)
     held_in = evaluation.build_heldout(model, tokenizer, in_domain, [], [], source=source, **common)
     held_broad = evaluation.build_heldout(
         model,
