@@ -128,10 +128,12 @@ def per_sample_abs_grad_sum(
 
     inputs x: [rows, tokens, in], grad_outputs dy: [rows, tokens, out], row i = sample i. Sample
     i's weight gradient is dy_i^T x_i ([out, in]; `transposed`, GPT-2's Conv1D: x_i^T dy_i,
-    [in, out]). Positions that the loss ignores (padding, prompt tokens after the last response
-    token) have dy = 0 and add nothing. The products of a group of samples are formed at once,
-    as many as fit in `max_bytes` (one at least), in the inputs' dtype (what autograd's own
-    gradient would be); |.| is summed in fp32.
+    [in, out]). Positions that feed no scored prediction (a row's padding, everything from its
+    last response token on) have dy = 0 exactly and add nothing (x there is finite: right
+    padding, causal attention); prompt positions do feed later predictions, as in the unpadded
+    per-sample gradient. The products of a group of samples are formed at once, as many as fit
+    in `max_bytes` (one at least), in the inputs' dtype (what autograd's own gradient would
+    be); |.| is summed in fp32.
     """
     if inputs.dim() != 3 or grad_outputs.dim() != 3 or inputs.shape[:2] != grad_outputs.shape[:2]:
         raise UnsupportedModelError(
