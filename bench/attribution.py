@@ -1,16 +1,23 @@
 """Attribution cost: harmprune's one-pass hooks against the layer-by-layer reference strategy.
 
-Three strategies over one calibration set (N harmful + N benign examples of T tokens), each in a
+Five strategies over one calibration set (N harmful + N benign examples of T tokens), each in a
 fresh subprocess so that its peak RSS is its own:
 
-  a  ours:       harmprune.attribution.score_harm (batch 8, back-propagated in slices of at most
-                 --max-backward-tokens padded tokens, the pipeline's default 1024) +
-                 score_preserve(sum_abs, batch 1), then harmprune.selection.select per matrix
+  a  ours, batch 1:  harmprune.attribution.score_harm (batch 8, back-propagated in slices of at
+                 most --max-backward-tokens padded tokens, the pipeline's default 1024) +
+                 score_preserve(sum_abs, sum_abs_strategy="per_sample": one backward per
+                 sample), then harmprune.selection.select per matrix
   b  reference:  gradients for ONE decoder layer at a time; the whole set forward+backward once
                  per layer (harm batched like ours, preserve one sample at a time), same score
                  formulas, same selection (btap-method.md, "Cost of the reference implementation")
-  c  bare:       forward+backward over the same batches, gradients on the same scored weights,
-                 no hooks, zero_grad(set_to_none=True) after each step: the floor
+  c  bare:       forward+backward over the same batches as (a) (harm batch 8, preserve batch 1),
+                 gradients on the same scored weights, no hooks, zero_grad(set_to_none=True)
+                 after each step: the floor of (a)
+  d  ours, batched:  as (a), but score_preserve(sum_abs) batched like the harm pass (batch 8,
+                 the same slices): per-sample weight gradients formed from each layer's inputs
+                 and output gradients in one batched backward (the pipeline's default)
+  e  bare, preserve batch 8:  as (c) with the preserve set at batch 8 (for information: the
+                 floor of a batched preserve pass)
 
 Only the attribution is timed (model load, example building and one warm-up step come before
 the timer). Peak RSS is measured over the timed part: the kernel's high-water mark is reset
@@ -19,7 +26,7 @@ Mask agreement = |A & B| / max(|A|, |B|) over the pruned weights of (a) and (b).
 
     .venv/bin/python bench/attribution.py [--model smollm2-135m-instruct] [--pairs 16]
         [--tokens 160] [--json out.json] [--tiny] [--repeat R] [--reference-layers K]
-        [--strategies a,b,c] [--max-backward-tokens N] [--no-flops]
+        [--strategies a,b,c,d,e] [--max-backward-tokens N] [--no-flops]
 
 --repeat interleaves R runs and keeps each strategy's minimum time (the machine is shared);
 --reference-layers times (b) on K evenly spaced layers and scales to all; a FLOP count
@@ -66,7 +73,13 @@ def _import_heavy() -> None:
 
 HARM_BATCH = 8  # the pipeline's default batch size (HardenConfig.batch_size)
 
-STRATEGIES = {"a": "ours (hooks, one pass)", "b": "reference (layer by layer)", "c": "bare fwd+bwd"}
+STRATEGIES = {
+    "a": "ours, sum_abs batch 1",
+    "b": "reference (layer by layer)",
+    "c": "bare fwd+bwd, preserve batch 1",
+    "d": "ours, sum_abs batched",
+    "e": "bare fwd+bwd, preserve batch 8",
+}
 
 HARM_RESPONSE = (
     "Sure, here is a detailed plan. Step 1: [PLACEHOLDER: operational detail omitted]. "
@@ -143,7 +156,7 @@ def calibration_set(
 # ---------------------------------------------------------------- the strategies
 
 
-def run_ours(model, params, harmful, benign, pad_id, q, p, args):
+def run_ours(model, params, harmful, benign, pad_id, q, p, args, sum_abs_strategy="per_sample"):
     cap = args.max_backward_tokens or None  # 0: no cap (then (a) = (c) + one score buffer)
     recompute = args.gradient_checkpointing
     harm = attribution.score_harm(
@@ -156,9 +169,21 @@ def run_ours(model, params, harmful, benign, pad_id, q, p, args):
         recompute=recompute,
     )
     keep = attribution.score_preserve(
-        model, params, benign, "sum_abs", batch_size=HARM_BATCH, pad_id=pad_id, recompute=recompute
+        model,
+        params,
+        benign,
+        "sum_abs",
+        batch_size=HARM_BATCH,  # "per_sample" back-propagates one sample at a time regardless
+        max_tokens=cap,
+        pad_id=pad_id,
+        recompute=recompute,
+        sum_abs_strategy=sum_abs_strategy,
     )
     return selection.select(harm, keep, q, p, "per_matrix")
+
+
+def run_ours_batched(model, params, harmful, benign, pad_id, q, p, args):
+    return run_ours(model, params, harmful, benign, pad_id, q, p, args, "batched")
 
 
 def reference_layer_indices(n_layers: int, k: int) -> list[int]:
@@ -203,20 +228,28 @@ def run_reference(model, params, harmful, benign, pad_id, q, p, args):
     return selection.select(harm, keep, q, p, "per_matrix")
 
 
-def run_bare(model, params, harmful, benign, pad_id, q, p, args):
+def run_bare(model, params, harmful, benign, pad_id, q, p, args, preserve_batch=1):
     model.eval()
     with attribution.only_these_require_grad(model, list(params.values())), torch.enable_grad():
-        for s in range(0, len(harmful), HARM_BATCH):
-            batch = collate(harmful[s : s + HARM_BATCH], pad_id)
-            attribution.response_losses(model, batch).sum().backward()
-            model.zero_grad(set_to_none=True)
-        for e in benign:
-            attribution.response_losses(model, collate([e], pad_id)).sum().backward()
-            model.zero_grad(set_to_none=True)
+        for examples, batch_size in ((harmful, HARM_BATCH), (benign, preserve_batch)):
+            for s in range(0, len(examples), batch_size):
+                batch = collate(examples[s : s + batch_size], pad_id)
+                attribution.response_losses(model, batch).sum().backward()
+                model.zero_grad(set_to_none=True)
     return None
 
 
-RUNNERS = {"a": run_ours, "b": run_reference, "c": run_bare}
+def run_bare_batched(model, params, harmful, benign, pad_id, q, p, args):
+    return run_bare(model, params, harmful, benign, pad_id, q, p, args, HARM_BATCH)
+
+
+RUNNERS = {
+    "a": run_ours,
+    "b": run_reference,
+    "c": run_bare,
+    "d": run_ours_batched,
+    "e": run_bare_batched,
+}
 
 
 def count_flops(model, params, example, pad_id) -> dict[str, Any]:
@@ -360,7 +393,7 @@ def spawn(args: argparse.Namespace, strategy: str, tmp: str, rep: int) -> dict[s
     )
     subprocess.run(cmd, check=True, cwd=ROOT)
     result = json.loads(Path(out + ".json").read_text())
-    result["masks"] = out + ".masks.json" if strategy != "c" else None
+    result["masks"] = out + ".masks.json" if strategy in ("a", "b", "d") else None
     return result
 
 
@@ -369,7 +402,7 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
         "| strategy | wall s | CPU s | peak RSS MiB | peak over loaded model MiB | pruned |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for k in ("a", "b", "c"):
+    for k in STRATEGIES:
         if k in res:
             r = res[k]
             pruned = r.get("pruned", "-")
@@ -392,6 +425,27 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
     lines += [
         "| measure | value | goal | |",
         "|---|---:|---|---|",
+        goal(
+            "time (b)/(d), batched",
+            s.get("batched_speedup_vs_reference"),
+            ">= 20",
+            s.get("goal_batched_speedup"),
+        ),
+        goal("time (d)/(c)", s.get("batched_time_vs_bare"), "<= 1.0", s.get("goal_batched_time")),
+        goal(
+            "peak RSS (d)/(c)", s.get("batched_peak_vs_bare"), "<= 1.0", s.get("goal_batched_peak")
+        ),
+        goal(
+            "mask agreement (d) vs (b)",
+            s.get("batched_mask_agreement"),
+            "1.0",
+            s.get("goal_batched_agreement"),
+        ),
+        goal("mask agreement (d) vs (a)", s.get("batched_vs_batch1_agreement"), "(info)", None),
+        goal("time (a)/(d), batch 1 / batched", s.get("batch1_vs_batched"), "(info)", None),
+        goal(
+            "time (d)/(e), vs bare at preserve batch 8", s.get("batched_vs_bare_b8"), "(info)", None
+        ),
         goal("time (b)/(a)", s.get("speedup_vs_reference"), ">= 15", s.get("goal_speedup")),
         goal("CPU time (b)/(a)", s.get("cpu_speedup_vs_reference"), "(info)", None),
         goal(
@@ -411,6 +465,7 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
         ),
         goal("candidate agreement (a) vs (b)", s.get("candidate_agreement"), "(info)", None),
     ]
+    lines = [line for line in lines if "| n/a | (info) |" not in line]  # strategies not run
     if res:
         r = next(iter(res.values()))
         lines += [
@@ -419,6 +474,34 @@ def table(res: dict[str, dict[str, Any]], summary: dict[str, Any]) -> str:
             f"in {r['scored_matrices']} matrices.",
         ]
     return "\n".join(lines)
+
+
+def batched_summary(res: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The batched sum_abs path (d) against the reference, the bare floor and batch 1."""
+    out: dict[str, Any] = {}
+    if "d" not in res:
+        return out
+    d = res["d"]
+    masks_d = json.loads(Path(d["masks"]).read_text())
+    if "b" in res:
+        masks_b = json.loads(Path(res["b"]["masks"]).read_text())
+        out["batched_speedup_vs_reference"] = res["b"]["wall_s"] / d["wall_s"]
+        out["batched_mask_agreement"] = agreement(masks_d, masks_b, 1)
+        out["batched_candidate_agreement"] = agreement(masks_d, masks_b, 0)
+        out["goal_batched_speedup"] = out["batched_speedup_vs_reference"] >= 20
+        out["goal_batched_agreement"] = out["batched_mask_agreement"] == 1.0
+    if "a" in res:
+        masks_a = json.loads(Path(res["a"]["masks"]).read_text())
+        out["batched_vs_batch1_agreement"] = agreement(masks_d, masks_a, 1)
+        out["batch1_vs_batched"] = res["a"]["wall_s"] / d["wall_s"]
+    if "c" in res:
+        out["batched_time_vs_bare"] = d["wall_s"] / res["c"]["wall_s"]
+        out["batched_peak_vs_bare"] = d["peak_rss_mib"] / res["c"]["peak_rss_mib"]
+        out["goal_batched_time"] = out["batched_time_vs_bare"] <= 1.0
+        out["goal_batched_peak"] = out["batched_peak_vs_bare"] <= 1.0
+    if "e" in res:
+        out["batched_vs_bare_b8"] = d["wall_s"] / res["e"]["wall_s"]
+    return out
 
 
 def driver(args: argparse.Namespace) -> int:
@@ -466,6 +549,7 @@ def driver(args: argparse.Namespace) -> int:
             summary["peak_vs_bare"] = res["a"]["peak_rss_mib"] / res["c"]["peak_rss_mib"]
             summary["goal_time_vs_bare"] = summary["time_vs_bare"] <= 1.3
             summary["goal_peak_vs_bare"] = summary["peak_vs_bare"] <= 1.0
+        summary |= batched_summary(res)
     for r in res.values():
         r.pop("masks", None)
     report = {
@@ -478,7 +562,7 @@ def driver(args: argparse.Namespace) -> int:
             "harm_batch": HARM_BATCH,
             "ours_max_backward_tokens": args.max_backward_tokens or None,
             "ours_gradient_checkpointing": args.gradient_checkpointing,
-            "preserve_batch": 1,
+            "preserve_batch": {"a": 1, "b": 1, "c": 1, "d": HARM_BATCH, "e": HARM_BATCH},
             "threads": args.threads,
             "repeat": args.repeat,
             "reference_layers": args.reference_layers or "all",
@@ -504,17 +588,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--q", type=float, default=None, help="default 1e-4 (tiny: 5e-3)")
     ap.add_argument("--p", type=float, default=3e-2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--strategies", default="a,b,c", help="subset of a,b,c")
+    ap.add_argument("--strategies", default="a,b,c,d,e", help="subset of a,b,c,d,e")
     ap.add_argument(
         "--max-backward-tokens",
         type=int,
         default=HardenConfig.model_fields["max_backward_tokens"].default,
-        help="(a)'s cap on padded tokens per backward (the pipeline's default); 0: no cap",
+        help="(a)/(d)'s cap on padded tokens per backward (the pipeline's default); 0: no cap",
     )
     ap.add_argument(
         "--gradient-checkpointing",
         action="store_true",
-        help="(a) recomputes each decoder block in backward (the pipeline's `on`)",
+        help="(a)/(d) recompute each decoder block in backward (the pipeline's `on`)",
     )
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs; min time is kept")
     ap.add_argument(

@@ -12,13 +12,21 @@ its gradient into an fp32 buffer the moment autograd produces it and frees it, s
 forward+backward per batch scores every layer and full gradients are never held.
 
 Sums over samples are linear, so the harm pass (and abs_mean) back-propagates a whole batch at
-once (the loss is the sum of per-sample means). sum_abs needs each sample's own gradient, so that
-pass back-propagates one sample at a time. For the same reason a batch may be back-propagated in
-slices with the same scores: `max_tokens` caps the padded tokens of one backward, which bounds
-the activation memory (the attribution's peak) whatever the batch size. One long sequence can
-still need more activation memory than the device has: `recompute` keeps only each
-decoder block's input and recomputes the block in backward (gradient checkpointing: about a
-third more compute, the same gradients).
+once (the loss is the sum of per-sample means). sum_abs needs each sample's own gradient, and
+|.| of a batch gradient is not the sum of per-sample |.|. Two strategies:
+- "batched" (default): one batched backward; each scored layer's weight gradient of sample i is
+  the product of that sample's output gradients and inputs (dL_i/dW = sum_t dy_it^T x_it), which
+  the batched backward already has. A custom autograd function in place of each scored layer's
+  forward forms these products in backward for a group of samples at a time (at most
+  `per_sample_bytes` of them), folds sum_i |.| into the fp32 buffer and frees them. Autograd's
+  own batch gradient of the weight is never computed.
+- "per_sample": one backward per sample, |.| of each gradient (the original path, kept for the
+  benchmark's comparison).
+For the same linearity a batch may be back-propagated in slices with the same scores:
+`max_tokens` caps the padded tokens of one backward, which bounds the activation memory (the
+attribution's peak) whatever the batch size. One long sequence can still need more activation
+memory than the device has: `recompute` keeps only each decoder block's input and recomputes the
+block in backward (gradient checkpointing: about a third more compute, the same gradients).
 
 This module keeps the hooks and bookkeeping; the score formulas are plain tensor functions.
 """
@@ -35,6 +43,12 @@ from harmprune.errors import JobCancelled, UnsupportedModelError
 from torch import nn
 
 GradReduction = Literal["sum", "sum_abs"]
+SumAbsStrategy = Literal["batched", "per_sample"]
+
+# The per-sample weight gradients of one layer formed at once, in bytes (a group of samples as
+# large as fits; one sample at least). 256 MiB: a whole batch of 8 for matrices up to ~8M
+# weights in fp32, groups of 2 for Llama-8B's MLP in bf16; within the preflight's 1 GB slack.
+PER_SAMPLE_BYTES = 256 * 2**20
 
 
 # ---------------------------------------------------------------- scope
@@ -59,9 +73,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
 
-    return isinstance(module, nn.Linear | Conv1D)
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's linear layer, weight stored transposed: [in, out], y = x W + b."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def scored_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -95,6 +114,45 @@ def preserve_scores_sum_abs(weight: torch.Tensor, abs_grad_sum: torch.Tensor) ->
 
 def preserve_scores_abs_mean(weight: torch.Tensor, grad_sum: torch.Tensor, n: int) -> torch.Tensor:
     return (weight.float() * (grad_sum / n)).abs()
+
+
+def per_sample_abs_grad_sum(
+    inputs: torch.Tensor,
+    grad_outputs: torch.Tensor,
+    *,
+    transposed: bool,
+    max_bytes: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """sum_i |dL_i/dW| of one linear layer, fp32, from one batched backward (added into `out`).
+
+    inputs x: [rows, tokens, in], grad_outputs dy: [rows, tokens, out], row i = sample i. Sample
+    i's weight gradient is dy_i^T x_i ([out, in]; `transposed`, GPT-2's Conv1D: x_i^T dy_i,
+    [in, out]). Positions that feed no scored prediction (a row's padding, everything from its
+    last response token on) have dy = 0 exactly and add nothing (x there is finite: right
+    padding, causal attention); prompt positions do feed later predictions, as in the unpadded
+    per-sample gradient. The products of a group of samples are formed at once, as many as fit
+    in `max_bytes` (one at least), in the inputs' dtype (what autograd's own gradient would
+    be); |.| is summed in fp32.
+    """
+    if inputs.dim() != 3 or grad_outputs.dim() != 3 or inputs.shape[:2] != grad_outputs.shape[:2]:
+        raise UnsupportedModelError(
+            f"per-sample gradients need [batch, tokens, features] inputs and output gradients, "
+            f"got {tuple(inputs.shape)} and {tuple(grad_outputs.shape)}; "
+            "use sum_abs_strategy='per_sample'"
+        )
+    left, right = (inputs, grad_outputs) if transposed else (grad_outputs, inputs)
+    shape = (left.shape[-1], right.shape[-1])
+    if out is None:
+        out = torch.zeros(shape, dtype=torch.float32, device=inputs.device)
+    per_sample = shape[0] * shape[1] * left.element_size()
+    group = max(1, max_bytes // per_sample)
+    for start in range(0, left.shape[0], group):
+        rows = slice(start, start + group)
+        products = torch.bmm(left[rows].transpose(1, 2), right[rows])  # [group, *shape]
+        out.add_(products.abs_().sum(dim=0, dtype=torch.float32))
+        del products
+    return out
 
 
 # ---------------------------------------------------------------- the hook machinery
@@ -138,6 +196,26 @@ def only_these_require_grad(model: nn.Module, params: Sequence[nn.Parameter]) ->
 
 
 @contextlib.contextmanager
+def instance_forwards(forwards: dict[nn.Module, Callable[..., Any]]) -> Iterator[None]:
+    """Each module's forward replaced by the given function, and put back afterwards.
+
+    A module may already carry an instance-level forward (accelerate's hooks leave one): that one
+    is restored, not the class's method.
+    """
+    saved = {module: module.__dict__.get("forward") for module in forwards}
+    for module, forward in forwards.items():
+        module.forward = forward  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for module, before in saved.items():
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def recomputed_blocks(model: nn.Module) -> Iterator[None]:
     """Gradient checkpointing of every decoder block, for our passes only and in eval mode.
 
@@ -148,24 +226,145 @@ def recomputed_blocks(model: nn.Module) -> Iterator[None]:
     """
     from torch.utils.checkpoint import checkpoint
 
-    blocks = list(decoder_layers(model))
-    # a block may already carry an instance-level forward (accelerate's hooks): put it back after
-    saved = [block.__dict__.get("forward") for block in blocks]
-    for block in blocks:
-        inner = block.forward
+    def checkpointed(inner: Callable[..., Any]) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
 
-        def checkpointed(*args: Any, _inner: Callable[..., Any] = inner, **kwargs: Any) -> Any:
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        return forward
 
-        block.forward = checkpointed  # type: ignore[method-assign]
+    with instance_forwards({block: checkpointed(block.forward) for block in decoder_layers(model)}):
+        yield
+
+
+@contextlib.contextmanager
+def gradients_folded_into(
+    params: dict[str, nn.Parameter],
+    buffers: dict[str, torch.Tensor],
+    *,
+    take_abs: bool,
+    local: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad,
+) -> Iterator[None]:
+    """Each parameter's gradient (|.| of it with `take_abs`) added to its fp32 buffer as soon as
+    autograd has accumulated it, then freed: full gradients are never held. `local`: the part of
+    the gradient the buffer holds (a DTensor's local shard under FSDP)."""
+
+    def make_hook(buffer: torch.Tensor) -> Callable[[torch.Tensor], None]:
+        def fold(param: torch.Tensor) -> None:
+            grad = local(param.grad)  # type: ignore[arg-type]
+            buffer.add_(grad.abs() if take_abs else grad)  # add_ upcasts bf16 into fp32
+            param.grad = None
+
+        return fold
+
+    handles = [
+        p.register_post_accumulate_grad_hook(make_hook(buffers[n])) for n, p in params.items()
+    ]
     try:
         yield
     finally:
-        for block, forward in zip(blocks, saved, strict=True):
-            if forward is None:
-                del block.forward
-            else:
-                block.forward = forward  # type: ignore[method-assign]
+        for handle in handles:
+            handle.remove()
+
+
+# What a scored layer does with its inputs and output gradients in backward: returns the
+# weight's gradient to hand to autograd, or None when it consumed them (folded into a buffer).
+PerSampleFold = Callable[[torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+class _PerSampleAbsGrad(torch.autograd.Function):
+    """y = the layer's own forward(x); in backward, dL/dx as autograd computes it, and the inputs
+    with the output gradients go to the layer's fold (per-sample |gradients|) in place of the
+    batch gradient of the weight.
+
+    x and W are saved with `save_for_backward`, so under gradient checkpointing they are dropped
+    and recomputed like any other saved activation (a forward hook holding x would keep it).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        layer_forward: Callable[[torch.Tensor], torch.Tensor],
+        transposed: bool,
+        fold: PerSampleFold,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.transposed, ctx.fold = transposed, fold
+        return layer_forward(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # Linear: y = x W^T, dx = dy W; Conv1D: y = x W, dx = dy W^T
+            grad_x = grad_y @ (weight.t() if ctx.transposed else weight)
+        grad_w = ctx.fold(x, grad_y)
+        return grad_x, grad_w if ctx.needs_input_grad[1] else None, None, None, None
+
+
+def scored_layers(model: nn.Module, params: dict[str, nn.Parameter]) -> dict[str, nn.Module]:
+    """The Linear/Conv1D module of every scored weight, by the weight's name."""
+    layers = {
+        f"{name}.weight": module
+        for name, module in model.named_modules()
+        if _is_linear(module) and f"{name}.weight" in params
+    }
+    missing = set(params) - set(layers)
+    if missing:
+        raise UnsupportedModelError(f"no linear layer owns the scored weights {sorted(missing)}")
+    return layers
+
+
+@contextlib.contextmanager
+def per_sample_abs_gradients(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    fold_for: Callable[[str, bool], PerSampleFold],
+) -> Iterator[None]:
+    """Every scored layer's forward runs as `_PerSampleAbsGrad`: a batched backward hands each
+    layer's inputs and output gradients to `fold_for(weight name, transposed)`.
+
+    The layer's bias must not need a gradient (biases are not scored): the function gives it none.
+    """
+    forwards = {}
+    for name, module in scored_layers(model, params).items():
+        bias = getattr(module, "bias", None)
+        if bias is not None and bias.requires_grad:
+            raise ValueError(f"{name}: per-sample gradients leave the bias without a gradient")
+        transposed = _is_conv1d(module)
+        forwards[module] = _per_sample_forward(module, transposed, fold_for(name, transposed))
+    with instance_forwards(forwards):
+        yield
+
+
+def _per_sample_forward(
+    module: nn.Module, transposed: bool, fold: PerSampleFold
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    inner = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # the weight as the module holds it NOW (FSDP swaps in the unsharded one per forward)
+        out: torch.Tensor = _PerSampleAbsGrad.apply(x, module.weight, inner, transposed, fold)
+        return out
+
+    return forward
+
+
+def fold_per_sample_into(
+    buffers: dict[str, torch.Tensor], max_bytes: int
+) -> Callable[[str, bool], PerSampleFold]:
+    """The one-device fold: sum_i |dL_i/dW| added straight into the weight's fp32 buffer."""
+
+    def fold_for(name: str, transposed: bool) -> PerSampleFold:
+        def fold(x: torch.Tensor, grad_y: torch.Tensor) -> None:
+            per_sample_abs_grad_sum(
+                x, grad_y, transposed=transposed, max_bytes=max_bytes, out=buffers[name]
+            )
+
+        return fold
+
+    return fold_for
 
 
 def accumulate_gradients(
@@ -178,47 +377,43 @@ def accumulate_gradients(
     pad_id: int,
     max_tokens: int | None = None,
     recompute: bool = False,
+    sum_abs_strategy: SumAbsStrategy = "batched",
+    per_sample_bytes: int = PER_SAMPLE_BYTES,
     on_step: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """sum_i g_i (reduction="sum") or sum_i |g_i| ("sum_abs") per scored matrix, in fp32.
 
-    `sum_abs` forces one sample per backward: |.| of a batch gradient is not the sum of |.|.
-    `max_tokens` (padded tokens per backward) splits a batch into equal slices; `recompute`
-    checkpoints every decoder block (`recomputed_blocks`).
+    `sum_abs` with `sum_abs_strategy="batched"` forms the per-sample gradients of each layer
+    from one batched backward (`per_sample_abs_gradients`, at most `per_sample_bytes` at once);
+    "per_sample" back-propagates one sample at a time. `max_tokens` (padded tokens per backward)
+    splits a batch into equal slices; `recompute` checkpoints every decoder block.
     """
-    if reduction == "sum_abs":
+    one_by_one = reduction == "sum_abs" and sum_abs_strategy == "per_sample"
+    if one_by_one:
         batch_size = 1
     device = next(iter(params.values())).device
     buffers = {
         name: torch.zeros(p.shape, dtype=torch.float32, device=device) for name, p in params.items()
     }
-
-    def make_hook(buffer: torch.Tensor) -> Callable[[torch.Tensor], None]:
-        def fold(param: torch.Tensor) -> None:
-            grad = param.grad
-            if reduction == "sum_abs":
-                buffer.add_(grad.abs())  # type: ignore[union-attr]
-            else:
-                buffer.add_(grad)  # type: ignore[arg-type]  # add_ upcasts bf16 into fp32
-            param.grad = None  # free it now: full gradients are never held
-
-        return fold
-
-    # Hooks are registered inside `only_these_require_grad`: torch refuses a hook on a tensor
-    # that does not require grad, so a frozen model (requires_grad=False) would fail.
-    handles: list[Any] = []
+    if reduction == "sum_abs" and not one_by_one:
+        folding = per_sample_abs_gradients(
+            model, params, fold_per_sample_into(buffers, per_sample_bytes)
+        )
+    else:
+        folding = gradients_folded_into(params, buffers, take_abs=reduction == "sum_abs")
     was_training = model.training
     model.eval()  # no dropout: scores must be deterministic
     recomputing = recomputed_blocks(model) if recompute else contextlib.nullcontext()
     try:
+        # Hooks are registered inside `only_these_require_grad`: torch refuses a hook on a tensor
+        # that does not require grad, so a frozen model (requires_grad=False) would fail.
         with (
             only_these_require_grad(model, list(params.values())),
             torch.enable_grad(),
             recomputing,
+            folding,
         ):
-            for n, p in params.items():
-                handles.append(p.register_post_accumulate_grad_hook(make_hook(buffers[n])))
             for start in range(0, len(examples), batch_size):
                 if should_cancel and should_cancel():
                     raise JobCancelled("cancelled during attribution")
@@ -229,8 +424,6 @@ def accumulate_gradients(
                 if on_step:
                     on_step(min(start + batch_size, len(examples)), len(examples))
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     return buffers
 

@@ -165,11 +165,13 @@ def compute_scores(
     on_progress: ProgressFn,
     should_cancel: CancelFn | None,
     recompute: bool = False,
+    sum_abs_strategy: attribution.SumAbsStrategy = "batched",
 ) -> Scores:
     """Harm pass, then preserve pass. Per-matrix selection reduces each score map as soon as it
     is computed (harm: ranked top-q_max; preserve: top-p indices), so at most one fp32
     score-sized buffer is alive at any time; global selection keeps both maps. `recompute`:
-    gradient checkpointing of the decoder blocks (chosen by the preflight estimate)."""
+    gradient checkpointing of the decoder blocks (chosen by the preflight estimate);
+    `sum_abs_strategy`: how the sum_abs preserve pass gets per-sample gradients (benchmarks)."""
     pruning = config.domain.pruning
     params = attribution.scored_parameters(loaded.model)
     n_h, n_b = len(calibration.harmful_examples), len(calibration.benign_examples)
@@ -198,6 +200,7 @@ def compute_scores(
         params,
         calibration.benign_examples,
         pruning.preserve_score,
+        sum_abs_strategy=sum_abs_strategy,
         on_step=lambda d, t: on_progress("attribute", n_h + d, n_h + n_b),
         **common,
     )

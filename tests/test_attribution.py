@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 from harmprune import attribution
-from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, tokenize_pair
+from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
+from harmprune.errors import UnsupportedModelError
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -132,10 +133,17 @@ def test_scores_match_reference(
 
     harm = attribution.score_harm(model, params, harmful_examples, batch_size=3, pad_id=pad)
     assert_scores_close(harm, ref_h["harm"])
-    keep = attribution.score_preserve(
-        model, params, benign_examples, "sum_abs", batch_size=2, pad_id=pad
-    )
-    assert_scores_close(keep, ref_b["sum_abs"])
+    for strategy in ("batched", "per_sample"):  # per-sample products / one backward per sample
+        keep = attribution.score_preserve(
+            model,
+            params,
+            benign_examples,
+            "sum_abs",
+            batch_size=2,
+            pad_id=pad,
+            sum_abs_strategy=strategy,
+        )
+        assert_scores_close(keep, ref_b["sum_abs"])
     keep_mean = attribution.score_preserve(
         model, params, benign_examples, "abs_mean", batch_size=2, pad_id=pad
     )
@@ -220,6 +228,130 @@ def test_recomputed_blocks_give_the_reference_scores(
     assert inner_calls[0] == 1  # without `recompute`, one forward per backward again
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_sum_abs_equals_the_reference_padded_sliced_recomputed_and_capped(
+    arch: str,
+    tiny_model: Any,
+    tokenizer: Any,
+    harmful_examples: list[Example],
+    benign_examples: list[Example],
+) -> None:
+    """sum_i |g_i| from one batched backward per batch equals per-sample autograd: with padding
+    (8 examples of different lengths in one batch), backward slices of several rows, recomputed
+    blocks, and a cap so small that every product is formed one sample at a time."""
+    model = tiny_model(arch)
+    mixed = harmful_examples + benign_examples
+    assert len({len(e.input_ids) for e in mixed}) > 1
+    params = attribution.scored_parameters(model)
+    want = reference_scores(model, list(params), mixed)["sum_abs"]
+    width = max(len(e.input_ids) for e in mixed)
+    slices = attribution.backward_slices(mixed, 3 * width)
+    assert len(slices) > 1 and all(len(piece) > 1 for piece in slices)  # sliced, rows batched
+    pad = tokenizer.pad_token_id
+    for options in (
+        {},  # one backward of all 8
+        {"max_tokens": 3 * width},
+        {"recompute": True},
+        {"recompute": True, "max_tokens": 3 * width},
+        {"per_sample_bytes": 1},  # groups of one sample
+    ):
+        got = attribution.score_preserve(
+            model, params, mixed, "sum_abs", batch_size=len(mixed), pad_id=pad, **options
+        )
+        assert_scores_close(got, want)
+    assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules())  # forwards put back
+
+
+def test_ignored_positions_have_zero_output_gradients(
+    tiny_model: Any, tokenizer: Any, harmful_examples: list[Example]
+) -> None:
+    """What makes padding harmless in the per-sample products: every scored layer's output
+    gradient is exactly 0 at padded positions and after each row's last response token."""
+    model = tiny_model("llama")
+    params = attribution.scored_parameters(model)
+    batch = collate(harmful_examples, tokenizer.pad_token_id)
+    seen: list[torch.Tensor] = []
+
+    def record(name: str, transposed: bool) -> attribution.PerSampleFold:
+        return lambda x, grad_y: seen.append(grad_y.detach().clone())  # type: ignore[func-returns-value]
+
+    with (
+        attribution.only_these_require_grad(model, list(params.values())),
+        torch.enable_grad(),
+        attribution.per_sample_abs_gradients(model, params, record),
+    ):
+        attribution.response_losses(model, batch).sum().backward()
+    assert len(seen) == len(params)
+    scored = batch["labels"] != IGNORE_INDEX
+    # position t's output feeds the predictions of t+1..: nothing after the last scored label
+    last = torch.stack([row.nonzero().max() for row in scored])
+    after = torch.arange(scored.shape[1])[None, :] >= last[:, None]
+    assert (batch["attention_mask"] == 0)[after.logical_not()].sum() == 0  # padding is after
+    for grad_y in seen:
+        assert torch.all(grad_y[after] == 0)
+        assert grad_y[~after].abs().sum() > 0
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("max_bytes", [1, 3 * 5 * 4 * 2, 10**9])
+def test_per_sample_abs_grad_sum_is_a_sum_of_per_row_products(
+    transposed: bool, max_bytes: int
+) -> None:
+    g = torch.Generator().manual_seed(0)
+    x, grad_y = torch.randn(4, 6, 3, generator=g), torch.randn(4, 6, 5, generator=g)
+    rows = [grad_y[i].T @ x[i] for i in range(4)]  # [out, in] per sample, as autograd's
+    want = torch.stack(rows).abs().sum(dim=0)
+    got = attribution.per_sample_abs_grad_sum(x, grad_y, transposed=transposed, max_bytes=max_bytes)
+    torch.testing.assert_close(got, want.T if transposed else want)
+    out = torch.ones_like(got)
+    attribution.per_sample_abs_grad_sum(
+        x, grad_y, transposed=transposed, max_bytes=max_bytes, out=out
+    )
+    torch.testing.assert_close(out, got + 1)
+    with pytest.raises(UnsupportedModelError):  # tokens folded into rows: samples unknown
+        attribution.per_sample_abs_grad_sum(
+            x.reshape(24, 3), grad_y.reshape(24, 5), transposed=transposed, max_bytes=max_bytes
+        )
+
+
+def test_pipeline_masks_equal_batched_and_batch_one(
+    tiny_model: Any, tokenizer: Any, harmful_examples: list[Example], benign_examples: list[Example]
+) -> None:
+    """The pipeline's per-matrix selection is the same with the batched sum_abs pass (the
+    default) and the batch-1 one."""
+    from types import SimpleNamespace
+
+    from harmprune import pipeline
+
+    model = tiny_model("phi3")
+    loaded = SimpleNamespace(model=model, tokenizer=tokenizer)
+    calibration = SimpleNamespace(
+        harmful_examples=harmful_examples, benign_examples=benign_examples
+    )
+    pruning = SimpleNamespace(selection="per_matrix", preserve_score="sum_abs", p=0.05)
+    config = SimpleNamespace(
+        batch_size=4, max_backward_tokens=None, domain=SimpleNamespace(pruning=pruning)
+    )
+    q = 0.05
+    chosen = {}
+    for strategy in ("batched", "per_sample"):
+        scores = pipeline.compute_scores(
+            loaded,  # type: ignore[arg-type]
+            calibration,  # type: ignore[arg-type]
+            config,  # type: ignore[arg-type]
+            q,
+            lambda *_: None,
+            None,
+            sum_abs_strategy=strategy,  # type: ignore[arg-type]
+        )
+        chosen[strategy] = scores.selector.select(q)
+    assert sum(s.protected_candidates for s in chosen["batched"].values()) > 0  # p matters
+    for name, sel in chosen["per_sample"].items():
+        assert torch.equal(chosen["batched"][name].pruned, sel.pruned), name
+        assert torch.equal(chosen["batched"][name].candidates, sel.candidates), name
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 7, 8])
 @pytest.mark.parametrize("max_tokens", [None, 1, 50, 99, 100, 260, 1000])
 def test_backward_slices_cover_the_batch_within_the_cap(rows: int, max_tokens: int | None) -> None:
@@ -294,3 +426,21 @@ def test_scores_are_fp32_for_a_bf16_model(
     )
     assert all(s.dtype == torch.float32 and torch.isfinite(s).all() for s in harm.values())
     assert any(s.abs().sum() > 0 for s in harm.values())
+    # sum_abs: bf16 products (as autograd's bf16 gradients), summed in fp32; close to batch 1
+    keep = {
+        strategy: attribution.score_preserve(
+            model,
+            params,
+            harmful_examples,
+            "sum_abs",
+            batch_size=4,
+            pad_id=tokenizer.pad_token_id,
+            sum_abs_strategy=strategy,
+        )
+        for strategy in ("batched", "per_sample")
+    }
+    for name, s in keep["batched"].items():
+        assert s.dtype == torch.float32 and torch.isfinite(s).all(), name
+        torch.testing.assert_close(
+            s, keep["per_sample"][name], rtol=2e-2, atol=1e-3 * s.max().item()
+        )

@@ -14,12 +14,12 @@ import pytest
 import torch
 from harmprune import pipeline
 from harmprune.config import HardenConfig, load_domain
-from harmprune.distributed import DistributedJob, RandomInit, run_torchrun
+from harmprune.distributed import DistributedJob, run_torchrun
 from harmprune.errors import AttributionError, JobCancelled
 from harmprune.pruning import MASK_FILE, load_mask
 from harmprune.settings import Settings
 
-from tests.test_distributed import CONFIG, make_examples
+from tests.test_distributed import make_examples, save_random_model
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -73,10 +73,15 @@ def test_two_fsdp_ranks_prune_what_one_process_prunes(
     assert not any((tmp_path / "two" / ".." / "work").resolve().glob("attribution-*"))
 
 
-def slow_job(**kw: Any) -> DistributedJob:
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return save_random_model(tmp_path_factory.mktemp("random-llama"))
+
+
+def slow_job(model: str, **kw: Any) -> DistributedJob:
     """Enough samples at batch 1 to run for a while on 2 CPU processes."""
     return DistributedJob(
-        RandomInit(CONFIG, seed=7, std=0.2),
+        model,
         make_examples(1, 400),
         make_examples(2, 400),
         q=0.05,
@@ -88,7 +93,7 @@ def slow_job(**kw: Any) -> DistributedJob:
     )
 
 
-def test_cancel_stops_every_rank(tmp_path: Path) -> None:
+def test_cancel_stops_every_rank(tmp_path: Path, model_dir: str) -> None:
     seen: list[tuple[int, int]] = []
     work = tmp_path / "ranks"
 
@@ -98,7 +103,7 @@ def test_cancel_stops_every_rank(tmp_path: Path) -> None:
     started = time.monotonic()
     with pytest.raises(JobCancelled):
         run_torchrun(
-            slow_job(),
+            slow_job(model_dir),
             2,
             work,
             on_progress=lambda d, t: seen.append((d, t)),
@@ -112,15 +117,16 @@ def test_cancel_stops_every_rank(tmp_path: Path) -> None:
 
 
 def test_a_failing_rank_is_an_attribution_error_with_the_log_tail(tmp_path: Path) -> None:
-    job = slow_job()
-    job = DistributedJob(**{**job.__dict__, "model": str(tmp_path / "no-such-model")})
+    job = slow_job(str(tmp_path / "no-such-model"))
     with pytest.raises(AttributionError, match="failed on 2 processes") as err:
         run_torchrun(job, 2, tmp_path / "ranks", poll_s=0.2)
     assert "no-such-model" in str(err.value)  # the ranks' own error, from the log
     assert processes_mentioning(str(tmp_path / "ranks" / "job.json")) == []
 
 
-def test_ranks_get_no_hub_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ranks_get_no_hub_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model_dir: str
+) -> None:
     """The launcher strips credentials from the ranks' environment."""
     monkeypatch.setenv("HF_TOKEN", "hf_secret_never_in_ranks")
     monkeypatch.setenv("HARMPRUNE_HF_TOKEN", "hf_secret_never_in_ranks")
@@ -133,7 +139,7 @@ def test_ranks_get_no_hub_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     with pytest.raises(JobCancelled):
         run_torchrun(
-            slow_job(),
+            slow_job(model_dir),
             2,
             tmp_path / "ranks",
             on_progress=look,
