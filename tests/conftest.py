@@ -4,7 +4,7 @@ tiny domain spec. Everything is built locally from configs (no downloads) with f
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,23 @@ def build_model(arch: str, tokenizer: Any, seed: int = 1234) -> Any:
     return model
 
 
+def _restore_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+# Every test, and every module's fixtures (test_distributed's reference sets 1 thread for its
+# module), leave torch's intra-op thread count as they found it.
+_torch_threads_per_test = pytest.fixture(autouse=True, name="_torch_threads_per_test")(
+    _restore_torch_threads
+)
+_torch_threads_per_module = pytest.fixture(
+    autouse=True, scope="module", name="_torch_threads_per_module"
+)(_restore_torch_threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer() -> Any:
     return make_tokenizer()
@@ -203,6 +220,17 @@ def domain_spec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("domain") / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_DOMAIN, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The session's Redis, database 15: the one at $HARMPRUNE_TEST_REDIS_URL (default
+    127.0.0.1:6379) if it answers, else a private redis-server started for the session; fails
+    (never skips) with how to install Redis if neither can be had. See tests/service_stack.py."""
+    from tests.service_stack import session_redis, stop_session_redis
+
+    yield session_redis().url()
+    stop_session_redis()
 
 
 @pytest.fixture

@@ -92,9 +92,9 @@ def cli(
 
 
 class HubStack:
-    def __init__(self, hub: HubServer, tmp: Path, model_roots: list[Path]) -> None:
+    def __init__(self, hub: HubServer, tmp: Path, model_roots: list[Path], redis_url: str) -> None:
         self.hub, self.tmp = hub, tmp
-        self._ns_cm = redis_namespace("e2e")
+        self._ns_cm = redis_namespace("e2e", redis_url)
         self.ns = self._ns_cm.__enter__()
         self.settings = stack_settings(
             self.ns, tmp, local_model_roots=model_roots, hub_enabled=True
@@ -114,8 +114,9 @@ def hub_stack(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
     tiny_model_dir: Callable[[str], Path],
+    redis_url: str,
 ) -> Iterator[HubStack]:
-    stack = HubStack(hub_server, tmp_path, [tiny_model_dir("llama").parent])
+    stack = HubStack(hub_server, tmp_path, [tiny_model_dir("llama").parent], redis_url)
     try:
         stack.worker.start()
         yield stack
@@ -229,10 +230,11 @@ def test_transient_hub_errors_are_retried_by_the_task(
 def test_smollm2_job_end_to_end_on_the_hub(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
+    redis_url: str,
 ) -> None:
     from harmprune.loading import convert_gguf, smollm2_gguf_path
 
-    stack = HubStack(hub_server, tmp_path, [])
+    stack = HubStack(hub_server, tmp_path, [], redis_url)
     domain = {
         "name": "e2e-smollm2",
         "elicitation": {"max_new_tokens": 12},

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune.jobs import runner as worker_job
 from harmprune.errors import ModelLoadError, PublishError
+from harmprune.jobs import runner as worker_job
 from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint, new_job_id
 from harmprune.publishing import LocalPublisher, PublishResult
 from harmprune.settings import Settings
@@ -73,8 +73,8 @@ class FlakyPublisher:
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
-    with redis_namespace("wjob") as namespace:
+def ns(redis_url: str) -> Iterator[Namespace]:
+    with redis_namespace("wjob", redis_url) as namespace:
         yield namespace
 
 
