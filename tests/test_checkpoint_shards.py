@@ -1,6 +1,6 @@
 """A hardened checkpoint written in several safetensors shards (a small `max_shard_size` on a tiny
 model, as a large model gets with the default 5GB): it reloads with plain `from_pretrained`, holds
-the hardened weights, restores bit for bit, and can itself be the input of a job."""
+the hardened weights, and restores (from shards, into shards) bit for bit."""
 
 from __future__ import annotations
 
