@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import yaml
+
+from tests.support.smollm2 import CliRun
 
 # Tests never reach the network: an unknown Hub id must fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -231,6 +234,56 @@ def redis_url() -> Iterator[str]:
 
     yield session_redis().url()
     stop_session_redis()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir() -> Path:
+    """The harmprune cache holding SmolLM2's GGUF conversion (HARMPRUNE_CACHE_DIR, default
+    ~/.cache/harmprune: what `make demo` fills), converted at most once per session."""
+    from harmprune.loading import convert_gguf
+    from harmprune.settings import Settings
+
+    from tests.support.smollm2 import smollm2_gguf
+
+    cache = Settings().cache_dir
+    convert_gguf(smollm2_gguf(), cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_original(smollm2_cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as the pipeline loads it: the converted safetensors directory."""
+    from harmprune.loading import convert_gguf
+
+    from tests.support.smollm2 import smollm2_gguf
+
+    return convert_gguf(smollm2_gguf(), smollm2_cache_dir)[0]
+
+
+@dataclass(frozen=True)
+class SmolLM2Run:
+    """The session's one real-SmolLM2 hardening: `harmprune harden` run as a user runs it."""
+
+    run: CliRun
+    out: Path
+    spec: Path
+    gguf: Path
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache_dir: Path) -> SmolLM2Run:
+    """`harmprune harden --model <the .gguf file> --domain <test-sized cyber spec>` on CPU, once
+    per session; the tests that only read its output share it (never write into `out`)."""
+    from tests.support.smollm2 import SESSION_SPEC, run_cli, smollm2_gguf
+
+    out = tmp_path_factory.mktemp("smollm2-run") / "hardened"
+    gguf = smollm2_gguf()
+    args = ["harden", "--model", str(gguf), "--domain", str(SESSION_SPEC), "--out", str(out)]
+    args += ["--device", "cpu", "--batch-size", "4"]
+    env = {"HARMPRUNE_CACHE_DIR": str(smollm2_cache_dir), "HF_HUB_OFFLINE": "1"}
+    log = out.parent / "stderr.log"
+    run = run_cli(args, env=env, timeout=2700, stderr_log=log)
+    return SmolLM2Run(run, out, SESSION_SPEC, gguf)
 
 
 @pytest.fixture
