@@ -94,12 +94,14 @@ def cli(
 
 
 class HubStack:
-    def __init__(self, hub: HubServer, tmp: Path, model_roots: list[Path], redis_url: str) -> None:
+    def __init__(
+        self, hub: HubServer, tmp: Path, model_roots: list[Path], redis_url: str, **settings: Any
+    ) -> None:
         self.hub, self.tmp = hub, tmp
         self._ns_cm = redis_namespace("e2e", redis_url)
         self.ns = self._ns_cm.__enter__()
         self.settings = stack_settings(
-            self.ns, tmp, local_model_roots=model_roots, hub_enabled=True
+            self.ns, tmp, local_model_roots=model_roots, hub_enabled=True, **settings
         )
         # Only the worker holds the Hub token, through its environment.
         self.worker = WorkerProcess(
@@ -374,15 +376,22 @@ def test_job_downloads_a_pinned_revision_and_publishes_through_lfs(
     assert_hardened(original, hardened, snapshot, final["result"]["report"]["pruned_count"])
 
 
+# The job's own limit (SMOLLM2_JOB_S) fails first, with the job's state and the worker's log;
+# the per-test limit only catches a hang outside it.
+SMOLLM2_JOB_S = 1200
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(SMOLLM2_JOB_S + 300)
 def test_smollm2_job_end_to_end_on_the_hub(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
     redis_url: str,
+    smollm2_cache_dir: Path,
+    smollm2_original: Path,
 ) -> None:
-    from harmprune.loading import convert_gguf, smollm2_gguf_path
-
-    stack = HubStack(hub_server, tmp_path, [], redis_url)
+    # the worker finds SmolLM2 already converted in the session's cache
+    stack = HubStack(hub_server, tmp_path, [], redis_url, cache_dir=smollm2_cache_dir)
     domain = {
         "name": "e2e-smollm2",
         "elicitation": {"max_new_tokens": 12},
@@ -416,19 +425,27 @@ def test_smollm2_job_end_to_end_on_the_hub(
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
 
-            def finished() -> dict | None:
-                current = client.get(f"/v1/jobs/{job_id}", headers=bearer()).json()
-                return current if current["state"] in {"succeeded", "rejected", "failed"} else None
+            seen: list[dict] = []
 
-            final = wait_for(finished, 900, 1.0, "the SmolLM2 job")
+            def finished() -> dict | None:
+                seen.append(client.get(f"/v1/jobs/{job_id}", headers=bearer()).json())
+                done = seen[-1]["state"] in {"succeeded", "rejected", "failed"}
+                return seen[-1] if done else None
+
+            try:
+                final = wait_for(finished, SMOLLM2_JOB_S, 1.0, "the SmolLM2 job")
+            except AssertionError as err:
+                last = {k: seen[-1].get(k) for k in ("state", "stage", "progress")}
+                raise AssertionError(
+                    f"{err}; last seen {last}; worker log:\n{stack.worker.log_tail()}"
+                ) from None
         assert final["state"] == "succeeded", (final, stack.worker.log_tail())
         result = final["result"]
         snapshot = Path(snapshot_download("acme/smollm2-hardened", revision=result["commit_sha"]))
         hardened = AutoModelForCausalLM.from_pretrained(
             "acme/smollm2-hardened", dtype=torch.float32
         )
-        converted, _ = convert_gguf(smollm2_gguf_path(), stack.settings.cache_dir)
-        original = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+        original = AutoModelForCausalLM.from_pretrained(smollm2_original, dtype=torch.float32)
         assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])
     finally:
         stack.close()
