@@ -391,7 +391,17 @@ def test_smollm2_job_end_to_end_on_the_hub(
     smollm2_original: Path,
 ) -> None:
     # the worker finds SmolLM2 already converted in the session's cache
-    stack = HubStack(hub_server, tmp_path, [], redis_url, cache_dir=smollm2_cache_dir)
+    stack = HubStack(
+        hub_server,
+        tmp_path,
+        [],
+        redis_url,
+        cache_dir=smollm2_cache_dir,
+        # the worker's limit (the stack's default is 300 s) below the test's wait, so that a
+        # slow machine gets the job's own time-limit error rather than a truncated run
+        job_soft_time_limit_s=SMOLLM2_JOB_S - 60,
+        visibility_timeout_s=SMOLLM2_JOB_S + 60,
+    )
     domain = {
         "name": "e2e-smollm2",
         "elicitation": {"max_new_tokens": 12},
@@ -439,7 +449,9 @@ def test_smollm2_job_end_to_end_on_the_hub(
                 raise AssertionError(
                     f"{err}; last seen {last}; worker log:\n{stack.worker.log_tail()}"
                 ) from None
-        assert final["state"] == "succeeded", (final, stack.worker.log_tail())
+        assert final["state"] == "succeeded", (
+            f"{final['state']} at {final['stage']}: {final.get('error')}\n{stack.worker.log_tail()}"
+        )
         result = final["result"]
         snapshot = Path(snapshot_download("acme/smollm2-hardened", revision=result["commit_sha"]))
         hardened = AutoModelForCausalLM.from_pretrained(
