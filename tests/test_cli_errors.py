@@ -17,6 +17,7 @@ from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR, m
 from safetensors.torch import save_file
 
 from tests.conftest import TINY_DOMAIN
+from tests.tiny_models import UNSUPPORTED
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
@@ -99,26 +100,8 @@ def test_missing_local_model(
     assert_refused(capsys, harden(missing, domain_spec_path, out), out, "[load]", "not found")
 
 
-def t5_config() -> Any:
-    from transformers import T5Config
-
-    return T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)
-
-
-def bert_config() -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-
-
 @pytest.mark.parametrize(
-    ("make_config", "needles"),
-    [
-        (t5_config, ["unsupported architecture 't5'", "encoder-decoder"]),
-        (bert_config, ["unsupported architecture 'bert'", "encoder-only"]),
-    ],
+    ("make_config", "needles"), list(UNSUPPORTED.values()), ids=list(UNSUPPORTED)
 )
 def test_unsupported_architecture(
     make_config: Any,
