@@ -797,8 +797,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                     new_blobs[oid] = data
                     staged[path] = oid
                 elif key == "lfsFile":
-                    sha256, size = value.get("oid"), value.get("size")
-                    stored = self.hub._lfs_store.get(sha256) if isinstance(sha256, str) else None
+                    sha256, size = str(value.get("oid")), value.get("size")
+                    stored = self.hub._lfs_store.get(sha256)
                     if value.get("algo") != "sha256" or stored is None or len(stored) != size:
                         raise HttpError(
                             422, f"LFS object {sha256} of {path} was not uploaded (or not verified)"
