@@ -97,21 +97,12 @@ BENIGN_RESPONSE = (
 def load(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Any]:
     """(model, pad_id, tokenizer or None), in eval mode, fp32 on CPU."""
     if args.tiny:
-        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers import LlamaForCausalLM
+
+        from tests.tiny_models import BENCH_LLAMA, llama_config
 
         torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-        )
+        config = llama_config(BENCH_LLAMA)
         model = LlamaForCausalLM(config).float().eval()
         return model, 0, None
     from harmprune.loading import load_model

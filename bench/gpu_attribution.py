@@ -45,6 +45,8 @@ import torch  # noqa: E402
 from harmprune import attribution, pipeline  # noqa: E402
 from harmprune.data import IGNORE_INDEX, Example, collate  # noqa: E402
 
+from tests.tiny_models import BENCH_LLAMA_2_LAYERS  # noqa: E402
+
 GOAL_S = 120.0
 # Dense bf16 peak TFLOP/s by device name (no sparsity).
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -64,19 +66,7 @@ LLAMA_31_8B = dict(
     eos_token_id=128009,
     pad_token_id=128004,
 )
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=512,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+TINY = BENCH_LLAMA_2_LAYERS  # tests/tiny_models.py: the configs tests and benchmarks share
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +323,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
             raise ServiceCommandError(f"job {args.ref} is {job['state']}: nothing was published")
         repo_id, revision, url = result["repo_id"], result["commit_sha"], result["url"]
     if url and url.startswith("file://"):
-        _copy_local(Path(url.removeprefix("file://")), args.out)
+        # The local publisher's URL is Path.as_uri(): percent-encoded (a space is %20).
+        _copy_local(Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)), args.out)
     else:
         _download(repo_id, revision, args.out)
     _out(f"{repo_id} -> {args.out}")

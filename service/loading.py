@@ -112,6 +112,7 @@ def _download_from_hub(
 ) -> tuple[Path, ModelSource]:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
+        GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
@@ -126,6 +127,11 @@ def _download_from_hub(
                 token=settings.token_value(),
             )
         )
+    except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repo does exist
+        raise ModelLoadError(
+            f"{repo_id} is gated: accept its conditions on the Hub with the account whose token "
+            "the job uses (HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
         raise ModelLoadError(f"unknown model: {repo_id} was not found on the Hub") from None
     except LocalEntryNotFoundError:

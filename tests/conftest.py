@@ -1,10 +1,12 @@
-"""Shared fixtures: a byte-level tokenizer, tiny random models of several architectures, and a
-tiny domain spec. Everything is built locally from configs (no downloads) with fixed seeds."""
+"""Shared fixtures: a byte-level tokenizer, tiny random models of several architectures (their
+configs: tests/tiny_models.py), a tiny domain spec, the session's Redis, and the session's one
+real-SmolLM2 run."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,116 +14,34 @@ import pytest
 import torch
 import yaml
 
+from tests.support.smollm2 import CliRun
+from tests.tiny_models import (  # noqa: F401  (ARCHS, TIED_ARCHS, ...: imported from here by tests)
+    ARCHS,
+    TIED_ARCHS,
+    build_model,
+    make_config,
+    make_tokenizer,
+)
+
 # Tests never reach the network: an unknown Hub id must fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ARCHS = ("llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox")
-# Architectures saved with tied input/output embeddings.
-TIED_ARCHS = frozenset({"llama", "gpt2", "gemma"})
 
-SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|user|>", "<|assistant|>")
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% else %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+def _restore_torch_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+# Every test, and every module's fixtures (test_distributed's reference sets 1 thread for its
+# module), leave torch's intra-op thread count as they found it.
+_torch_threads_per_test = pytest.fixture(autouse=True, name="_torch_threads_per_test")(
+    _restore_torch_threads
 )
-
-HIDDEN = 32
-INTERMEDIATE = 64
-HEADS = 4
-LAYERS = 2
-MAX_POSITIONS = 256
-
-
-def make_tokenizer(chat_template: bool = True) -> Any:
-    """A byte-level BPE tokenizer with the 256 byte tokens, no merges, and 5 special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|bos|>",
-        eos_token="<|eos|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|user|>", "<|assistant|>"],
-    )
-    if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def make_config(arch: str, tokenizer: Any) -> Any:
-    """A tiny config: 2 blocks, hidden 32, vocab = the tokenizer's size."""
-    import transformers as tf
-
-    ids = dict(
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    llama_like = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=arch in TIED_ARCHS,
-        **ids,
-    )
-    if arch == "llama":
-        return tf.LlamaConfig(**llama_like)
-    if arch == "mistral":
-        return tf.MistralConfig(**llama_like, sliding_window=None)
-    if arch == "qwen2":
-        return tf.Qwen2Config(**llama_like)  # q/k/v have biases: out of scope
-    if arch == "gemma":
-        return tf.GemmaConfig(**llama_like, head_dim=HIDDEN // HEADS)
-    if arch == "phi3":
-        # fused qkv_proj and gate_up_proj
-        return tf.Phi3Config(**llama_like)
-    if arch == "gpt2":
-        # Conv1D (transposed linear) layers
-        return tf.GPT2Config(
-            n_embd=HIDDEN,
-            n_layer=LAYERS,
-            n_head=HEADS,
-            n_positions=MAX_POSITIONS,
-            tie_word_embeddings=True,
-            **ids,
-        )
-    if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=False,
-            **ids,
-        )
-    raise ValueError(f"unknown arch {arch}")
-
-
-def build_model(arch: str, tokenizer: Any, seed: int = 1234) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer), dtype=torch.float32)
-    # from_config initialises with a small std; make the weights larger (but deterministic)
-    # so that gradients and scores are far from float noise.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    model.eval()
-    return model
+_torch_threads_per_module = pytest.fixture(
+    autouse=True, scope="module", name="_torch_threads_per_module"
+)(_restore_torch_threads)
 
 
 @pytest.fixture(scope="session")
@@ -203,6 +123,67 @@ def domain_spec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("domain") / "tiny.yaml"
     path.write_text(yaml.safe_dump(TINY_DOMAIN, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """The session's Redis, database 15: the one at $HARMPRUNE_TEST_REDIS_URL (default
+    127.0.0.1:6379) if it answers, else a private redis-server started for the session; fails
+    (never skips) with how to install Redis if neither can be had. See tests/service_stack.py."""
+    from tests.service_stack import session_redis, stop_session_redis
+
+    yield session_redis().url()
+    stop_session_redis()
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache_dir() -> Path:
+    """The harmprune cache holding SmolLM2's GGUF conversion (HARMPRUNE_CACHE_DIR, default
+    ~/.cache/harmprune: what `make demo` fills), converted at most once per session."""
+    from harmprune.loading import convert_gguf
+    from harmprune.settings import Settings
+
+    from tests.support.smollm2 import smollm2_gguf
+
+    cache = Settings().cache_dir
+    convert_gguf(smollm2_gguf(), cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_original(smollm2_cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as the pipeline loads it: the converted safetensors directory."""
+    from harmprune.loading import convert_gguf
+
+    from tests.support.smollm2 import smollm2_gguf
+
+    return convert_gguf(smollm2_gguf(), smollm2_cache_dir)[0]
+
+
+@dataclass(frozen=True)
+class SmolLM2Run:
+    """The session's one real-SmolLM2 hardening: `harmprune harden` run as a user runs it."""
+
+    run: CliRun
+    out: Path
+    spec: Path
+    gguf: Path
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(tmp_path_factory: pytest.TempPathFactory, smollm2_cache_dir: Path) -> SmolLM2Run:
+    """`harmprune harden --model <the .gguf file> --domain <test-sized cyber spec>` on CPU, once
+    per session; the tests that only read its output share it (never write into `out`)."""
+    from tests.support.smollm2 import SESSION_SPEC, run_cli, smollm2_gguf
+
+    out = tmp_path_factory.mktemp("smollm2-run") / "hardened"
+    gguf = smollm2_gguf()
+    args = ["harden", "--model", str(gguf), "--domain", str(SESSION_SPEC), "--out", str(out)]
+    args += ["--device", "cpu", "--batch-size", "4"]
+    env = {"HARMPRUNE_CACHE_DIR": str(smollm2_cache_dir), "HF_HUB_OFFLINE": "1"}
+    log = out.parent / "stderr.log"
+    run = run_cli(args, env=env, timeout=2700, stderr_log=log)
+    return SmolLM2Run(run, out, SESSION_SPEC, gguf)
 
 
 @pytest.fixture

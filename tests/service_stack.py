@@ -1,13 +1,19 @@
-"""Helpers for the tests that use real services: an isolated namespace on the real Redis, a real
-Celery worker process (started through `harmprune worker`), and a private redis-server that a
-test may stop and restart.
+"""Helpers for the tests that use real services: the session's Redis, an isolated namespace on
+it, a real Celery worker process (started through `harmprune worker`), the API as a process,
+and a private redis-server that a test may stop and restart.
 
-Isolation: every namespace gets a unique key prefix on database 15 of 127.0.0.1:6379; the job
-store and the broker (kombu's global_keyprefix) both live under it, and it is deleted after.
+The session's Redis (`session_redis()`, the `redis_url` fixture of tests/conftest.py): the Redis
+at $HARMPRUNE_TEST_REDIS_URL (default redis://127.0.0.1:6379) if it answers, else a private
+`redis-server` on a free port, started once for the session and removed after it; if neither can
+be had the tests that need Redis fail with how to install it (they are never skipped).
+
+Isolation: every namespace gets a unique key prefix on database 15 of that Redis; the job store
+and the broker (kombu's global_keyprefix) both live under it, and it is deleted after.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -16,7 +22,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +37,14 @@ from harmprune.settings import Settings
 from pydantic import SecretStr
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_HOST, REDIS_PORT, TEST_DB = "127.0.0.1", 6379, 15
+TEST_DB = 15
+# Where the tests look for a running Redis first; point it at nothing to make them start their own.
+REDIS_URL_ENV = "HARMPRUNE_TEST_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+REDIS_INSTALL_HINT = (
+    "install Redis so the tests can start their own redis-server: "
+    "`sudo apt-get install redis-server` (Debian/Ubuntu) or `brew install redis` (macOS)"
+)
 API_KEYS = {
     "alpha": "alpha-key-0123456789abcdef",
     "beta": "beta-key-0123456789abcdef",
@@ -65,14 +80,67 @@ def purge(client: redis.Redis, prefix: str) -> None:
         client.delete(*batch)
 
 
-@contextlib.contextmanager
-def redis_namespace(tag: str, port: int = REDIS_PORT, db: int = TEST_DB) -> Iterator[Namespace]:
-    url = f"redis://{REDIS_HOST}:{port}/{db}"
-    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2)
+def _answers(url: str) -> bool:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=2)
     try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip(f"no Redis on {REDIS_HOST}:{port}")
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+@dataclass
+class SessionRedis:
+    """The Redis of this test session: `base` is redis://host:port; `server` is ours, if any."""
+
+    base: str
+    server: RedisServer | None = None
+
+    def url(self, db: int = TEST_DB) -> str:
+        return f"{self.base}/{db}"
+
+
+_session_redis: SessionRedis | None = None
+
+
+def session_redis() -> SessionRedis:
+    """The running Redis to use (see the module docstring); resolved once per process."""
+    global _session_redis
+    if _session_redis is None:
+        parts = urllib.parse.urlsplit(os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL)
+        base = f"{parts.scheme}://{parts.netloc}"
+        if _answers(base):
+            _session_redis = SessionRedis(base)
+        else:
+            if shutil.which("redis-server") is None:
+                pytest.fail(
+                    f"no Redis answers at {base} and `redis-server` is not on PATH: "
+                    + REDIS_INSTALL_HINT,
+                    pytrace=False,
+                )
+            data_dir = Path(tempfile.mkdtemp(prefix="hptest-redis-"))
+            server = RedisServer(data_dir, persist=False).start()
+            _session_redis = SessionRedis(f"redis://127.0.0.1:{server.port}", server)
+            atexit.register(stop_session_redis)
+    return _session_redis
+
+
+def stop_session_redis() -> None:
+    """Stop the private redis-server of the session, if one was started, and remove its files."""
+    global _session_redis
+    if _session_redis is not None and _session_redis.server is not None:
+        _session_redis.server.stop()
+        shutil.rmtree(_session_redis.server.data_dir, ignore_errors=True)
+        _session_redis = None
+
+
+@contextlib.contextmanager
+def redis_namespace(tag: str, url: str | None = None) -> Iterator[Namespace]:
+    """A unique key prefix on `url` (default: the session's Redis, database 15), purged after."""
+    url = url or session_redis().url()
+    client = redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=2)
+    client.ping()  # the session's Redis answered when it was resolved; a failure here is real
     prefix = f"hptest-{tag}-{uuid.uuid4().hex[:10]}"
     try:
         yield Namespace(url, prefix, client)
@@ -225,16 +293,18 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private redis-server with an append-only file in `data_dir`, which a test may restart."""
+    """A private redis-server on a free port, with its files in `data_dir`. `persist`: an
+    append-only file synced on every write, so that a test may kill and restart it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, persist: bool = True) -> None:
         if shutil.which("redis-server") is None:
-            pytest.skip("redis-server is not installed")
-        self.data_dir, self.port = data_dir, free_port()
+            pytest.fail(f"`redis-server` is not on PATH: {REDIS_INSTALL_HINT}", pytrace=False)
+        self.data_dir, self.port, self.persist = data_dir, free_port(), persist
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else []
         self.proc = subprocess.Popen(
             [
                 "redis-server",
@@ -244,10 +314,7 @@ class RedisServer:
                 "127.0.0.1",
                 "--dir",
                 str(self.data_dir),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
+                *(aof or ["--appendonly", "no"]),
                 "--save",
                 "",
                 "--protected-mode",

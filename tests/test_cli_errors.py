@@ -1,4 +1,6 @@
-"""`harmprune harden` refuses bad input with a clear message, a non-zero exit, and no output."""
+"""`harmprune harden` refuses bad input with a clear message, exit code 2, and no output; an
+accepted job exits 0, a rejected one 3, a job that fails 1. `harmprune preflight` exits 0 when the
+job fits and 2 when it does not."""
 
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune.cli.main import main
+from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR, main
 from safetensors.torch import save_file
 
 from tests.conftest import TINY_DOMAIN
+from tests.tiny_models import UNSUPPORTED
 
 
 def write_spec(path: Path, spec: dict[str, Any]) -> Path:
@@ -23,13 +26,19 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 
 
 def assert_refused(
-    capsys: pytest.CaptureFixture[str], argv: list[str], out: Path, *needles: str
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    out: Path,
+    *needles: str,
+    exit_code: int = EXIT_USER_ERROR,
 ) -> str:
-    """Run the CLI; it must fail, name the problem, and leave nothing next to `out`."""
+    """Run the CLI; it must exit `exit_code` (default 2: bad input), name the problem, and leave
+    nothing next to `out`."""
     siblings_before = set(out.parent.iterdir()) if out.parent.is_dir() else set()
     rc = main(argv)
     err = capsys.readouterr().err
-    assert rc != 0, err
+    assert EXIT_USER_ERROR == 2
+    assert rc == exit_code, err
     assert "harmprune: error" in err, err
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
@@ -71,8 +80,16 @@ def test_unknown_model(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     model = "no-such-org/no-such-model"
+    # Offline, the Hub cannot say whether the repo exists: an environment failure (exit 1, the
+    # API's 503), not bad input.
     assert_refused(
-        capsys, harden(model, domain_spec_path, out), out, "[load]", "unknown model", model
+        capsys,
+        harden(model, domain_spec_path, out),
+        out,
+        "[load]",
+        "unknown model",
+        model,
+        exit_code=EXIT_JOB_ERROR,
     )
 
 
@@ -83,26 +100,8 @@ def test_missing_local_model(
     assert_refused(capsys, harden(missing, domain_spec_path, out), out, "[load]", "not found")
 
 
-def t5_config() -> Any:
-    from transformers import T5Config
-
-    return T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=64)
-
-
-def bert_config() -> Any:
-    from transformers import BertConfig
-
-    return BertConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
-    )
-
-
 @pytest.mark.parametrize(
-    ("make_config", "needles"),
-    [
-        (t5_config, ["unsupported architecture 't5'", "encoder-decoder"]),
-        (bert_config, ["unsupported architecture 'bert'", "encoder-only"]),
-    ],
+    ("make_config", "needles"), list(UNSUPPORTED.values()), ids=list(UNSUPPORTED)
 )
 def test_unsupported_architecture(
     make_config: Any,
@@ -220,7 +219,7 @@ def test_output_is_a_file(
     out.write_text("x")
     rc = main(harden(tiny_model_dir("llama"), domain_spec_path, out))
     err = capsys.readouterr().err
-    assert rc != 0 and "[save]" in err and "not a directory" in err
+    assert rc == EXIT_USER_ERROR and "[save]" in err and "not a directory" in err
     assert out.read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
@@ -231,7 +230,7 @@ def test_output_in_proc_is_refused(
     out = Path("/proc/harmprune-test/hardened")
     rc = main(harden(tiny_model_dir("llama"), domain_spec_path, out))
     err = capsys.readouterr().err
-    assert rc != 0 and "[save]" in err and "cannot write" in err
+    assert rc == EXIT_USER_ERROR and "[save]" in err and "cannot write" in err
     assert not out.exists()
 
 
@@ -242,7 +241,7 @@ def test_non_empty_output_needs_overwrite(
     (out / "keep.txt").write_text("precious")
     rc = main(harden(tiny_model_dir("llama"), domain_spec_path, out))
     err = capsys.readouterr().err
-    assert rc != 0 and "not empty" in err and "--overwrite" in err
+    assert rc == EXIT_USER_ERROR and "not empty" in err and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
     assert not list(out.parent.glob(f".{out.name}.*"))
@@ -262,3 +261,114 @@ def test_missing_chat_template(
         capsys, harden(model_dir, domain_spec_path, out), out, "[load]", "chat template"
     )
     assert "prompt_format: plain" in err  # the message says how to fix it
+
+
+# ---------------------------------------------------------------- exit codes of whole jobs
+
+
+def test_accepted_job_exits_0(
+    capsys: Any, domain_spec_path: Path, out: Path, tiny_model_dir: Any
+) -> None:
+    rc = main(harden(tiny_model_dir("llama"), domain_spec_path, out, "--batch-size", "2"))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "-> accepted" in captured.out
+    assert json.loads((out / "report.json").read_text())["outcome"] == "accepted"
+
+
+def test_rejected_job_exits_3_and_writes_no_weights(
+    capsys: Any, tmp_path: Path, out: Path, tiny_model_dir: Any
+) -> None:
+    spec = copy.deepcopy(TINY_DOMAIN)
+    spec["thresholds"]["min_harm_increase"] = 1000.0  # no hardening can raise harm that much
+    path = write_spec(tmp_path / "reject.yaml", spec)
+    rc = main(harden(tiny_model_dir("llama"), path, out, "--batch-size", "2"))
+    captured = capsys.readouterr()
+    assert rc == EXIT_REJECTED == 3, captured.err
+    assert "-> rejected" in captured.out
+    assert "min_harm_increase" in captured.out or "harm" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["outcome"] == "rejected" and report["outcome_reason"]
+    assert not list(out.glob("*.safetensors")), "a rejected job must not write weights"
+
+
+def test_failing_job_exits_1(capsys: Any, tmp_path: Path, out: Path, tiny_model_dir: Any) -> None:
+    """A job that fails on our side (not the user's input): exit 1, `error [stage]`, no output."""
+    spec = copy.deepcopy(TINY_DOMAIN)
+    spec["harmful"][0]["response"] = ""  # tokenizes to nothing: the calibration stage fails
+    path = write_spec(tmp_path / "spec.yaml", spec)
+    rc = main(harden(tiny_model_dir("llama"), path, out))
+    err = capsys.readouterr().err
+    assert rc == EXIT_JOB_ERROR == 1, err
+    assert "harmprune: error [elicit]" in err and "tokenizes to nothing" in err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+# ---------------------------------------------------------------- a .gguf file as --model
+
+
+def test_missing_gguf_file(capsys: Any, domain_spec_path: Path, out: Path, tmp_path: Path) -> None:
+    gguf = tmp_path / "models" / "absent.gguf"
+    assert_refused(
+        capsys, harden(gguf, domain_spec_path, out), out, "[load]", "GGUF file not found"
+    )
+
+
+def test_unreadable_gguf_file(
+    capsys: Any, domain_spec_path: Path, out: Path, tmp_path: Path, isolated_cache: Path
+) -> None:
+    gguf = tmp_path / "models with space" / "broken.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + b"\0" * 60)  # the magic, then nothing valid
+    assert_refused(
+        capsys,
+        harden(gguf, domain_spec_path, out),
+        out,
+        "[load]",
+        "cannot read GGUF file broken.gguf",
+    )
+    assert not (isolated_cache / "models").exists() or not any(
+        p for p in (isolated_cache / "models").iterdir() if not p.name.startswith(".")
+    ), "a failed conversion left a cached model"
+
+
+# ---------------------------------------------------------------- preflight
+
+
+def test_preflight_fits_exits_0_with_the_counts(capsys: Any, tiny_model_dir: Any) -> None:
+    from harmprune.attribution import scored_parameters
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model_dir("llama")
+    rc = main(["preflight", "--model-dir", str(model_dir), "--pairs", "8", "--tokens", "32"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["fits"] is True and result["problems"] == []
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["scored_weights"] == sum(p.numel() for p in scored_parameters(model).values())
+    assert result["layers"] == model.config.num_hidden_layers == 2
+    assert result["tied_embeddings"] is True and result["chat_template"] is True
+
+
+def test_preflight_too_large_exits_2(capsys: Any, tiny_model_dir: Any) -> None:
+    rc = main(
+        [
+            "preflight",
+            "--model-dir",
+            str(tiny_model_dir("llama")),
+            "--device-memory-gb",
+            "0.000001",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert rc == EXIT_USER_ERROR, captured.err
+    assert json.loads(captured.out)["fits"] is False
+    assert "harmprune: preflight refused" in captured.err
+
+
+def test_preflight_without_config_exits_2(capsys: Any, tmp_path: Path) -> None:
+    rc = main(["preflight", "--model-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == EXIT_USER_ERROR and "[load]" in err and "no config.json" in err

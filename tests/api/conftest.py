@@ -33,8 +33,8 @@ def job_body(**overrides: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
-    with redis_namespace("api") as namespace:
+def ns(redis_url: str) -> Iterator[Namespace]:
+    with redis_namespace("api", redis_url) as namespace:
         yield namespace
 
 

@@ -20,15 +20,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.service_stack import (
-    REDIS_HOST,
-    REDIS_PORT,
-    TEST_DB,
-    Namespace,
-    bearer,
-    purge,
-    stack_settings,
-)
+from tests.service_stack import Namespace, bearer, purge, session_redis, stack_settings
 
 pytestmark = pytest.mark.services
 
@@ -46,7 +38,7 @@ def _build_app() -> tuple[object, str]:
     import uuid
 
     prefix = f"hptest-schema-{uuid.uuid4().hex[:10]}"
-    ns = Namespace(f"redis://{REDIS_HOST}:{REDIS_PORT}/{TEST_DB}", prefix, None)  # type: ignore[arg-type]
+    ns = Namespace(session_redis().url(), prefix, None)  # type: ignore[arg-type]
     tmp = Path(tempfile.gettempdir()) / prefix  # never written: no worker runs here
     return create_app(stack_settings(ns, tmp, max_request_bytes=64_000), sweep=False), prefix
 
@@ -56,12 +48,8 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _real_redis_namespace() -> Iterator[None]:
-    client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=TEST_DB, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis")
+def _real_redis_namespace(redis_url: str) -> Iterator[None]:
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
     yield
     purge(client, PREFIX)
     client.close()

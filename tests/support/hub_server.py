@@ -5,22 +5,40 @@ What it implements (routes, headers and payloads taken from `huggingface_hub` 2.
 
 - `POST /api/repos/create`, `DELETE /api/repos/delete`, `PUT /api/{type}s/{id}/settings`
 - `GET /api/{type}s/{id}` and `.../revision/{rev}` (model_info / repo_info; `siblings`, `sha`)
-- `POST /api/{type}s/{id}/preupload/{rev}`: always `uploadMode: "regular"` (no LFS, no Xet), with the
-  current blob `oid` so the client skips unchanged files like on the real Hub
-- `POST /api/{type}s/{id}/commit/{rev}`: NDJSON body (`header`, `file` base64, `deletedFile`,
-  `deletedFolder`); applied atomically: operations are staged on a copy and published under a lock
-  only if everything succeeded, so a failed (or fault-injected) commit leaves the repo unchanged
+- `POST /api/{type}s/{id}/preupload/{rev}`: `uploadMode: "lfs"` for the paths the repo's
+  `.gitattributes` sends to LFS (`*.safetensors`, ...) and for files of 10 MiB or more, else
+  `"regular"`; with the current `oid` (sha256 for LFS files, git blob sha1 otherwise) so the client
+  skips unchanged files like on the real Hub. Xet is never offered (clients run with
+  HF_HUB_DISABLE_XET=1, and the server sends no Xet headers).
+- the LFS upload (`lfs.py`, git-lfs batch API): `POST /[{type}s/]{id}.git/info/lfs/objects/batch`
+  answers `transfer: basic` with, per object not yet stored, an `upload` action (a presigned
+  `PUT /lfs-storage/{sha256}?signature=...`, no Authorization, as on S3) and a `verify` action
+  (`POST /[{type}s/]{id}.git/info/lfs/objects/verify`, authenticated); the stored object must
+  match its sha256 and size
+- `POST /api/{type}s/{id}/commit/{rev}`: NDJSON body (`header`, `file` base64, `lfsFile` (a
+  stored LFS object by sha256), `deletedFile`, `deletedFolder`); a `file` for a path that must go
+  through LFS is refused (the real Hub refuses large binaries in git). Applied atomically:
+  operations are staged on a copy and published under a lock only if everything succeeded, so a
+  failed (or fault-injected) commit leaves the repo unchanged
 - `GET /api/{type}s/{id}/commits/{rev}` (newest first, paginated with a `Link: rel="next"` header)
 - `GET /api/{type}s/{id}/tree/{rev}[/{path}]`, `POST .../paths-info/{rev}`, `GET .../refs`
-- `GET|HEAD /[{type}s/]{id}/resolve/{rev}/{path}`: `ETag` (git blob sha1), `X-Repo-Commit`,
+- `GET|HEAD /[{type}s/]{id}/resolve/{rev}/{path}`: `ETag` (git blob sha1; of the pointer file for
+  LFS files, which also get `X-Linked-Etag` (sha256) and `X-Linked-Size` as the client reads them;
+  the content is served directly, where the real Hub redirects to its CDN), `X-Repo-Commit`,
   `Content-Length`, `Accept-Ranges`/`Range`; errors carry `X-Error-Code`
-  (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`) as the client maps them to its exceptions
+  (`RepoNotFound`, `RevisionNotFound`, `EntryNotFound`, `GatedRepo`) as the client maps them to
+  its exceptions
 - `POST /api/validate-yaml` (README.md commits), `GET /api/whoami-v2`
 
 Auth: the server has a set of valid tokens (`server.token` is one). Writes without a valid
 `Authorization: Bearer <token>` get 401; any request carrying an unknown token gets 401
 "Invalid credentials in Authorization header" (as the Hub does); tokens in `read_only_tokens` get
-403 on writes; private repos are 404 `RepoNotFound` without a valid token.
+403 on writes; private repos are 404 `RepoNotFound` without a valid token; gated repos show their
+info to anyone but serve files (403 `GatedRepo`) only to tokens granted access (`grant()`).
+
+Serving a model: `add_repo(repo_id, {path: bytes}, private=, gated=)` creates a repo whose first
+commit holds those files (LFS files stored as LFS), `push()` adds a commit; `lfs_paths()` tells
+which files of a revision are LFS objects.
 
 Pointing the client at it, in-process
 -------------------------------------
@@ -51,7 +69,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fnmatch
 import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -73,6 +93,16 @@ _URL_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SHA_RE = re.compile(r"^[0-9a-f]{7,40}$")
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
+LFS_MIN_SIZE = 10 * 1024 * 1024  # the Hub stores files this large in LFS whatever their name
+LFS_CONTENT_TYPE = "application/vnd.git-lfs+json"
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+
+
+def lfs_pointer(sha256: str, size: int) -> bytes:
+    """The git-lfs pointer file that git stores in place of an LFS object."""
+    return (
+        f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {size}\n".encode()
+    )
 
 
 def git_blob_oid(data: bytes) -> str:
@@ -102,6 +132,8 @@ class Repo:
     private: bool
     created_at: str
     commits: list[Commit] = field(default_factory=list)  # oldest first
+    gated: bool = False
+    granted: set[str] = field(default_factory=set)  # tokens that may read a gated repo's files
 
     @property
     def head(self) -> Commit:
@@ -156,7 +188,10 @@ class HubServer:
         self.commits_page_size = commits_page_size
         self.request_log: list[tuple[str, str, int]] = []  # (method, path, status)
         self._repos: dict[tuple[str, str], Repo] = {}
-        self._blobs: dict[str, bytes] = {}
+        self._blobs: dict[str, bytes] = {}  # git oid -> content (for LFS files: of the pointer)
+        self._lfs_sha: dict[str, str] = {}  # git oid of an LFS pointer -> the object's sha256
+        self._lfs_store: dict[str, bytes] = {}  # sha256 -> LFS object uploaded (or committed)
+        self._signing_key = secrets.token_bytes(16)
         self._faults: list[_Fault] = []
         self._lock = threading.RLock()
         self._counter = itertools.count(1)
@@ -224,7 +259,54 @@ class HubServer:
         """`{path: content}` of the repo at `revision` (branch `main` or a commit sha)."""
         with self._lock:
             commit = self._resolve(self._get(repo_id, repo_type), revision)
-            return {path: self._blobs[oid] for path, oid in commit.files.items()}
+            return {path: self._content(oid) for path, oid in commit.files.items()}
+
+    def lfs_paths(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> set[str]:
+        """The files of `revision` that are stored as LFS objects."""
+        with self._lock:
+            commit = self._resolve(self._get(repo_id, repo_type), revision)
+            return {path for path, oid in commit.files.items() if oid in self._lfs_sha}
+
+    # -- serving models ----------------------------------------------------------------------------
+
+    def add_repo(
+        self,
+        repo_id: str,
+        files: dict[str, bytes],
+        *,
+        private: bool = False,
+        gated: bool = False,
+        title: str = "Upload model",
+    ) -> str:
+        """A repo whose second commit (after the initial one) holds `files`; its sha."""
+        repo, created = self._create_repo(repo_id, "model", private)
+        if not created:
+            raise ValueError(f"repo {repo_id} exists")
+        repo.gated = gated
+        return self.push(repo_id, files, title)
+
+    def push(self, repo_id: str, files: dict[str, bytes], title: str) -> str:
+        """Commit `files` (added or replaced) on `main` server-side; the new commit's sha."""
+        with self._lock:
+            repo = self._get(repo_id, "model")
+            staged = dict(repo.head.files)
+            for path, data in files.items():
+                if self._wants_lfs(repo.head, path, len(data)):
+                    sha256 = hashlib.sha256(data).hexdigest()
+                    self._lfs_store[sha256] = data
+                    staged[path] = self._store_lfs(sha256)
+                else:
+                    staged[path] = self._store(data)
+            sha = self._new_sha(repo.head.sha, title)
+            repo.commits.append(
+                Commit(sha, repo.head.sha, title, "", _now_iso(), self.user, staged)
+            )
+            return sha
+
+    def grant(self, repo_id: str, token: str) -> None:
+        """Let `token` read the files of gated `repo_id` (the user accepted its conditions)."""
+        with self._lock:
+            self._get(repo_id, "model").granted.add(token)
 
     def _get(self, repo_id: str, repo_type: str) -> Repo:
         with self._lock:
@@ -272,6 +354,33 @@ class HubServer:
         self._blobs.setdefault(oid, data)
         return oid
 
+    def _store_lfs(self, sha256: str) -> str:
+        """Record a stored LFS object as a git file (its pointer); the pointer's git oid."""
+        oid = self._store(lfs_pointer(sha256, len(self._lfs_store[sha256])))
+        self._lfs_sha[oid] = sha256
+        return oid
+
+    def _content(self, oid: str) -> bytes:
+        """A file's content: the LFS object for a pointer, else the git blob."""
+        sha256 = self._lfs_sha.get(oid)
+        return self._lfs_store[sha256] if sha256 is not None else self._blobs[oid]
+
+    def _wants_lfs(self, head: Commit, path: str, size: int) -> bool:
+        """LFS for the repo's `.gitattributes` LFS patterns, and for any large file."""
+        if size >= LFS_MIN_SIZE:
+            return True
+        attributes = head.files.get(".gitattributes")
+        text = self._blobs[attributes].decode() if attributes else ""
+        name = path.rsplit("/", 1)[-1]
+        for line in text.splitlines():
+            pattern, *attrs = line.split()
+            if "filter=lfs" in attrs and fnmatch.fnmatch(path if "/" in pattern else name, pattern):
+                return True
+        return False
+
+    def _signature(self, sha256: str, size: int) -> str:
+        return hmac.new(self._signing_key, f"{sha256}:{size}".encode(), "sha256").hexdigest()
+
     def _create_repo(self, repo_id: str, repo_type: str, private: bool) -> tuple[Repo, bool]:
         with self._lock:
             key = (repo_type, repo_id)
@@ -280,11 +389,7 @@ class HubServer:
             repo = Repo(
                 repo_id=repo_id, repo_type=repo_type, private=private, created_at=_now_iso()
             )
-            files = {
-                ".gitattributes": self._store(
-                    b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
-                )
-            }
+            files = {".gitattributes": self._store(GITATTRIBUTES)}
             sha = self._new_sha(repo_type, repo_id, "initial commit")
             repo.commits.append(
                 Commit(sha, None, "initial commit", "", _now_iso(), self.user, files)
@@ -303,11 +408,19 @@ class HubServer:
         raise HttpError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
 
 
-def _tree_entries(commit: Commit, blobs: dict[str, bytes]) -> list[dict[str, Any]]:
+def _tree_entries(commit: Commit, hub: HubServer) -> list[dict[str, Any]]:
     """Files and directories of a commit, as `/tree` entries, sorted by path."""
     entries: dict[str, dict[str, Any]] = {}
     for path, oid in commit.files.items():
-        entries[path] = {"type": "file", "oid": oid, "size": len(blobs[oid]), "path": path}
+        size = len(hub._content(oid))
+        entries[path] = {"type": "file", "oid": oid, "size": size, "path": path}
+        if oid in hub._lfs_sha:
+            pointer_size = len(hub._blobs[oid])
+            entries[path]["lfs"] = {
+                "oid": hub._lfs_sha[oid],
+                "size": size,
+                "pointerSize": pointer_size,
+            }
         parts = path.split("/")
         for i in range(1, len(parts)):
             folder = "/".join(parts[:i])
@@ -465,11 +578,21 @@ class _HubHandler(BaseHTTPRequestHandler):
                 repo_id = f"{unquote(rest[1])}/{unquote(rest[2])}"
                 return self._repo_api(method, repo_type, repo_id, rest[3:], body)
             raise HttpError(404, f"unknown route {method} {self.path}")
+        if seg[:1] == ["lfs-storage"] and len(seg) == 2 and method == "PUT":
+            return self._lfs_store_object(unquote(seg[1]), body)
         # file routes: /[{type}s/]{ns}/{name}/resolve/{rev}/{path...}
         repo_type = "model"
         if seg and seg[0] in ("datasets", "spaces"):
             repo_type = REPO_TYPES[seg[0]]
             seg = seg[1:]
+        # git-lfs: /[{type}s/]{ns}/{name}.git/info/lfs/objects/{batch|verify}
+        if len(seg) == 6 and seg[1].endswith(".git") and seg[2:5] == ["info", "lfs", "objects"]:
+            self._fault("*")
+            repo_id = f"{unquote(seg[0])}/{unquote(seg[1]).removesuffix('.git')}"
+            if method == "POST" and seg[5] == "batch":
+                return self._lfs_batch(repo_type, repo_id, body)
+            if method == "POST" and seg[5] == "verify":
+                return self._lfs_verify(repo_type, repo_id, body)
         if len(seg) >= 5 and seg[2] == "resolve" and method in ("GET", "HEAD"):
             self._fault("*")
             repo_id = f"{unquote(seg[0])}/{unquote(seg[1])}"
@@ -574,10 +697,18 @@ class _HubHandler(BaseHTTPRequestHandler):
         repo = self._repo(repo_type, repo_id)
         with self.hub._lock:
             commit = self.hub._resolve(repo, revision)
-            siblings = [
-                {"rfilename": p, "size": len(self.hub._blobs[oid]), "blobId": oid}
-                for p, oid in sorted(commit.files.items())
-            ]
+            siblings = []
+            for path, oid in sorted(commit.files.items()):
+                size = len(self.hub._content(oid))
+                sibling: dict[str, Any] = {"rfilename": path, "size": size, "blobId": oid}
+                if oid in self.hub._lfs_sha:
+                    pointer = len(self.hub._blobs[oid])
+                    sibling["lfs"] = {
+                        "sha256": self.hub._lfs_sha[oid],
+                        "size": size,
+                        "pointerSize": pointer,
+                    }
+                siblings.append(sibling)
         blobs = "blobs" in self.query
         if not blobs:
             siblings = [{"rfilename": s["rfilename"]} for s in siblings]
@@ -593,7 +724,7 @@ class _HubHandler(BaseHTTPRequestHandler):
                 "lastModified": commit.date,
                 "createdAt": repo.created_at,
                 "private": repo.private,
-                "gated": False,
+                "gated": "manual" if repo.gated else False,
                 "disabled": False,
                 "downloads": 0,
                 "likes": 0,
@@ -608,19 +739,18 @@ class _HubHandler(BaseHTTPRequestHandler):
         if revision != "main":
             raise HttpError(404, f"Invalid rev id: {revision}", code="RevisionNotFound")
         payload = json.loads(body or b"{}")
-        current = repo.head.files
+        head = repo.head
         files = []
-        for item in payload.get("files", []):
-            path = _validate_path(item.get("path"))
-            files.append(
-                {
-                    "path": path,
-                    "uploadMode": "regular",
-                    "shouldIgnore": False,
-                    "oid": current.get(path),
-                }
-            )
-        self._json(200, {"files": files, "commitOid": repo.head.sha})
+        with self.hub._lock:
+            for item in payload.get("files", []):
+                path = _validate_path(item.get("path"))
+                lfs = self.hub._wants_lfs(head, path, int(item.get("size") or 0))
+                oid = head.files.get(path)
+                if oid is not None and lfs:
+                    oid = self.hub._lfs_sha.get(oid)  # the client compares sha256 for LFS files
+                mode = "lfs" if lfs else "regular"
+                files.append({"path": path, "uploadMode": mode, "shouldIgnore": False, "oid": oid})
+        self._json(200, {"files": files, "commitOid": head.sha})
 
     def _commit(self, repo_type: str, repo_id: str, revision: str, body: bytes) -> None:
         self._require_write()
@@ -648,6 +778,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             # Stage on a copy: nothing below touches the repo until the final append.
             staged = dict(head.files)
             new_blobs: dict[str, bytes] = {}
+            lfs_files: dict[str, str] = {}  # path -> sha256 of a stored LFS object
             for item in items[1:]:
                 key, value = item.get("key"), item.get("value") or {}
                 path = _validate_path(value.get("path"))
@@ -658,11 +789,21 @@ class _HubHandler(BaseHTTPRequestHandler):
                         data = base64.b64decode(value.get("content", ""), validate=True)
                     except ValueError as err:
                         raise HttpError(400, f"Invalid base64 content for {path}") from err
+                    if self.hub._wants_lfs(head, path, len(data)):
+                        raise HttpError(
+                            400, f"{path} must be uploaded with LFS (preupload said 'lfs')"
+                        )
                     oid = git_blob_oid(data)
                     new_blobs[oid] = data
                     staged[path] = oid
                 elif key == "lfsFile":
-                    raise HttpError(400, "LFS files are not supported: preupload said 'regular'")
+                    sha256, size = str(value.get("oid")), value.get("size")
+                    stored = self.hub._lfs_store.get(sha256)
+                    if value.get("algo") != "sha256" or stored is None or len(stored) != size:
+                        raise HttpError(
+                            422, f"LFS object {sha256} of {path} was not uploaded (or not verified)"
+                        )
+                    lfs_files[path] = sha256
                 elif key == "deletedFile":
                     if path not in staged:
                         raise HttpError(
@@ -679,6 +820,8 @@ class _HubHandler(BaseHTTPRequestHandler):
             self._fault("commit")
             for oid, data in new_blobs.items():
                 self.hub._blobs.setdefault(oid, data)
+            for path, sha256 in lfs_files.items():
+                staged[path] = self.hub._store_lfs(sha256)
             sha = self.hub._new_sha(head.sha, summary, json.dumps(sorted(staged.items())))
             commit = Commit(
                 sha=sha,
@@ -730,7 +873,7 @@ class _HubHandler(BaseHTTPRequestHandler):
         expand = self.query.get("expand", ["false"])[0].lower() in ("1", "true")
         with self.hub._lock:
             commit = self.hub._resolve(repo, revision)
-            entries = _tree_entries(commit, self.hub._blobs)
+            entries = _tree_entries(commit, self.hub)
             history = repo.commits[: repo.commits.index(commit) + 1]
         if path:
             if not any(e["path"] == path and e["type"] == "directory" for e in entries):
@@ -760,16 +903,82 @@ class _HubHandler(BaseHTTPRequestHandler):
         wanted = {p.strip("/") for p in form.get("paths", [])}
         with self.hub._lock:
             commit = self.hub._resolve(repo, revision)
-            entries = _tree_entries(commit, self.hub._blobs)
+            entries = _tree_entries(commit, self.hub)
         self._json(200, [e for e in entries if e["path"] in wanted])
+
+    # -- git-lfs -----------------------------------------------------------------------------------
+
+    def _lfs_batch(self, repo_type: str, repo_id: str, body: bytes) -> None:
+        """The git-lfs batch API, upload operation: where to PUT each object not yet stored."""
+        self._require_write()
+        repo = self._repo(repo_type, repo_id)
+        payload = json.loads(body or b"{}")
+        if payload.get("operation") != "upload" or "basic" not in payload.get("transfers", []):
+            raise HttpError(422, "only the basic upload transfer is supported")
+        if payload.get("hash_algo", "sha256") != "sha256":
+            raise HttpError(422, "only sha256 is supported")
+        objects = []
+        for item in payload.get("objects", []):
+            sha256, size = _lfs_object_request(json.dumps(item).encode())
+            entry: dict[str, Any] = {"oid": sha256, "size": size, "authenticated": True}
+            with self.hub._lock:
+                stored = sha256 in self.hub._lfs_store
+            if not stored:  # no actions: the client skips objects the server has
+                prefix = _URL_PREFIX[repo.repo_type]
+                signature = self.hub._signature(sha256, size)
+                entry["actions"] = {
+                    "upload": {
+                        "href": f"{self.hub.url}/lfs-storage/{sha256}?size={size}&signature={signature}",
+                        "header": {},
+                    },
+                    "verify": {
+                        "href": f"{self.hub.url}/{prefix}{repo.repo_id}.git/info/lfs/objects/verify",
+                        "header": {},
+                    },
+                }
+            objects.append(entry)
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects}).encode(),
+            content_type=LFS_CONTENT_TYPE,
+        )
+
+    def _lfs_store_object(self, sha256: str, body: bytes) -> None:
+        """The presigned upload URL (S3 on the real Hub): no Authorization, a signature instead."""
+        size = int(self.query.get("size", ["-1"])[0])
+        signature = self.query.get("signature", [""])[0]
+        if not hmac.compare_digest(signature, self.hub._signature(sha256, size)):
+            raise HttpError(403, "SignatureDoesNotMatch")
+        if len(body) != size or hashlib.sha256(body).hexdigest() != sha256:
+            raise HttpError(400, "BadDigest: the uploaded content does not match its sha256/size")
+        with self.hub._lock:
+            self.hub._lfs_store.setdefault(sha256, body)
+        self._send(200, b"", content_type="text/plain", headers={"ETag": f'"{sha256}"'})
+
+    def _lfs_verify(self, repo_type: str, repo_id: str, body: bytes) -> None:
+        self._require_write()
+        self._repo(repo_type, repo_id)
+        sha256, size = _lfs_object_request(body)
+        with self.hub._lock:
+            stored = self.hub._lfs_store.get(sha256)
+        if stored is None or len(stored) != size:
+            raise HttpError(404, f"LFS object {sha256} ({size} bytes) not found")
+        self._json(200, {"oid": sha256, "size": size})
 
     def _resolve_file(self, repo_type: str, repo_id: str, revision: str, path: str) -> None:
         self._fault("resolve")
         repo = self._repo(repo_type, repo_id)
+        if repo.gated and self._token() not in repo.granted:
+            raise HttpError(
+                403,
+                f"Access to model {repo_id} is restricted. You must have access to it and be authenticated to access it.",
+                code="GatedRepo",
+            )
         with self.hub._lock:
             commit = self.hub._resolve(repo, revision)
             oid = commit.files.get(path)
-            data = self.hub._blobs[oid] if oid is not None else None
+            data = self.hub._content(oid) if oid is not None else None
+            sha256 = self.hub._lfs_sha.get(oid or "")
         if data is None:
             raise HttpError(
                 404,
@@ -783,6 +992,9 @@ class _HubHandler(BaseHTTPRequestHandler):
             "Accept-Ranges": "bytes",
             "Content-Disposition": f"inline; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])};",
         }
+        if sha256 is not None:
+            headers["X-Linked-Etag"] = f'"{sha256}"'
+            headers["X-Linked-Size"] = str(len(data))
         status = 200
         range_header = self.headers.get("Range")
         match = re.fullmatch(r"bytes=(\d*)-(\d*)", range_header or "")
@@ -799,6 +1011,19 @@ class _HubHandler(BaseHTTPRequestHandler):
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
             data, status = data[start : end + 1], 206
         self._send(status, data, content_type="application/octet-stream", headers=headers)
+
+
+def _lfs_object_request(body: bytes) -> tuple[str, int]:
+    try:
+        payload = json.loads(body or b"{}")
+        sha256, size = payload["oid"], payload["size"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise HttpError(422, f"invalid LFS object: {err}") from None
+    if not isinstance(sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise HttpError(422, f"invalid LFS oid {sha256!r}")
+    if not isinstance(size, int) or size < 0:
+        raise HttpError(422, f"invalid LFS size {size!r}")
+    return sha256, size
 
 
 def _last_commit_touching(history: list[Commit], path: str) -> Commit:

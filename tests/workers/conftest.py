@@ -126,8 +126,10 @@ class Stack:
 
 
 @contextlib.contextmanager
-def make_stack(tmp: Path, *, sweep: bool = True, **overrides: Any) -> Iterator[Stack]:
-    with redis_namespace("stack") as ns:
+def make_stack(
+    tmp: Path, *, sweep: bool = True, redis_url: str | None = None, **overrides: Any
+) -> Iterator[Stack]:
+    with redis_namespace("stack", redis_url) as ns:
         settings = stack_settings(ns, tmp, **{"preflight": True, **overrides})
         with TestClient(create_app(settings, sweep=sweep)) as client:
             stack = Stack(ns, settings, tmp, client)
@@ -143,9 +145,12 @@ def tiny_llama(tiny_model_dir: Callable[[str], Path]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama: Path, redis_url: str
+) -> Iterator[Stack]:
     """One stack and one worker for the module's tests."""
-    with make_stack(tmp_path_factory.mktemp("stack"), local_model_roots=[tiny_llama.parent]) as s:
+    tmp = tmp_path_factory.mktemp("stack")
+    with make_stack(tmp, redis_url=redis_url, local_model_roots=[tiny_llama.parent]) as s:
         s.start_worker()
         yield s
 

@@ -73,8 +73,8 @@ class FlakyPublisher:
 
 
 @pytest.fixture
-def ns() -> Iterator[Namespace]:
-    with redis_namespace("wjob") as namespace:
+def ns(redis_url: str) -> Iterator[Namespace]:
+    with redis_namespace("wjob", redis_url) as namespace:
         yield namespace
 
 

@@ -1,0 +1,118 @@
+"""Models from the Hub (harmprune.loading `_download_from_hub`), with the real `huggingface_hub`
+client against the test Hub (tests/support/hub_server.py): a pinned revision resolves to its
+commit and its weights, the card's license is recorded, pickle-only repos are refused before any
+weight is read, and private or gated repos need a token that may read them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from harmprune.errors import ModelLoadError
+from harmprune.loading import resolve
+from harmprune.settings import Settings
+from pydantic import SecretStr
+from safetensors.torch import load_file, save_file
+
+from tests.support.fixtures import hub_server  # noqa: F401
+from tests.support.hub_server import HubServer
+
+CARD = b"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny llama\n"
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    """A saved model directory as the {path: bytes} of a repo, with a model card."""
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files["README.md"] = CARD
+    return files
+
+
+def changed_weights(folder: Path, tmp: Path) -> bytes:
+    """The folder's model.safetensors with every tensor + 1 (a later revision of the model)."""
+    tensors = {k: v + 1 for k, v in load_file(folder / "model.safetensors").items()}
+    path = tmp / "changed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path.read_bytes()
+
+
+def settings(tmp: Path, token: str | None = None) -> Settings:
+    return Settings(
+        cache_dir=tmp / "cache", hf_token=SecretStr(token) if token else None, hub_enabled=True
+    )
+
+
+def resolved_requests(hub: HubServer, name: str) -> list[tuple[str, str, int]]:
+    return [r for r in hub.request_log if "/resolve/" in r[1] and r[1].endswith(name)]
+
+
+def test_a_pinned_revision_downloads_that_commit_with_its_license(
+    hub_server: HubServer,  # noqa: F811
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    source = tiny_model_dir("llama")
+    pinned = hub_server.add_repo("acme/tiny-llama", model_files(source))
+    head = hub_server.push(
+        "acme/tiny-llama",
+        {"model.safetensors": changed_weights(source, tmp_path)},
+        "Retrain",
+    )
+    assert pinned != head
+    assert hub_server.lfs_paths("acme/tiny-llama", pinned) == {"model.safetensors"}
+
+    local, src = resolve("acme/tiny-llama", pinned, settings(tmp_path))
+    assert (src.kind, src.reference, src.revision) == ("hub", "acme/tiny-llama", pinned)
+    assert src.commit == pinned and local.name == pinned
+    assert src.license == "apache-2.0"
+    got, want = load_file(local / "model.safetensors"), load_file(source / "model.safetensors")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+    # without a revision: the head of main, the retrained weights
+    local_main, src_main = resolve("acme/tiny-llama", None, settings(tmp_path))
+    assert src_main.commit == head and src_main.revision is None
+    retrained = load_file(local_main / "model.safetensors")
+    assert all(torch.equal(retrained[k], want[k] + 1) for k in want)
+
+
+def test_a_pickle_only_repo_is_refused_before_any_weight_is_read(
+    hub_server: HubServer,  # noqa: F811
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    source = tiny_model_dir("llama")
+    files = {n: b for n, b in model_files(source).items() if n != "model.safetensors"}
+    files["pytorch_model.bin"] = b"\x80\x04pickled weights that must never be downloaded"
+    hub_server.add_repo("acme/pickled", files)
+    with pytest.raises(ModelLoadError, match="pickle checkpoints are refused"):
+        resolve("acme/pickled", None, settings(tmp_path))
+    assert any(r[1].endswith("/config.json") for r in hub_server.request_log)
+    assert resolved_requests(hub_server, "pytorch_model.bin") == []
+
+
+def test_private_and_gated_repos_need_a_token_that_may_read_them(
+    hub_server: HubServer,  # noqa: F811
+    tiny_model_dir: Callable[[str], Path],
+    tmp_path: Path,
+) -> None:
+    files = model_files(tiny_model_dir("llama"))
+    hub_server.add_repo("acme/private", files, private=True)
+    gated_sha = hub_server.add_repo("acme/gated", files, gated=True)
+
+    with pytest.raises(ModelLoadError, match="unknown model: acme/private was not found"):
+        resolve("acme/private", None, settings(tmp_path))
+    local, src = resolve("acme/private", None, settings(tmp_path, hub_server.token))
+    assert (local / "model.safetensors").is_file() and src.kind == "hub"
+
+    # a gated repo exists: the message says what to do, not "not found"
+    with pytest.raises(
+        ModelLoadError, match="acme/gated is gated: accept its conditions"
+    ) as refused:
+        resolve("acme/gated", None, settings(tmp_path, hub_server.token))
+    assert hub_server.token not in str(refused.value)
+    assert resolved_requests(hub_server, "model.safetensors")[-1][2] == 403
+    hub_server.grant("acme/gated", hub_server.token)
+    local, src = resolve("acme/gated", None, settings(tmp_path, hub_server.token))
+    assert src.commit == gated_sha and (local / "model.safetensors").is_file()
