@@ -278,10 +278,23 @@ def _run_claimed(
     return "succeeded"
 
 
+def check_tenant_access(record: JobRecord, settings: Settings) -> None:
+    """The tenant policy again, on the worker, before any weight is read: the policy file may
+    have changed since the job was queued, and a repo's visibility too."""
+    from harmprune.config import HardenConfig
+    from harmprune.jobs.planning import check_job_access
+    from harmprune.jobs.tenants import TenantPolicies
+
+    policy = TenantPolicies.from_settings(settings).get(record.tenant)
+    policy.check_publish(record.publish.repo_id)
+    check_job_access(HardenConfig.model_validate(record.config), policy, settings)
+
+
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
     from harmprune.config import HardenConfig
     from harmprune.pipeline import run
 
+    check_tenant_access(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
     report = run(
         config,

@@ -16,15 +16,14 @@ from typing import Any
 import pytest
 from harmprune.config import HardenConfig, HubDataset
 from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.jobs.planning import Plan, plan_job
 from harmprune.preflight import (
     Estimate,
     HubUnreachable,
-    Plan,
     PreflightRefused,
     calibration_pairs,
     estimate,
     estimate_job,
-    plan_job,
 )
 from harmprune.settings import Settings
 from huggingface_hub import HfApi

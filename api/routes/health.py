@@ -1,10 +1,13 @@
-"""Liveness, readiness (Redis answers) and Prometheus metrics. No API key needed."""
+"""Liveness and readiness (Redis answers): no API key needed. Prometheus metrics: their own token."""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from harmprune.api.deps import StoreDep
+from harmprune.api.errors import ApiError
 from harmprune.api.schemas import HealthOut, ReadyOut
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -38,4 +41,18 @@ def readyz(store: StoreDep) -> ReadyOut | JSONResponse:
     summary="Prometheus metrics",
 )
 def metrics(request: Request) -> Response:
+    """Behind its own bearer token (`HARMPRUNE_METRICS_TOKEN`, not an API key): per-tenant
+    counters are not for tenants. Without a configured token, /metrics is not served (404)."""
+    token = request.app.state.settings.metrics_token
+    if token is None:
+        raise ApiError(404, "not_found", "metrics are not enabled (HARMPRUNE_METRICS_TOKEN)")
+    given = request.headers.get("authorization", "")
+    expected = f"Bearer {token.get_secret_value()}"
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ApiError(
+            401,
+            "unauthorized",
+            "metrics need their own token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,6 +25,7 @@ from tests.service_stack import (
     stack_settings,
     wait_for,
 )
+from tests.support.tenancy import write_tenants_file
 
 TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
 PERMISSIVE = {
@@ -128,7 +129,10 @@ class Stack:
 @contextlib.contextmanager
 def make_stack(tmp: Path, *, sweep: bool = True, **overrides: Any) -> Iterator[Stack]:
     with redis_namespace("stack") as ns:
-        settings = stack_settings(ns, tmp, **{"preflight": True, **overrides})
+        tenants = write_tenants_file(tmp / "tenants.yaml")
+        settings = stack_settings(
+            ns, tmp, **{"preflight": True, "tenants_file": tenants, **overrides}
+        )
         with TestClient(create_app(settings, sweep=sweep)) as client:
             stack = Stack(ns, settings, tmp, client)
             try:
