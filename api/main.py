@@ -88,8 +88,6 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if planner is not None:
-                planner.close()
 
     app = FastAPI(
         title="harmprune",

@@ -16,6 +16,7 @@ what will it cost? Torch-free at import.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures as cf
 import contextlib
 import hashlib
@@ -236,19 +237,33 @@ def _locate(
     try:
         files = locate_config_files(config.model, config.revision, settings)
     except RepoNotVisible:
-        if policy is not None and not (policy.read_private and policy.read_gated):
-            raise _not_readable("model", config.model) from None
-        if settings.token_value() is not None:
-            raise
         # An API without a Hub token cannot see private repos the workers' token may read:
-        # queue unchecked (the worker's own checks run before it loads any weight).
-        return None
+        # queued unchecked if the tenant may read them (the worker checks before loading).
+        may_read_any = policy is None or (policy.read_private and policy.read_gated)
+        if settings.token_value() is None and may_read_any:
+            return None
+        if policy is None:
+            raise
+        raise _not_readable("model", config.model) from None
     if policy is not None and files is not None and files.repo is not None:
         check_repo_access(files.repo, policy, "model")
     return files
 
 
 # ---------------------------------------------------------------- the API's planner
+
+# One pool of preflight children per API process (and per limits): apps come and go in tests.
+_POOLS: dict[tuple[int, int], cf.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _shutdown_pools() -> None:
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _child_init(memory_mb: int) -> None:
@@ -323,7 +338,6 @@ class Planner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.capacity = Capacity.of(settings)
-        self._pool: cf.ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
         self._files: dict[tuple[str, str | None], tuple[float, ConfigFiles | None]] = {}
@@ -331,20 +345,24 @@ class Planner:
     # ------------------------------------------------------------ the pool
 
     def _executor(self) -> cf.ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = cf.ProcessPoolExecutor(
-                    max_workers=self.settings.preflight_processes,
+        """The process's pool for these limits (one per API process, shared by its apps)."""
+        key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
+        with _POOLS_LOCK:
+            pool = _POOLS.get(key)
+            if pool is None:
+                pool = _POOLS[key] = cf.ProcessPoolExecutor(
+                    max_workers=key[0],
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_child_init,
-                    initargs=(self.settings.preflight_memory_mb,),
+                    initargs=(key[1],),
                 )
-            return self._pool
+            return pool
 
     def _reset_pool(self) -> None:
-        """Kill the children (one is stuck or died) and start afresh on the next call."""
-        with self._lock:
-            pool, self._pool = self._pool, None
+        """Kill the children (one is stuck or died); the next call starts a fresh pool."""
+        key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
+        with _POOLS_LOCK:
+            pool = _POOLS.pop(key, None)
         if pool is None:
             return
         for proc in list(getattr(pool, "_processes", {}).values()):
@@ -357,9 +375,6 @@ class Planner:
         pool = self._executor()
         for _ in range(self.settings.preflight_processes):
             pool.submit(int)
-
-    def close(self) -> None:
-        self._reset_pool()
 
     # ------------------------------------------------------------ planning
 

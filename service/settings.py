@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     )
     job_record_ttl_s: int = Field(
         30 * 24 * 3600,
-        ge=60,
+        ge=1,
         description="A finished job's record, report and idempotency key expire after this.",
     )
     preflight_processes: int = Field(

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from harmprune.api.deps import StoreDep
 from harmprune.api.errors import ApiError
-from harmprune.api.schemas import HealthOut, ReadyOut
+from harmprune.api.schemas import ErrorOut, HealthOut, ReadyOut
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 router = APIRouter(tags=["health"])
@@ -37,7 +37,11 @@ def readyz(store: StoreDep) -> ReadyOut | JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"},
+        401: {"model": ErrorOut, "description": "Missing or wrong metrics token."},
+        404: {"model": ErrorOut, "description": "Metrics are not enabled."},
+    },
     summary="Prometheus metrics",
 )
 def metrics(request: Request) -> Response:
