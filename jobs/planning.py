@@ -306,11 +306,14 @@ def _fingerprint(directory: Path) -> str:
 def _estimate_key(config: HardenConfig, hardware: str) -> tuple[Any, ...]:
     """The request fields that change a plan (and nothing else: not the prompts' text)."""
     spec = config.domain
-    from harmprune.preflight import calibration_pairs
+
+    def sizes(sources: list[Any]) -> tuple[Any, ...]:  # inline pairs, and each dataset's limit
+        return (len(sources), *(s.limit for s in sources if s.__class__ is HubDataset))
 
     return (
         hardware,
-        calibration_pairs(spec),
+        sizes(spec.harmful),
+        sizes(spec.benign),
         spec.max_length,
         spec.prompt_format,
         spec.pruning.selection,
@@ -318,6 +321,7 @@ def _estimate_key(config: HardenConfig, hardware: str) -> tuple[Any, ...]:
         spec.pruning.p,
         tuple(spec.search.candidates(spec.pruning.q)),
         None if spec.tamper is None else (spec.tamper.method, spec.tamper.steps),
+        None if spec.tamper is None else spec.tamper.batch_size,
         config.batch_size,
         config.max_backward_tokens,
         config.dtype,
@@ -340,7 +344,7 @@ class Planner:
         self.capacity = Capacity.of(settings)
         self._lock = threading.Lock()
         self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
-        self._files: dict[tuple[str, str | None], tuple[float, ConfigFiles | None]] = {}
+        self._files: dict[tuple[str, str | None], tuple[float, tuple[ConfigFiles, str] | None]] = {}
 
     # ------------------------------------------------------------ the pool
 
@@ -378,37 +382,41 @@ class Planner:
 
     # ------------------------------------------------------------ planning
 
-    def _files_for(self, config: HardenConfig, policy: TenantPolicy) -> ConfigFiles | None:
-        """`_locate`, remembered for `preflight_cache_s` for Hub repos (the facts include the
-        commit, so a new push is seen after that long at most)."""
-        if not is_hub_reference(config.model):
-            return _locate(config, self.settings, policy)
+    def _files_for(
+        self, config: HardenConfig, policy: TenantPolicy
+    ) -> tuple[ConfigFiles, str] | None:
+        """`_locate` and the files' version (the Hub commit, or a local directory's sha256 of
+        its config files), remembered for `preflight_cache_s`: a new push or an edited local
+        config is seen after that long at most. The tenant's access is decided every time."""
         key = (config.model, config.revision)
         now = time.monotonic()
         cached = self._files.get(key)
         if cached is not None and now - cached[0] < self.settings.preflight_cache_s:
-            files = cached[1]
-            if files is not None and files.repo is not None:
-                check_repo_access(files.repo, policy, "model")
-            elif files is None:
+            found = cached[1]
+            if found is None:
                 _locate(config, self.settings, policy)  # unchecked: decide again for this tenant
-            return files
+            elif found[0].repo is not None:
+                check_repo_access(found[0].repo, policy, "model")
+            return found
         files = _locate(config, self.settings, policy)
+        found = None
+        if files is not None:
+            found = (files, files.repo.sha if files.repo else _fingerprint(files.directory))
         if len(self._files) > self.MAX_PLANS:
             self._files.clear()
-        self._files[key] = (now, files)
-        return files
+        self._files[key] = (now, found)
+        return found
 
     def plan(self, config: HardenConfig, hardware: str | None, policy: TenantPolicy) -> Plan:
         queue = _queue_of(hardware, self.settings)
         if queue == QUEUE_MULTI_GPU and self.capacity.multi_gpu_count < 2:
             raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
-        files = self._files_for(config, policy)
-        if files is None:
+        found = self._files_for(config, policy)
+        if found is None:
             return Plan(
                 queue=queue, devices={QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, 1), estimate=None
             )
-        version = files.repo.sha if files.repo else _fingerprint(files.directory)
+        files, version = found
         key = (config.model, config.revision, version, _estimate_key(config, queue))
         with self._lock:
             plan = self._plans.get(key)
