@@ -8,55 +8,23 @@ tokens never reach a log line: nothing here formats a header or a setting.
 
 from __future__ import annotations
 
-import contextvars
-import json
 import logging
 import re
 import time
 import uuid
 from typing import Any
 
-REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
-TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", default=None)
-_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+from harmprune.jobs.logs import REQUEST_ID, TENANT, JsonFormatter, configure_json_logging
+
+__all__ = ["REQUEST_ID", "TENANT", "JsonFormatter", "RequestContext", "audit", "bind_tenant"]
+__all__ += ["configure_json_logging"]
 
 audit_log = logging.getLogger("harmprune.audit")
+_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def bind_tenant(tenant: str) -> None:
     TENANT.set(tenant)
-
-
-class JsonFormatter(logging.Formatter):
-    """`{"ts", "level", "logger", "message", "request_id", "tenant", ...extra}` per line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "ts": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", None) or REQUEST_ID.get(),
-            "tenant": getattr(record, "tenant", None) or TENANT.get(),
-        }
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            line.update(fields)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-def configure_json_logging(level: int = logging.INFO) -> None:
-    """JSON lines on stderr for the root logger (idempotent)."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if isinstance(handler.formatter, JsonFormatter):
-            return
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    root.addHandler(handler)
-    root.setLevel(level)
 
 
 def audit(event: str, tenant: str, **fields: Any) -> None:

@@ -593,6 +593,21 @@ class JobStore:
 
         return self._update(job_id, self._owned(owner, mutate))[1] is not None
 
+    def requeue_for_shutdown(self, job_id: str, owner: Owner, note: str) -> JobRecord | None:
+        """A running job whose worker is shutting down goes back to `queued` without spending
+        its attempt (a rollout is not the job's fault). None if this owner no longer holds it."""
+
+        def mutate(rec: JobRecord) -> JobRecord:
+            rec.state = JobState.queued
+            rec.attempts = max(0, rec.attempts - 1)
+            rec.owner, rec.lease_expires_at, rec.checkpoint_dir = None, None, None
+            rec.stage, rec.stage_done, rec.stage_total, rec.progress = None, 0, 0, 0.0
+            rec.enqueued_at = time.time()
+            rec.note(note)
+            return rec
+
+        return self._update(job_id, self._owned(owner, mutate))[1]
+
     def finish(
         self,
         job_id: str,

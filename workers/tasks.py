@@ -8,7 +8,7 @@ from __future__ import annotations
 from celery.exceptions import SoftTimeLimitExceeded
 from harmprune.vocabulary import JOB_ID_PATTERN
 from harmprune.workers.app import app, settings
-from harmprune.workers.client import RUN_JOB
+from harmprune.workers.client import RUN_JOB, enqueue
 
 
 @app.task(
@@ -33,6 +33,7 @@ def run_job(self, job_id: str) -> str:
             settings,
             publish_retries_left=self.max_retries - self.request.retries,
             timeout_errors=(SoftTimeLimitExceeded,),
+            requeue=lambda record: enqueue(app, record),
         )
     except PublishRetry as retry:
         raise self.retry(countdown=retry.countdown) from None
