@@ -63,8 +63,13 @@ def _child_start(**_: Any) -> None:
     empty = settings.job_work_dir() / ".cwd"
     empty.mkdir(parents=True, exist_ok=True)
     os.chdir(empty)
-    # SIGTERM (a rollout, a drained node): stop the running job at its next batch boundary and
-    # put it back in the queue without spending an attempt (harmprune.jobs.runner.SHUTDOWN).
+
+
+def on_sigterm_requeue() -> None:
+    """In a job process, when its task starts (billiard installs its own SIGTERM handler after
+    worker_process_init, so this cannot be done there): SIGTERM (a rollout, a drained node)
+    stops the running job at its next batch boundary and puts it back in the queue without
+    spending an attempt (harmprune.jobs.runner.SHUTDOWN)."""
     signal.signal(signal.SIGTERM, _job_process_sigterm)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from celery.exceptions import SoftTimeLimitExceeded
 from harmprune.vocabulary import JOB_ID_PATTERN
-from harmprune.workers.app import app, settings
+from harmprune.workers.app import app, on_sigterm_requeue, settings
 from harmprune.workers.client import RUN_JOB, enqueue
 
 
@@ -26,6 +26,8 @@ def run_job(self, job_id: str) -> str:
     if not isinstance(job_id, str) or not JOB_ID_PATTERN.match(job_id):
         raise ValueError(f"invalid job id {job_id!r}")
     from harmprune.jobs.runner import PublishRetry, execute_job  # torch: in the child only
+
+    on_sigterm_requeue()
 
     try:
         return execute_job(
