@@ -270,6 +270,7 @@ def spawned_api(redis_url: str, uvicorn_workers: int):  # type: ignore[no-untype
         HARMPRUNE_CACHE_DIR=str(scratch / "cache"),
         PYTHONPATH=str(ROOT),
     )
+    log = (scratch / "api.log").open("wb")  # JSON and audit lines, as deployed; not the terminal
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -285,8 +286,11 @@ def spawned_api(redis_url: str, uvicorn_workers: int):  # type: ignore[no-untype
         ],
         cwd=ROOT,
         env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    log.close()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30

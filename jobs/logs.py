@@ -13,6 +13,17 @@ TENANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("tenant", de
 JOB_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
 
 
+class ContextFilter(logging.Filter):
+    """Stamps the request id, job id and tenant of the current context on each record when it
+    is emitted (a handler may format it later, elsewhere)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in (("request_id", REQUEST_ID), ("job_id", JOB_ID), ("tenant", TENANT)):
+            if getattr(record, name, None) is None:
+                setattr(record, name, var.get())
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """`{"ts", "level", "logger", "message", "request_id", "job_id", "tenant", ...}` per line;
     `extra={"fields": {...}}` adds keys (audit lines)."""
@@ -42,5 +53,6 @@ def configure_json_logging(level: int = logging.INFO) -> None:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
     root.handlers = [handler]
     root.setLevel(level)

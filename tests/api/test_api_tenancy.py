@@ -19,7 +19,7 @@ from harmprune.settings import Settings
 from huggingface_hub import HfApi
 
 from tests.api.conftest import TINY_SPEC, job_body
-from tests.service_stack import Namespace, bearer, stack_settings
+from tests.service_stack import API_KEYS, Namespace, bearer, stack_settings
 from tests.support.hub_models import GatedHubServer
 from tests.support.hub_server import hub_environment
 from tests.support.tenancy import write_tenants_file
@@ -198,3 +198,34 @@ def test_finished_records_expire_with_their_idempotency_keys(ns: Namespace, tmp_
         store = JobStore.from_settings(settings)
         assert store.prune_expired() == 0  # the listing already dropped the index entries
         assert json.loads(json.dumps(store.counts()))  # the counts still read
+
+
+def test_audit_lines_are_json_with_the_request_id_and_tenant(client: TestClient) -> None:
+    import io
+    import logging
+
+    from harmprune.jobs.logs import ContextFilter, JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
+    audit = logging.getLogger("harmprune.audit")
+    audit.addHandler(handler)
+    audit.setLevel(logging.INFO)
+    try:
+        r = client.post(
+            "/v1/jobs", json=job_body(), headers={**ALPHA, "X-Request-ID": "req-audit-1"}
+        )
+        assert r.status_code == 202 and r.headers["x-request-id"] == "req-audit-1"
+        client.post(f"/v1/jobs/{r.json()['id']}/cancel", headers=ALPHA)
+        client.delete(f"/v1/jobs/{r.json()['id']}", headers=ALPHA)
+    finally:
+        audit.removeHandler(handler)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["submit", "cancel", "delete"]
+    assert all(line["audit"] and line["tenant"] == "alpha" for line in lines)
+    assert lines[0]["request_id"] == "req-audit-1" and lines[0]["job"] == r.json()["id"]
+    assert lines[1]["request_id"] and lines[1]["request_id"] != "req-audit-1"
+    text = stream.getvalue()
+    assert API_KEYS["alpha"] not in text
