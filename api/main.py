@@ -108,6 +108,7 @@ def create_app(
         enqueue=lambda record: enqueue(celery, record),
     )
 
+    _state_the_body_limit(app, settings.max_request_bytes)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -116,6 +117,22 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestContext)
     return app
+
+
+def _state_the_body_limit(app: FastAPI, max_bytes: int) -> None:
+    """The OpenAPI schema states the request size bound the BodyLimit middleware enforces."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        body = schema["paths"]["/v1/jobs"]["post"].get("requestBody", {})
+        body["x-max-bytes"] = max_bytes
+        body["description"] = (
+            f"At most {max_bytes} bytes (413 above); a domain spec's lists hold at most 5000 items."
+        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_env() -> FastAPI:

@@ -80,6 +80,7 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         if isinstance(route, APIRoute) and route.path.startswith("/v1"):
             assert route.response_model is not None or route.status_code == 204, route.path
     post = spec["paths"]["/v1/jobs"]["post"]
+    assert post["requestBody"]["x-max-bytes"] == client.app.state.settings.max_request_bytes
     assert {"202", "401", "403", "413", "422", "429"} <= set(post["responses"])
     assert "anyOf" in spec["components"]["schemas"]["JobRequest"]["properties"]["domain"]
 
