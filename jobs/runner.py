@@ -64,11 +64,41 @@ class PublishRetry(Exception):
         self.countdown = countdown
 
 
+class PatientStore:
+    """The job store for a running job's own writes (checkpoint, outcome): a store that does
+    not answer is retried for up to one lease, so a short Redis restart at the end of a job
+    does not fail it. Reads and everything else go straight through."""
+
+    def __init__(self, store: JobStore, patience_s: float) -> None:
+        self._store, self._patience_s = store, patience_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _retry(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self._patience_s
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except _store_errors():
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job store unreachable; retrying %s", fn.__name__)
+                time.sleep(0.5)
+
+    def finish(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._retry(self._store.finish, *args, **kwargs))
+
+    def set_checkpoint(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._retry(self._store.set_checkpoint, *args, **kwargs))
+
+
 class JobRunner:
     """Holds one claimed job: lease heartbeat, progress, cancel flag, ownership."""
 
     def __init__(self, store: JobStore, record: JobRecord, owner: Owner, settings: Settings):
-        self.store, self.record, self.owner, self.settings = store, record, owner, settings
+        self.store: Any = PatientStore(store, settings.lease_s)
+        self.record, self.owner, self.settings = record, owner, settings
         self.job_id = record.id
         self.cancelled = threading.Event()
         self.lost = threading.Event()
