@@ -226,8 +226,14 @@ def plan_job(
         raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
     files = _locate(config, settings, policy)
     if files is None:
-        return Plan(queue=queue, devices={QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, 1), estimate=None)
+        return unplanned(queue, Capacity.of(settings))
     return route(config, files.directory, queue, Capacity.of(settings))
+
+
+def unplanned(queue: str, capacity: Capacity) -> Plan:
+    """A job with no config files to read (the built-in model, a GGUF file): queued as asked."""
+    devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, capacity.multi_gpu_count)
+    return Plan(queue=queue, devices=devices, estimate=None)
 
 
 def _locate(
@@ -413,9 +419,7 @@ class Planner:
             raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
         found = self._files_for(config, policy)
         if found is None:
-            return Plan(
-                queue=queue, devices={QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, 1), estimate=None
-            )
+            return unplanned(queue, self.capacity)
         files, version = found
         key = (config.model, config.revision, version, _estimate_key(config, queue))
         with self._lock:
