@@ -4,6 +4,7 @@
   for rotation).
 - `HARMPRUNE_API_KEYS_FILE`: lines `tenant:sha256hex(key)` (comments with #), so that the
   keys themselves never sit on the API's disk.
+- `HARMPRUNE_TENANTS_FILE`: the tenant policy (harmprune.jobs.tenants) may list `key_sha256`.
 
 Only sha256 digests are kept in memory; a presented key is hashed and looked up.
 """
@@ -14,6 +15,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 
+from harmprune.jobs.tenants import TenantPolicies
 from harmprune.settings import Settings
 
 TENANT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -45,8 +47,11 @@ def _add(ring: dict[str, str], tenant: str, digest: str, where: str) -> None:
     ring[digest] = tenant
 
 
-def load_keys(settings: Settings) -> KeyRing:
+def load_keys(settings: Settings, policies: TenantPolicies | None = None) -> KeyRing:
+    """Keys from HARMPRUNE_API_KEYS, HARMPRUNE_API_KEYS_FILE and the tenant policy file."""
     ring: dict[str, str] = {}
+    for digest, tenant in (policies.key_digests() if policies else {}).items():
+        _add(ring, tenant, digest, "HARMPRUNE_TENANTS_FILE")
     if settings.api_keys is not None:
         for n, item in enumerate(settings.api_keys.get_secret_value().split(","), 1):
             item = item.strip()

@@ -10,6 +10,17 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from harmprune.api.logs import TENANT
+from harmprune.errors import (
+    HarmpruneError,
+    JobCancelled,
+    NotPermitted,
+    PublishError,
+    QuotaExceeded,
+    RequestRefused,
+    ServiceUnavailable,
+)
+from harmprune.preflight import HubUnreachable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("api")
@@ -74,7 +85,61 @@ def field_errors(errors: Any) -> list[dict[str, str]]:
     return out
 
 
+# The engine's error fields, by class: what the request should change.
+ENGINE_FIELDS = {"SpecError": "domain", "ModelLoadError": "model", "UnsupportedModelError": "model"}
+
+
+def engine_status(exc: HarmpruneError) -> int:
+    """The HTTP status of an engine error: the one mapping of harmprune.errors to statuses.
+
+    RequestRefused (and its NotPermitted 403, QuotaExceeded 429) carry their own; the Hub or a
+    dependency that does not answer is a 503; a cancel is a 409; any other user error (bad spec,
+    unreadable or unsupported model, preflight refusal) a 422; the rest is ours: 500 (502 for
+    the Hub refusing a publish)."""
+    if isinstance(exc, RequestRefused):
+        return exc.status
+    if isinstance(exc, ServiceUnavailable | HubUnreachable):
+        return 503
+    if isinstance(exc, JobCancelled):
+        return 409
+    if isinstance(exc, PublishError):
+        return 503 if exc.transient else 502
+    return 422 if exc.user_error else 500
+
+
+def engine_error_response(exc: HarmpruneError) -> JSONResponse:
+    status = engine_status(exc)
+    field = getattr(exc, "field", None) or next(
+        (f for c, f in ENGINE_FIELDS.items() if c in {k.__name__ for k in type(exc).__mro__}),
+        None,
+    )
+    message = str(exc)
+    if field is not None and not message.startswith(f"{field}: "):
+        message = f"{field}: {message}"
+    headers = {}
+    if isinstance(exc, QuotaExceeded | ServiceUnavailable):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif status == 503:
+        headers["Retry-After"] = "30"
+    if status >= 500 and status != 503:
+        log.error("engine error %s: %s", exc.code, message)
+        message = "internal error" if status == 500 else message
+    fields = None
+    if field is not None and status < 500 and not field.startswith("("):
+        fields = [{"field": field, "message": message.removeprefix(f"{field}: ")}]
+    return error_response(status, exc.code, message, fields, headers or None)
+
+
 def install(app: FastAPI) -> None:
+    @app.exception_handler(HarmpruneError)
+    async def _engine(request: Request, exc: HarmpruneError) -> JSONResponse:
+        tenant = TENANT.get()
+        if tenant is not None and isinstance(exc, NotPermitted | QuotaExceeded):
+            reason = "permission" if isinstance(exc, NotPermitted) else "quota"
+            request.app.state.metrics.tenant_refused.labels(tenant, reason).inc()
+            log.info("refused (%s): %s", reason, exc)
+        return engine_error_response(exc)
+
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)

@@ -13,11 +13,15 @@ from celery import Celery
 from fastapi import FastAPI
 from harmprune.api import errors
 from harmprune.api.auth import load_keys
+from harmprune.api.logs import RequestContext
 from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
 from harmprune.api.routes import health, jobs
+from harmprune.jobs.planning import Planner
 from harmprune.jobs.store import JobStore
+from harmprune.jobs.submission import Services
+from harmprune.jobs.tenants import RateLimiter, TenantPolicies
 from harmprune.settings import Settings
-from harmprune.workers.client import make_celery, recover_lost_jobs
+from harmprune.workers.client import enqueue, make_celery, recover_lost_jobs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from starlette.concurrency import run_in_threadpool
@@ -52,6 +56,7 @@ async def _sweep_forever(app: FastAPI) -> None:
         try:
             if await run_in_threadpool(store.try_lock, "sweep", settings.sweep_interval_s * 0.9):
                 await run_in_threadpool(recover_lost_jobs, app.state.celery, store, settings)
+                await run_in_threadpool(store.prune_expired)
         except Exception:
             log.warning("recovery sweep failed", exc_info=True)
 
@@ -64,12 +69,17 @@ def create_app(
     sweep: bool = True,
 ) -> FastAPI:
     settings = settings or Settings()
-    keys = load_keys(settings)  # refuses to start without keys
+    policies = TenantPolicies.from_settings(settings)  # refuses to start on a bad policy file
+    keys = load_keys(settings, policies)  # refuses to start without keys
     store = store or JobStore.from_settings(settings)
     celery = celery or make_celery(settings)
+    # Preflight estimates run in spawned child processes: this process never imports torch.
+    planner = Planner(settings) if settings.preflight else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if planner is not None:
+            planner.warm_up()
         task = asyncio.create_task(_sweep_forever(app)) if sweep else None
         try:
             yield
@@ -90,15 +100,43 @@ def create_app(
     registry.register(JobStateCollector(store))
     app.state.settings, app.state.store, app.state.celery = settings, store, celery
     app.state.keys, app.state.metrics, app.state.registry = keys, metrics, registry
+    app.state.policies, app.state.limiter = policies, RateLimiter()
+    app.state.services = Services(
+        settings=settings,
+        store=store,
+        planner=planner,
+        enqueue=lambda record: enqueue(celery, record),
+    )
 
+    _state_the_body_limit(app, settings.max_request_bytes)
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
     # Outermost last: metrics see every request, including ones the body limit refuses.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(RequestContext)
     return app
 
 
+def _state_the_body_limit(app: FastAPI, max_bytes: int) -> None:
+    """The OpenAPI schema states the request size bound the BodyLimit middleware enforces."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        body = schema["paths"]["/v1/jobs"]["post"].get("requestBody", {})
+        body["x-max-bytes"] = max_bytes
+        body["description"] = (
+            f"At most {max_bytes} bytes (413 above); a domain spec's lists hold at most 5000 items."
+        )
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def app_from_env() -> FastAPI:
+    from harmprune.api.logs import configure_json_logging
+
+    configure_json_logging()
     return create_app(Settings())

@@ -105,6 +105,18 @@ class Metrics:
             ["hardware"],
             registry=registry,
         )
+        self.tenant_jobs = Counter(
+            "harmprune_tenant_jobs_submitted",
+            "Jobs accepted by the API, per tenant.",
+            ["tenant"],
+            registry=registry,
+        )
+        self.tenant_refused = Counter(
+            "harmprune_tenant_requests_refused",
+            "Requests refused per tenant and reason (rate, quota, permission).",
+            ["tenant", "reason"],
+            registry=registry,
+        )
 
 
 class MetricsMiddleware:

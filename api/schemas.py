@@ -4,93 +4,17 @@ field); outputs are built from the job record and never carry local paths, owner
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Literal
 
-import yaml
-from harmprune.config import DomainSpec, example_domain_path
 from harmprune.jobs.store import JobRecord, JobState
+from harmprune.jobs.submission import JobRequest
+from harmprune.jobs.submission import PublishIn as PublishIn
 from harmprune.preflight import Estimate
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
-EXAMPLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-
-
-class StrictIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class PublishIn(StrictIn):
-    repo_id: Annotated[
-        str,
-        Field(
-            pattern=REPO_ID_PATTERN,
-            description="Where the hardened model goes: `namespace/name` on the Hub (or under the "
-            "local publishing directory when no Hub is configured).",
-            examples=["my-org/smollm2-cyber-hardened"],
-        ),
-    ]
-    private: bool = Field(True, description="Create the Hub repository as private.")
-
-    @field_validator("repo_id")
-    @classmethod
-    def _no_dot_segments(cls, v: str) -> str:
-        if ".." in v or "--" in v or v.endswith((".git", ".")):
-            raise ValueError("not a valid repository name ('..', '--', a trailing '.' or '.git')")
-        return v
-
-
-def _domain_schema(schema: dict[str, Any]) -> None:
-    ref = dict(schema)
-    schema.clear()
-    schema["anyOf"] = [
-        ref,
-        {"type": "string", "pattern": EXAMPLE_NAME_PATTERN, "description": "An example domain."},
-    ]
-    schema["description"] = "A domain spec object (as in the CLI's YAML), or the name of an "
-    schema["description"] += "example domain shipped with the service, e.g. `cyber`."
-
-
-class JobCreate(StrictIn):
-    model: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=512,
-            description="Hub repo id (`org/name`), `smollm2-135m-instruct`, or an absolute path "
-            "under a model directory the operator allows.",
-            examples=["smollm2-135m-instruct"],
-        ),
-    ]
-    revision: Annotated[str | None, Field(max_length=128, pattern=r"^[\w./-]+$")] = Field(
-        None, description="Hub revision (commit, branch or tag)."
-    )
-    domain: Annotated[DomainSpec, Field(json_schema_extra=_domain_schema)]
-    publish: PublishIn
-    hardware: Literal["gpu", "gpu-multi", "cpu"] | None = Field(
-        None,
-        description="Queue to run on; default: the operator's (usually gpu). A gpu job whose "
-        "attribution does not fit one GPU is routed to gpu-multi (FSDP2) when the deployment "
-        "has multi-GPU workers.",
-    )
-    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
-    batch_size: Annotated[int, Field(gt=0, le=256)] = 8
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    trust_remote_code: bool = Field(
-        False, description="Run the model repo's own code; refused unless the operator allows it."
-    )
-
-    @field_validator("domain", mode="before")
-    @classmethod
-    def _example_domain(cls, v: Any) -> Any:
-        if not isinstance(v, str):
-            return v
-        path = example_domain_path(v) if len(v) <= 64 else None
-        if path is None:
-            raise ValueError(
-                f"unknown example domain {v[:64]!r}; give a spec object or a known name"
-            )
-        return yaml.safe_load(path.read_text())
+# The request body is the job layer's (harmprune.jobs.submission): one schema for the API and
+# `harmprune submit`, composed of the engine's own fields.
+JobCreate = JobRequest
 
 
 class FieldError(BaseModel):

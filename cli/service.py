@@ -65,11 +65,13 @@ def _add_serve(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from harmprune.api.auth import KeyConfigError, load_keys
+    from harmprune.jobs.tenants import TenantConfigError, TenantPolicies
     from harmprune.settings import Settings
 
-    try:
-        load_keys(Settings())  # fail here, with the reason, rather than inside uvicorn
-    except KeyConfigError as err:
+    try:  # fail here, with the reason, rather than inside uvicorn
+        settings = Settings()
+        load_keys(settings, TenantPolicies.from_settings(settings))
+    except (KeyConfigError, TenantConfigError) as err:
         raise ServiceCommandError(str(err)) from None
     uvicorn.run(
         "harmprune.api.main:app_from_env",
@@ -236,27 +238,19 @@ def _add_submit(sub: Any) -> None:
     p.set_defaults(func=cmd_submit)
 
 
-def _domain_argument(value: str) -> Any:
-    import yaml
-
-    path = Path(value)
-    if path.is_file():
-        try:
-            return yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ServiceCommandError(f"cannot read domain spec {path}: {err}") from None
-    return value  # an example domain name; the API checks it
-
-
 def cmd_submit(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {
-        "model": args.model,
-        "domain": _domain_argument(args.domain),
-        "publish": {"repo_id": args.repo_id, "private": not args.public},
-    }
-    for field in ("revision", "hardware", "seed", "batch_size", "dtype"):
-        if getattr(args, field) is not None:
-            body[field] = getattr(args, field)
+    from harmprune.jobs.submission import request_from_cli
+
+    # The API's own request model: the spec read by load_domain, validated before sending.
+    request = request_from_cli(
+        args.model,
+        args.domain,
+        args.repo_id,
+        private=not args.public,
+        **{f: getattr(args, f) for f in ("revision", "hardware", "seed", "batch_size", "dtype")},
+    )
+    body = request.model_dump(mode="json", exclude_defaults=True)
+    body["publish"] = request.publish.model_dump(mode="json")
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     client = ApiClient(args.api)
     job = client.request("POST", "/v1/jobs", json=body, headers=headers).json()

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harmprune.errors import AttributionError, HarmpruneError, JobCancelled, PublishError
+from harmprune.jobs.logs import JOB_ID, TENANT
 from harmprune.jobs.store import (
     Claim,
     JobError,
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 
+# Set in a job process when its worker is shutting down (SIGTERM): the running job stops at the
+# next batch boundary and goes back to the queue without spending an attempt.
+SHUTDOWN = threading.Event()
+
+
+def _store_errors() -> tuple[type[BaseException], ...]:
+    import redis
+
+    return (redis.RedisError, OSError)
+
 
 class PublishRetry(Exception):
     """A transient publishing error: the task should retry after `countdown` seconds."""
@@ -53,17 +64,48 @@ class PublishRetry(Exception):
         self.countdown = countdown
 
 
+class PatientStore:
+    """The job store for a running job's own writes (checkpoint, outcome): a store that does
+    not answer is retried for up to one lease, so a short Redis restart at the end of a job
+    does not fail it. Reads and everything else go straight through."""
+
+    def __init__(self, store: JobStore, patience_s: float) -> None:
+        self._store, self._patience_s = store, patience_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _retry(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self._patience_s
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except _store_errors():
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("job store unreachable; retrying %s", fn.__name__)
+                time.sleep(0.5)
+
+    def finish(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._retry(self._store.finish, *args, **kwargs))
+
+    def set_checkpoint(self, *args: Any, **kwargs: Any) -> bool:
+        return bool(self._retry(self._store.set_checkpoint, *args, **kwargs))
+
+
 class JobRunner:
     """Holds one claimed job: lease heartbeat, progress, cancel flag, ownership."""
 
     def __init__(self, store: JobStore, record: JobRecord, owner: Owner, settings: Settings):
-        self.store, self.record, self.owner, self.settings = store, record, owner, settings
+        self.store: Any = PatientStore(store, settings.lease_s)
+        self.record, self.owner, self.settings = record, owner, settings
         self.job_id = record.id
         self.cancelled = threading.Event()
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._last_cancel_check = 0.0
         self._progress: tuple[str, int, int] = ("load", 0, 0)
+        self.requeue: Callable[[JobRecord], None] | None = None
         self.scratch = settings.job_work_dir() / record.id
         self.attempt_dir = self.scratch / f"attempt-{record.attempts}"
         self._thread = threading.Thread(
@@ -82,18 +124,19 @@ class JobRunner:
         interval = self.settings.lease_s / 4
         while not self._stop.wait(interval):
             try:
-                if not self.store.heartbeat(self.job_id, self.owner, self.settings.lease_s):
+                if not self._send_progress():
                     log.warning("job %s: lease lost; stopping without publishing", self.job_id)
                     self.lost.set()
                     return
                 if self.store.cancel_requested(self.job_id):
                     self.cancelled.set()
-            except Exception:  # Redis blip: keep working, the next beat retries
-                log.warning("job %s: heartbeat failed", self.job_id, exc_info=True)
+            except _store_errors():  # Redis blip: keep working, the next beat retries
+                log.warning("job %s: job store unreachable; progress buffered", self.job_id)
 
-    def on_progress(self, stage: str, done: int, total: int) -> None:
-        self._progress = (stage, done, total)
-        ok = self.store.heartbeat(
+    def _send_progress(self) -> bool:
+        """Extend the lease with the latest progress (the buffered one after an outage)."""
+        stage, done, total = self._progress
+        return self.store.heartbeat(
             self.job_id,
             self.owner,
             self.settings.lease_s,
@@ -102,6 +145,16 @@ class JobRunner:
             total=total,
             progress=overall_progress(stage, done, total),
         )
+
+    def on_progress(self, stage: str, done: int, total: int) -> None:
+        """Called by the pipeline's thread. A store that does not answer never stops the job:
+        the progress is kept and the heartbeat thread sends it once the store is back."""
+        self._progress = (stage, done, total)
+        try:
+            ok = self._send_progress()
+        except _store_errors():
+            log.warning("job %s: job store unreachable; progress buffered", self.job_id)
+            return
         if not ok:
             self.lost.set()
 
@@ -118,15 +171,19 @@ class JobRunner:
         return self._progress[0]
 
     def should_cancel(self) -> bool:
-        """Checked by the pipeline at batch boundaries; reads Redis at most 4 times a second."""
-        if self.cancelled.is_set() or self.lost.is_set():
+        """Checked by the pipeline at batch boundaries; reads Redis at most 4 times a second.
+        A store that does not answer means "not cancelled" (the job keeps running)."""
+        if self.cancelled.is_set() or self.lost.is_set() or SHUTDOWN.is_set():
             return True
         now = time.monotonic()
         if now - self._last_cancel_check >= 0.25:
             self._last_cancel_check = now
-            if self.store.cancel_requested(self.job_id):
-                self.cancelled.set()
-        return self.cancelled.is_set() or self.lost.is_set()
+            try:
+                if self.store.cancel_requested(self.job_id):
+                    self.cancelled.set()
+            except _store_errors():
+                log.warning("job %s: job store unreachable; not cancelled", self.job_id)
+        return self.cancelled.is_set() or self.lost.is_set() or SHUTDOWN.is_set()
 
 
 PublisherFactory = Callable[[Settings], Any]
@@ -162,14 +219,19 @@ def execute_job(
     publisher_factory: PublisherFactory = make_publisher,
     publish_retries_left: int = 0,
     timeout_errors: tuple[type[BaseException], ...] = (),
+    requeue: Callable[[JobRecord], None] | None = None,
 ) -> str:
     """Run one delivered job to its end; returns what happened (for the task's log line).
 
-    Raises PublishRetry for a transient publishing error while retries are left.
+    Raises PublishRetry for a transient publishing error while retries are left. `requeue`
+    re-sends a job put back in the queue because this worker is shutting down.
     """
     store = store or JobStore.from_settings(settings)
     owner = Owner.current()
+    JOB_ID.set(job_id)
     claim: Claim = store.claim(job_id, owner, settings.lease_s, settings.max_attempts)
+    if claim.record is not None:
+        TENANT.set(claim.record.tenant)
     if not claim.should_run:
         log.info("job %s: %s (%s)", job_id, claim.kind, claim.reason or "-")
         return claim.kind
@@ -177,6 +239,7 @@ def execute_job(
     if claim.kind == "rerun":
         log.warning("job %s: re-running: %s", job_id, claim.reason)
     runner = JobRunner(store, claim.record, owner, settings)
+    runner.requeue = requeue
     with runner:
         try:
             return _run_claimed(runner, claim, publisher_factory, publish_retries_left)
@@ -246,8 +309,14 @@ def _run_claimed(
     target = record.publish
     try:
         published = publisher_factory(settings).publish(
-            out_dir, target.repo_id, private=target.private, job_id=job_id
+            out_dir,
+            target.repo_id,
+            private=target.private,
+            job_id=job_id,
+            should_cancel=runner.should_cancel,
         )
+    except JobCancelled:  # asked for while the files were prepared: nothing was committed
+        return _end_cancelled(runner)
     except PublishError as err:
         if getattr(err, "transient", False) and publish_retries_left > 0:
             countdown = min(settings.publish_retry_backoff_s * 2**record.publish_attempts, 600.0)
@@ -274,14 +343,42 @@ def _run_claimed(
     )
     store.finish(job_id, owner, JobState.succeeded, result=result, report=report)
     runner.cleanup()
-    log.info("job %s: published %s@%s", job_id, result.repo_id, result.commit_sha)
+    log.info(
+        "job %s: published %s@%s",
+        job_id,
+        result.repo_id,
+        result.commit_sha,
+        extra={
+            "fields": {
+                "audit": True,
+                "event": "publish",
+                "repo": result.repo_id,
+                "commit": result.commit_sha,
+                "private": target.private,
+                "reused": result.reused,
+            }
+        },
+    )
     return "succeeded"
+
+
+def check_tenant_access(record: JobRecord, settings: Settings) -> None:
+    """The tenant policy again, on the worker, before any weight is read: the policy file may
+    have changed since the job was queued, and a repo's visibility too."""
+    from harmprune.config import HardenConfig
+    from harmprune.jobs.planning import check_job_access
+    from harmprune.jobs.tenants import TenantPolicies
+
+    policy = TenantPolicies.from_settings(settings).get(record.tenant)
+    policy.check_publish(record.publish.repo_id)
+    check_job_access(HardenConfig.model_validate(record.config), policy, settings)
 
 
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
     from harmprune.config import HardenConfig
     from harmprune.pipeline import run
 
+    check_tenant_access(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
     report = run(
         config,
@@ -316,10 +413,28 @@ def attribution_processes(queue: str, settings: Settings) -> int:
 def _end_cancelled(runner: JobRunner) -> str:
     if runner.lost.is_set():
         return _end_lost(runner)
+    if SHUTDOWN.is_set() and not runner.cancelled.is_set():
+        return _end_shutdown(runner)
     runner.store.finish(runner.job_id, runner.owner, JobState.cancelled)
     runner.cleanup()
     log.info("job %s: cancelled; nothing published", runner.job_id)
     return "cancelled"
+
+
+def _end_shutdown(runner: JobRunner) -> str:
+    """The worker is shutting down: the job goes back to the queue, its attempt not spent."""
+    note = f"the worker shut down (SIGTERM) during stage {runner.stage}; re-queued"
+    record = runner.store.requeue_for_shutdown(runner.job_id, runner.owner, note)
+    runner.cleanup()
+    if record is None:
+        return _end_lost(runner)
+    log.warning("job %s: %s", runner.job_id, note)
+    if runner.requeue is not None:
+        try:
+            runner.requeue(record)
+        except Exception:  # the recovery sweep re-sends a queued job whose message was lost
+            log.warning("job %s: could not re-send; the recovery sweep will", runner.job_id)
+    return "requeued"
 
 
 def _end_lost(runner: JobRunner) -> str:

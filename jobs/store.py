@@ -1,4 +1,5 @@
-"""The job store: the authoritative record of every job, in Redis, kept until deleted.
+"""The job store: the authoritative record of every job, in Redis. A finished job's record,
+report, cancel flag and idempotency key expire `record_ttl_s` after it ends (default 30 days).
 
 Keys (all under the deployment's `key_prefix`):
   {p}:job:{id}                   the JobRecord as JSON
@@ -8,6 +9,9 @@ Keys (all under the deployment's `key_prefix`):
   {p}:tenant:{t}:state:{s}       the same, per state (filtered listing)
   {p}:state:{s}                  every tenant's job ids per state (metrics, recovery sweep)
   {p}:idem:{t}:{sha256(key)}     Idempotency-Key -> job id + fingerprint of the request
+  {p}:quota:{t}:jobs:{yyyymmdd}  jobs the tenant submitted that UTC day (expires after 2 days)
+
+Index entries of expired records are removed when a listing meets them (and by the sweep).
 
 Every state change is one optimistic transaction (WATCH/MULTI) that moves the record and its
 index entries together, so a re-delivered task reads the record and decides: `queued` -> run;
@@ -239,9 +243,10 @@ _Mutation = Callable[[JobRecord], JobRecord | None]
 class JobStore:
     """Job records in Redis. Thread-safe (redis-py's pool); one per process."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, record_ttl_s: int | None = None) -> None:
         self.r = client
         self.p = prefix
+        self.record_ttl_s = record_ttl_s
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -252,7 +257,7 @@ class JobStore:
             socket_timeout=10,
             health_check_interval=30,
         )
-        return cls(client, settings.key_prefix)
+        return cls(client, settings.key_prefix, settings.job_record_ttl_s)
 
     # ------------------------------------------------------------ keys
 
@@ -308,7 +313,63 @@ class JobStore:
         if not ids:
             return [], total
         raws = self.r.mget([self._job(i) for i in ids])
+        expired = [i for i, raw in zip(ids, raws, strict=True) if not raw]
+        if expired:  # their records ran out of time: drop the index entries too
+            self._drop_index_entries(tenant, expired)
+            total -= len(expired)
         return [rec for raw in raws if (rec := self._load(raw)) is not None], total
+
+    def _drop_index_entries(self, tenant: str, ids: list[str]) -> None:
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zrem(self._tenant_index(tenant), *ids)
+            for state in JobState:
+                pipe.zrem(self._tenant_state(tenant, state), *ids)
+                pipe.zrem(self._state(state), *ids)
+            pipe.execute()
+
+    def prune_expired(self, batch: int = 500) -> int:
+        """Remove the global state-index entries of expired records (tenant indexes are pruned
+        when listed). Returns how many were removed."""
+        removed = 0
+        for state in TERMINAL_STATES:
+            ids: list[Any] = list(self.r.zrange(self._state(state), 0, batch - 1))
+            if not ids:
+                continue
+            with self.r.pipeline(transaction=False) as pipe:
+                for i in ids:
+                    pipe.exists(self._job(str(i)))
+                exists = pipe.execute()
+            gone = [str(i) for i, e in zip(ids, exists, strict=True) if not e]
+            if gone:
+                removed += int(self.r.zrem(self._state(state), *gone))
+        return removed
+
+    def find_idempotent(self, tenant: str, idempotency_key: str) -> JobRecord | None:
+        """The job an Idempotency-Key was first used for (a replay needs no new plan)."""
+        raw = self.r.get(self._idem(tenant, self.hash_key(idempotency_key)))
+        if not raw:
+            return None
+        return self.get(json.loads(raw)["job_id"], tenant)
+
+    def active_count(self, tenant: str) -> int:
+        """The tenant's jobs queued or running."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for state in ACTIVE_STATES:
+                pipe.zcard(self._tenant_state(tenant, state))
+            return sum(pipe.execute())
+
+    def take_daily_job(self, tenant: str, limit: int) -> bool:
+        """Count one job against the tenant's jobs of this UTC day; False (and not counted)
+        once `limit` is reached."""
+        key = f"{self.p}:quota:{tenant}:jobs:{time.strftime('%Y%m%d', time.gmtime())}"
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, 2 * 86400)
+            count, _ = pipe.execute()
+        if count > limit:
+            self.r.decr(key)
+            return False
+        return True
 
     def get_report(self, job_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         if self.get(job_id, tenant) is None:
@@ -412,10 +473,20 @@ class JobStore:
             self._index_ops(pipe, old, new)
             if extra is not None:
                 extra(pipe)
+            if new.state.terminal and self.record_ttl_s is not None:
+                self._expire_job(pipe, new)
             result.append((old, new))
 
         self.r.transaction(txn, key)
         return result[0]
+
+    def _expire_job(self, pipe: Any, rec: JobRecord) -> None:
+        """A finished job's keys live `record_ttl_s` more (its idempotency key with them)."""
+        ttl = self.record_ttl_s
+        for key in (self._job(rec.id), self._report(rec.id), self._cancel(rec.id)):
+            pipe.expire(key, ttl)
+        if rec.idempotency_key:
+            pipe.expire(self._idem(rec.tenant, rec.idempotency_key), ttl)
 
     def mark_enqueued(self, job_id: str) -> None:
         def mutate(rec: JobRecord) -> JobRecord | None:
@@ -521,6 +592,21 @@ class JobStore:
             return rec
 
         return self._update(job_id, self._owned(owner, mutate))[1] is not None
+
+    def requeue_for_shutdown(self, job_id: str, owner: Owner, note: str) -> JobRecord | None:
+        """A running job whose worker is shutting down goes back to `queued` without spending
+        its attempt (a rollout is not the job's fault). None if this owner no longer holds it."""
+
+        def mutate(rec: JobRecord) -> JobRecord:
+            rec.state = JobState.queued
+            rec.attempts = max(0, rec.attempts - 1)
+            rec.owner, rec.lease_expires_at, rec.checkpoint_dir = None, None, None
+            rec.stage, rec.stage_done, rec.stage_total, rec.progress = None, 0, 0, 0.0
+            rec.enqueued_at = time.time()
+            rec.note(note)
+            return rec
+
+        return self._update(job_id, self._owned(owner, mutate))[1]
 
     def finish(
         self,

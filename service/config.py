@@ -290,7 +290,7 @@ class HardenConfig(Strict):
     ]
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     domain: DomainSpec
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
     device: str | None = Field(None, description="cuda, cuda:1, cpu; default: cuda if available.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bfloat16 on GPU, float32 on CPU."

@@ -68,3 +68,52 @@ class PublishError(HarmpruneError):
 class JobCancelled(HarmpruneError):
     stage = "cancel"
     code = "cancelled"
+
+
+class RequestRefused(HarmpruneError):
+    """A job request the service will not take: `field` names what to change (a 4xx).
+
+    `status` is the HTTP status the API answers with (422 unless a subclass says otherwise)."""
+
+    stage = "submit"
+    code = "invalid_request"
+    user_error = True
+    status = 422
+
+    def __init__(self, field: str, message: str, *, code: str | None = None) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        if code is not None:
+            self.code = code
+
+
+class NotPermitted(RequestRefused):
+    """The tenant may not read this model (or it does not exist: the answer is the same) or
+    publish under this namespace."""
+
+    code = "not_permitted"
+    status = 403
+
+
+class QuotaExceeded(RequestRefused):
+    """A per-tenant quota or rate limit; `retry_after_s` says when to try again."""
+
+    code = "quota_exceeded"
+    status = 429
+
+    def __init__(self, field: str, message: str, *, retry_after_s: int) -> None:
+        super().__init__(field, message)
+        self.retry_after_s = retry_after_s
+
+
+class ServiceUnavailable(HarmpruneError):
+    """A dependency (job store, queue, Hub) does not answer; try again after `retry_after_s`."""
+
+    stage = "submit"
+    code = "unavailable"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after_s: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        if code is not None:
+            self.code = code

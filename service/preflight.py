@@ -2,9 +2,15 @@
 files alone.
 
 No weight is downloaded: the model is instantiated on the meta device (shapes, no memory), which
-gives exact parameter and scored-weight counts for any architecture transformers knows. The API
-runs `plan_job` before queueing (and picks the queue: one GPU, or the multi-GPU workers), the
-pipeline runs it before loading weights, so an impossible job is refused at once.
+gives exact parameter and scored-weight counts for any architecture transformers knows. The job
+layer (harmprune.jobs.planning) plans each job with it before queueing (in child processes of
+the API) and picks the queue; the pipeline checks it again before loading weights, so an
+impossible job is refused at once. Hub reads here are metadata and config files only.
+
+Priced besides the attribution: the candidate indices (q) and the preserve pass's top-p (p), the
+search (each candidate q is evaluated, with a random control), and the fine-tuning attack
+(`full` keeps fp32 weights, gradients and AdamW moments). `job_seconds` is compared with the
+job time limit by the planner.
 
 Memory plan (one GPU): weights in the compute dtype, ONE fp32 score-sized buffer alive at a time
 (the harm pass's gradient sum is reduced to per-matrix candidates before the preserve pass), the
@@ -67,6 +73,13 @@ class Estimate(BaseModel):
     device_kind: str
     devices: int = 1
     gradient_checkpointing: bool = False
+    index_memory_gb: float = 0.0  # candidate indices (q) and the preserve pass's top-p (p)
+    search_candidates: int = 1
+    search_tflop: float = 0.0  # evaluating each candidate q, hardened and random control
+    tamper_method: str | None = None
+    tamper_memory_gb: float = 0.0
+    tamper_tflop: float = 0.0
+    job_seconds: float = 0.0  # attribution + search + tamper at the planned throughput
     fits: bool
     problems: list[str]
 
@@ -106,6 +119,30 @@ def count_on_meta(config: Any) -> tuple[int, int, int]:
     return total, scored, len(decoder_layers(model))
 
 
+# Beyond any model transformers ships: a config past these is refused before a meta model is
+# built (a million layers would take the planner minutes and gigabytes of Python objects).
+CONFIG_BOUNDS = {
+    "num_hidden_layers": 1024,
+    "hidden_size": 65536,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 4_000_000,
+    "num_attention_heads": 4096,
+    "num_local_experts": 1024,
+}
+
+
+def check_config_bounds(config: Any) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name, bound in CONFIG_BOUNDS.items():
+        value = getattr(text, name, None)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= bound:
+            raise UnsupportedModelError(
+                f"unsupported config.json: {name} = {str(value)[:32]} (at most {bound})"
+            )
+
+
 def estimate(
     directory: Path,
     *,
@@ -120,6 +157,12 @@ def estimate(
     need_chat_template: bool = True,
     selection: str = "per_matrix",
     gradient_checkpointing: Literal["auto", "on", "off"] = "off",
+    q: float = 1e-4,
+    p: float = 3e-2,
+    search_candidates: int = 1,
+    tamper_method: Literal["lora", "full"] | None = None,
+    tamper_steps: int = 0,
+    tamper_batch_size: int = 4,
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
@@ -131,6 +174,7 @@ def estimate(
         raise ModelLoadError(f"no config.json in {directory}")
     config = config_from_files(directory)
     check_architecture(config)
+    check_config_bounds(config)
     total, scored, layers = count_on_meta(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden, vocab = int(text.hidden_size), int(text.vocab_size)
@@ -165,11 +209,33 @@ def estimate(
         or (gradient_checkpointing == "auto" and peak_gb(activations_gb(False)) > usable)
     )
     act = activations_gb(checkpointing)
-    peak = peak_gb(act)
+    # Indices: the top-q candidates of every matrix are kept (int64); the preserve pass's top-p
+    # (values + indices) is formed one matrix at a time, or over every weight for `global`.
+    if selection == "global":
+        index = (q + p) * scored * 12 / gb
+    else:
+        index = (q * scored * 8 + p * scored / max(1, layers) * 12) / gb
+    peak = peak_gb(act) + (index / devices if devices > 1 else index)
     tokens = calibration_pairs * tokens_per_pair
     # forward + backward (2 + 4 flop per parameter and token), + one more forward if recomputed
     tflop = (8 if checkpointing else 6) * total * tokens / 1e12
-    seconds = tflop / PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"])
+    throughput = PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"])
+    seconds = tflop / throughput
+    # Each candidate q is pruned and evaluated (forward only), with its random control.
+    search_tflop = max(1, search_candidates) * 2 * 2 * total * tokens / 1e12
+    # The fine-tuning attack runs on the original and the hardened model. Full fine-tuning
+    # keeps fp32 weights, gradients and two AdamW moments (16 bytes per parameter).
+    tamper_tflop = tamper_gb = 0.0
+    if tamper_method is not None:
+        tamper_tokens = tamper_steps * tamper_batch_size * tokens_per_pair
+        tamper_tflop = 2 * 6 * total * tamper_tokens / 1e12
+        per_token = 34 * hidden * layers * DTYPE_BYTES[dtype] + 8 * vocab
+        tamper_act = tamper_batch_size * tokens_per_pair * per_token / gb
+        if tamper_method == "full":
+            tamper_gb = total * 16 / gb + tamper_act + 1.0
+        else:  # lora: frozen weights, small adapters (about 1% of the weights, fp32 + AdamW)
+            tamper_gb = weights + total * 0.01 * 16 / gb + tamper_act + 1.0
+    job_seconds = (tflop + search_tflop + tamper_tflop) / throughput
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
@@ -177,6 +243,12 @@ def estimate(
         problems.append(
             f"its weights ({weights:.0f} GB) do not fit one {device_memory_gb:.0f} GB device, "
             "which elicitation and evaluation need; models this large are not supported yet"
+        )
+    elif tamper_method is not None and devices == 1 and tamper_gb > usable:
+        problems.append(
+            f"the {tamper_method} fine-tuning attack needs about {tamper_gb:.0f} GB on one device "
+            f"but {device_memory_gb:.0f} GB is available ({usable:.0f} GB usable); use "
+            "tamper.method: lora or a smaller tamper.batch_size"
         )
     elif peak > usable:
         where = "on one device" if devices == 1 else f"per device on {devices} devices"
@@ -206,14 +278,20 @@ def estimate(
         device_kind=device_kind,
         devices=devices,
         gradient_checkpointing=checkpointing,
+        index_memory_gb=round(index, 3),
+        search_candidates=max(1, search_candidates),
+        search_tflop=round(search_tflop, 1),
+        tamper_method=tamper_method,
+        tamper_memory_gb=round(tamper_gb, 2),
+        tamper_tflop=round(tamper_tflop, 1),
+        job_seconds=round(job_seconds, 1),
         fits=not problems,
         problems=problems,
     )
 
 
-# ---------------------------------------------------------------- a job's plan: where it runs
+# ---------------------------------------------------------------- config files and refusals
 
-QUEUE_CPU, QUEUE_GPU, QUEUE_MULTI_GPU = "cpu", "gpu", "gpu-multi"
 CONFIG_FILES = ("config.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json")
 # A Hub dataset without `limit` is counted as this many rows in the estimate.
 UNLIMITED_DATASET_ROWS = 1000
@@ -242,18 +320,105 @@ class RepoNotVisible(ModelLoadError):
     """No such repo, or a private or gated one the token in use cannot read."""
 
 
-class Plan(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    queue: str
-    devices: int  # GPUs the attribution uses: 0 on CPU, > 1 with FSDP2
-    estimate: Estimate | None  # None: no config files to read (the built-in alias, a GGUF file)
+# A config or tokenizer file larger than this is refused before it is downloaded: real ones are
+# a few KB (a chat template a few dozen); a huge one would only fill the API's disk and memory.
+CONFIG_FILE_MAX_BYTES = 1_000_000
 
 
-def fetch_config_files(model: str, revision: str | None, settings: Settings) -> Path | None:
+class RepoFacts(BaseModel):
+    """What the Hub says about a model repo before anything is downloaded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    repo_id: str
+    sha: str  # the resolved commit: every file is read at this commit
+    private: bool
+    gated: bool
+    sizes: dict[str, int]  # file name -> bytes, for the files preflight reads
+
+
+class ConfigFiles(BaseModel):
+    """A directory holding a model's config and tokenizer files (and, for a Hub repo, its facts)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    directory: Path
+    repo: RepoFacts | None = None
+
+
+def is_hub_reference(model: str) -> bool:
+    """A Hub repo id (`name` or `org/name`), not the alias, a GGUF file or a local path."""
+    return (
+        model != SMOLLM2_ALIAS
+        and not model.endswith(".gguf")
+        and not model.startswith(("/", ".", "~"))
+        and model.count("/") <= 1
+        and not Path(model).expanduser().exists()
+    )
+
+
+def _hub_error(err: Exception, what: str, revision: str | None) -> HarmpruneError:
+    """The Hub's answer as our error, in the loader's words; never the token."""
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(err, RevisionNotFoundError):
+        return ModelLoadError(f"{what} has no revision {revision!r} on the Hub")
+    if isinstance(err, RepositoryNotFoundError):  # also private/gated repos the token cannot read
+        return RepoNotVisible(
+            f"unknown model: {what} was not found on the Hub (or is not readable with the "
+            "operator's token)"
+        )
+    if isinstance(err, OfflineModeIsEnabled):
+        return HubUnreachable(
+            f"unknown model: {what} is not a local path and the Hub cannot be reached"
+        )
+    if isinstance(err, HfHubHTTPError):
+        status = getattr(err.response, "status_code", None)
+        if status in (401, 403):
+            return RepoNotVisible(
+                f"{what} is not readable with the operator's token (HTTP {status})"
+            )
+    return HubUnreachable(f"cannot read {what}'s config from the Hub: {type(err).__name__}")
+
+
+def hub_repo_facts(
+    repo_id: str, revision: str | None, settings: Settings, repo_type: str = "model"
+) -> RepoFacts:
+    """One metadata request: the commit, visibility, gating and file sizes of a Hub repo."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=settings.token_value() or False)
+    try:
+        info = api.repo_info(repo_id, revision=revision, repo_type=repo_type, files_metadata=True)
+    except Exception as err:  # every Hub or transport error, mapped; never chained (URLs only)
+        raise _hub_error(err, repo_id, revision) from None
+    siblings = getattr(info, "siblings", None) or []
+    sizes = {s.rfilename: int(s.size or 0) for s in siblings if s.rfilename}
+    return RepoFacts(
+        repo_id=repo_id,
+        sha=str(info.sha),
+        private=bool(info.private),
+        gated=bool(getattr(info, "gated", False)),
+        sizes=sizes,
+    )
+
+
+def locate_config_files(
+    model: str,
+    revision: str | None,
+    settings: Settings,
+    *,
+    max_file_bytes: int = CONFIG_FILE_MAX_BYTES,
+) -> ConfigFiles | None:
     """A directory with the model's config.json and tokenizer files, no weights.
 
-    A local directory is used as is; a Hub repo's small files are downloaded into the Hub cache.
+    A local directory is used as is; a Hub repo's small files are downloaded into the Hub cache,
+    at the commit its metadata names, each only if it is at most `max_file_bytes`.
     None for the built-in alias and GGUF files (their config is inside the GGUF; the loader
     checks it before any heavy work).
     """
@@ -267,52 +432,38 @@ def fetch_config_files(model: str, revision: str | None, settings: Settings) -> 
             raise ModelLoadError(
                 f"{model} has no *.safetensors weights; pickle checkpoints are refused"
             )
-        return path
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
+        for name in CONFIG_FILES:
+            if (path / name).is_file() and (path / name).stat().st_size > max_file_bytes:
+                raise PreflightRefused("model", f"{name} is over {max_file_bytes} bytes")
+        return ConfigFiles(directory=path)
+    if not is_hub_reference(model):
         raise ModelLoadError(f"model not found: {model} is neither a directory nor a file")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
+    facts = hub_repo_facts(model, revision, settings)
+    if "config.json" not in facts.sizes:
+        raise ModelLoadError(f"{model} has no config.json on the Hub")
     directory = None
     for name in CONFIG_FILES:
+        if name not in facts.sizes:
+            continue
+        if facts.sizes[name] > max_file_bytes:
+            raise PreflightRefused("model", f"{model}'s {name} is over {max_file_bytes} bytes")
         try:
-            got = hf_hub_download(model, name, revision=revision, token=settings.token_value())
-            directory = Path(got).parent
-        except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError); as the loader says
-            raise HubUnreachable(
-                f"unknown model: {model} is not a local path and the Hub cannot be reached"
-            ) from None
-        except EntryNotFoundError:
-            if name == "config.json":
-                raise ModelLoadError(f"{model} has no config.json on the Hub") from None
-        except RevisionNotFoundError:
-            raise ModelLoadError(f"{model} has no revision {revision!r} on the Hub") from None
-        except RepositoryNotFoundError:  # also gated repos the operator's token cannot read
-            raise RepoNotVisible(
-                f"unknown model: {model} was not found on the Hub (or is not readable with the "
-                "operator's token)"
-            ) from None
-        except HfHubHTTPError as err:
-            status = getattr(err.response, "status_code", None)
-            if status in (401, 403):
-                raise RepoNotVisible(
-                    f"{model} is not readable with the operator's token (HTTP {status})"
-                ) from None
-            raise HubUnreachable(
-                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
-            ) from None
-        except OSError as err:
-            # huggingface_hub errors carry URLs, never the token.
-            raise HubUnreachable(
-                f"cannot read {model}'s config from the Hub: {type(err).__name__}"
-            ) from None
-    return directory
+            got = hf_hub_download(model, name, revision=facts.sha, token=settings.token_value())
+        except Exception as err:
+            raise _hub_error(err, model, revision) from None
+        if Path(got).stat().st_size > max_file_bytes:  # the listing lied: refuse all the same
+            raise PreflightRefused("model", f"{model}'s {name} is over {max_file_bytes} bytes")
+        directory = Path(got).parent
+    assert directory is not None
+    return ConfigFiles(directory=directory, repo=facts)
+
+
+def fetch_config_files(model: str, revision: str | None, settings: Settings) -> Path | None:
+    """`locate_config_files`' directory (None: nothing to read before loading)."""
+    found = locate_config_files(model, revision, settings)
+    return found.directory if found else None
 
 
 def calibration_pairs(spec: DomainSpec) -> int:
@@ -350,10 +501,16 @@ def estimate_job(
         need_chat_template=spec.prompt_format == "chat",
         selection=spec.pruning.selection,
         gradient_checkpointing=config.gradient_checkpointing,
+        q=max(spec.search.candidates(spec.pruning.q)),
+        p=spec.pruning.p,
+        search_candidates=len(spec.search.candidates(spec.pruning.q)),
+        tamper_method=spec.tamper.method if spec.tamper else None,
+        tamper_steps=spec.tamper.steps if spec.tamper else 0,
+        tamper_batch_size=spec.tamper.batch_size if spec.tamper else 4,
     )
 
 
-def _refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:
+def refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:
     if not est.chat_template and config.domain.prompt_format == "chat":
         raise PreflightRefused(
             "domain.prompt_format",
@@ -361,50 +518,6 @@ def _refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:
         )
     if not est.fits:
         raise PreflightRefused("model", f"{config.model} " + "; ".join(est.problems))
-
-
-def plan_job(config: HardenConfig, settings: Settings, hardware: str | None = None) -> Plan:
-    """Check the job's model from its config files and choose the queue it runs on.
-
-    `hardware` is what the job asked for (None: the operator's default). A GPU job whose
-    attribution does not fit one GPU goes to the multi-GPU workers if the deployment has them
-    (`multi_gpu_count`); a job that fits no worker is refused with what is missing.
-    """
-    queue = hardware or settings.default_hardware
-    if queue == QUEUE_MULTI_GPU and settings.multi_gpu_count < 2:
-        raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
-    devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, settings.multi_gpu_count)
-    try:
-        directory = fetch_config_files(config.model, config.revision, settings)
-    except RepoNotVisible:
-        if settings.token_value() is not None:
-            raise
-        # An API without a Hub token cannot see private repos the workers' token may read:
-        # queue unchecked (the worker's own preflight runs before it loads any weight).
-        directory = None
-    if directory is None:
-        return Plan(queue=queue, devices=devices, estimate=None)
-
-    def on(devices: int) -> Estimate:
-        return estimate_job(
-            config,
-            directory,
-            devices=devices,
-            device_memory_gb=settings.gpu_memory_gb,
-            device_kind=settings.gpu_kind,
-        )
-
-    est = on(devices)
-    if est.chat_template and not est.fits and queue == QUEUE_GPU and settings.multi_gpu_count > 1:
-        if config.domain.pruning.selection == "global":
-            raise PreflightRefused(
-                "domain.pruning.selection",
-                f"{est.problems[0]}; distributed attribution supports per_matrix selection only",
-            )
-        queue, devices = QUEUE_MULTI_GPU, settings.multi_gpu_count
-        est = on(devices)
-    _refuse_unless_fits(config, est)
-    return Plan(queue=queue, devices=devices, estimate=est)
 
 
 def check_before_loading(
@@ -427,5 +540,5 @@ def check_before_loading(
         device_memory_gb=memory,
         device_kind=settings.gpu_kind,
     )
-    _refuse_unless_fits(config, est)
+    refuse_unless_fits(config, est)
     return est

@@ -4,8 +4,12 @@ Both publishers are idempotent per job id, so a retried job never publishes twic
 
 - `HubPublisher` pushes the whole folder as ONE commit titled `harmprune job <job_id>`; before
   committing it looks for a commit with that title in the repo's history and, if found, returns it
-  (`reused=True`). Retries are not done here (the Celery task retries); `publish_with_retries` is the
-  loop for the CLI.
+  (`reused=True`). The same commit deletes every file an earlier publish left that this checkpoint
+  does not have (an old `model.safetensors` beside new shards would win at load time). The repo's
+  visibility is set to what the job asked for, and checked (refused if it cannot be). A
+  `should_cancel` callback is asked right before the commit: a cancel that arrives while files
+  are prepared publishes nothing. Retries are not done here (the Celery task retries);
+  `publish_with_retries` is the loop for the CLI.
 - `LocalPublisher` copies the folder to `<root>/<repo_id>` through a temporary sibling and a rename,
   with a `.harmprune-job` marker holding the job id.
 
@@ -27,7 +31,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar, runtime_checkable
 
-from harmprune.errors import PublishError
+from harmprune.errors import JobCancelled, PublishError
 from pydantic import BaseModel
 
 COMMIT_TITLE = "harmprune job {job_id}"
@@ -50,8 +54,17 @@ class PublishResult(BaseModel):
 
 @runtime_checkable
 class Publisher(Protocol):
-    def publish(self, folder: Path, repo_id: str, *, private: bool, job_id: str) -> PublishResult:
-        """Publish every file under `folder` as `repo_id`, once per `job_id`."""
+    def publish(
+        self,
+        folder: Path,
+        repo_id: str,
+        *,
+        private: bool,
+        job_id: str,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> PublishResult:
+        """Publish every file under `folder` as `repo_id`, once per `job_id`; nothing when
+        `should_cancel()` says so before the commit (JobCancelled)."""
         ...
 
 
@@ -173,8 +186,31 @@ class HubPublisher:
                 return str(commit.commit_id)
         return None
 
-    def publish(self, folder: Path, repo_id: str, *, private: bool, job_id: str) -> PublishResult:
-        from huggingface_hub import CommitOperationAdd
+    def _set_visibility(self, repo_id: str, private: bool) -> None:
+        """The visibility the job asked for, on a new or an existing repo; refused if the Hub
+        does not end up saying so."""
+        self._call(
+            "setting the visibility of",
+            repo_id,
+            lambda: self._api.update_repo_settings(repo_id, private=private, repo_type="model"),
+        )
+        info = self._call(
+            "reading", repo_id, lambda: self._api.model_info(repo_id, files_metadata=False)
+        )
+        if bool(info.private) != private:
+            wanted = "private" if private else "public"
+            raise PublishError(f"publishing {repo_id} refused: the repo could not be made {wanted}")
+
+    def publish(
+        self,
+        folder: Path,
+        repo_id: str,
+        *,
+        private: bool,
+        job_id: str,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> PublishResult:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
         _check_job_id(job_id)
         folder = Path(folder)
@@ -192,9 +228,19 @@ class HubPublisher:
             return PublishResult(
                 repo_id=repo_id, commit_sha=existing, url=url, files=files, reused=True
             )
-        operations = [
+        self._set_visibility(repo_id, private)
+        present = self._call(
+            "listing files of",
+            repo_id,
+            lambda: self._api.list_repo_files(repo_id, repo_type="model"),
+        )
+        stale = sorted(set(present) - set(files) - {".gitattributes"})
+        operations: list[CommitOperationAdd | CommitOperationDelete] = [
             CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files
         ]
+        operations += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
+        if should_cancel is not None and should_cancel():
+            raise JobCancelled("the job was cancelled before its publish commit")
         info = self._call(
             "committing to",
             repo_id,
@@ -285,7 +331,17 @@ class LocalPublisher:
             reused=reused,
         )
 
-    def publish(self, folder: Path, repo_id: str, *, private: bool, job_id: str) -> PublishResult:
+    def publish(
+        self,
+        folder: Path,
+        repo_id: str,
+        *,
+        private: bool,
+        job_id: str,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> PublishResult:
+        """A local directory has no visibility: access is the operator's filesystem's. The new
+        tree replaces the old one whole, so no stale file survives a re-publish."""
         _check_job_id(job_id)
         folder = Path(folder)
         target = self._target(repo_id)
@@ -298,6 +354,8 @@ class LocalPublisher:
                 marker = target / JOB_MARKER
                 if marker.is_file() and marker.read_text().strip() == job_id:
                     return self._result(repo_id, target, reused=True)
+                if should_cancel is not None and should_cancel():
+                    raise JobCancelled("the job was cancelled before it was published")
                 tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
                 old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
                 try:
@@ -323,7 +381,7 @@ class LocalPublisher:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
                 return self._result(repo_id, target, reused=False)
-        except PublishError:
+        except (PublishError, JobCancelled):
             raise
         except OSError as err:
             raise PublishError(f"publishing {repo_id} to {self.root} failed: {err}") from err

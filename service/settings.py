@@ -111,6 +111,33 @@ class Settings(BaseSettings):
         60.0, gt=0, description="How often the API runs the recovery sweep of lost jobs."
     )
     retry_after_s: int = Field(2, ge=1, description="Retry-After sent while a job is active.")
+    tenants_file: Path | None = Field(
+        None,
+        description="Tenant policy (YAML): publish namespaces, private/gated reads, quotas. "
+        "Without it, each tenant publishes only under the namespace of its own name and reads "
+        "only public models.",
+    )
+    job_record_ttl_s: int = Field(
+        30 * 24 * 3600,
+        ge=1,
+        description="A finished job's record, report and idempotency key expire after this.",
+    )
+    preflight_processes: int = Field(
+        2, ge=1, le=16, description="API: child processes that run preflight estimates."
+    )
+    preflight_timeout_s: float = Field(
+        60.0, gt=0, description="API: one estimate is refused after this long."
+    )
+    preflight_memory_mb: int = Field(
+        3072, ge=512, description="API: address-space limit of a preflight child process."
+    )
+    preflight_cache_s: float = Field(
+        300.0, ge=0, description="API: how long a Hub model's config files are reused."
+    )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token for /metrics; without it /metrics answers 404 (not served).",
+    )
 
     def token_value(self) -> str | None:
         """The Hub token as a plain string, for the one call that needs it. Never log this."""

@@ -165,6 +165,7 @@ def test_compose_redis_is_persistent_and_healthchecked() -> None:
     cmd = redis["command"]
     assert cmd[cmd.index("--appendonly") + 1] == "yes"
     assert cmd[cmd.index("--maxmemory-policy") + 1] == "noeviction"
+    assert cmd[cmd.index("--maxmemory") + 1]  # bounded: one tenant cannot fill the host
     volume = next(v for v in redis["volumes"] if v.endswith(":/data"))
     assert volume.split(":")[0] in c["volumes"], "Redis data must be a named volume"
     assert "redis-cli" in redis["healthcheck"]["test"]
@@ -336,6 +337,9 @@ def test_k8s_redis_statefulset_is_persistent() -> None:
     args = c.get("command", []) + c.get("args", [])
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    cap = args[args.index("--maxmemory") + 1]
+    assert cap.endswith("mb") and int(cap[:-2]) * 2**20 < 2**30  # below the 1Gi limit
+    assert c["resources"]["limits"]["memory"] == "1Gi"
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     mount = next(m for m in c["volumeMounts"] if m["name"] == claim["metadata"]["name"])
     assert mount["mountPath"] == "/data"
@@ -681,3 +685,16 @@ def test_dockerfile_passes_hadolint() -> None:
         check=False,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_read_only_api_keeps_its_hub_cache_on_a_writable_mount() -> None:
+    """Preflight downloads config files into HF_HOME: it must be under the API's tmpfs/emptyDir,
+    not the (read-only) home directory."""
+    api = compose()["services"]["api"]
+    assert api["read_only"] is True
+    assert api["environment"]["HF_HOME"].startswith("/tmp/") and "/tmp" in api["tmpfs"]
+    deployment = k8s_find("Deployment", "harmprune-api")
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert env["HF_HOME"].startswith("/tmp/") and "/tmp" in mounts

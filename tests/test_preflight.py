@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,16 @@ from typing import Any
 import pytest
 from harmprune.config import HardenConfig, HubDataset
 from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.jobs.planning import Plan, Planner, plan_job
+from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import (
+    CONFIG_FILE_MAX_BYTES,
     Estimate,
     HubUnreachable,
-    Plan,
     PreflightRefused,
     calibration_pairs,
     estimate,
     estimate_job,
-    plan_job,
 )
 from harmprune.settings import Settings
 from huggingface_hub import HfApi
@@ -271,7 +273,9 @@ def test_plan_refuses_a_chat_job_without_a_chat_template(
 def test_plan_on_cpu_has_no_memory_limit_and_plans_fp32(
     model_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
-    plan = plan_job(job_config(model_dir("qwen2.5-14b")), plan_settings(tmp_path), "cpu")
+    # (days on a CPU: the time limit is raised, so only the memory plan is looked at)
+    settings = plan_settings(tmp_path, job_soft_time_limit_s=10**8)
+    plan = plan_job(job_config(model_dir("qwen2.5-14b")), settings, "cpu")
     assert (plan.queue, plan.devices) == ("cpu", 0)
     assert plan.estimate is not None and plan.estimate.fits
     assert plan.estimate.weights_gb == pytest.approx(plan.estimate.parameters * 4 / GB, abs=0.01)
@@ -396,3 +400,103 @@ def test_usable_memory_leaves_headroom(estimated: Callable[..., Estimate]) -> No
     est = estimated("qwen2.5-14b", gradient_checkpointing="on", max_backward_tokens=1024)
     assert 72 < est.peak_memory_gb < 80 and not est.fits
     assert estimated("qwen2.5-14b", device_memory_gb=141.0).fits
+
+
+# ---------------------------------------------------------------- prices besides the attribution
+
+
+def test_q_and_p_indices_are_priced(estimated: Callable[..., Estimate]) -> None:
+    """Candidate indices are int64 per scored weight at q: q = p = 0.9 on an 8B model needs tens
+    of GB more than the reference job, and no longer fits one 80 GB GPU."""
+    reference = estimated("llama-3.1-8b-instruct")
+    huge = estimated("llama-3.1-8b-instruct", q=0.9, p=0.9)
+    assert reference.index_memory_gb < 0.1
+    assert huge.index_memory_gb == pytest.approx(
+        (0.9 * huge.scored_weights * 8 + 0.9 * huge.scored_weights / 32 * 12) / GB, rel=1e-3
+    )
+    assert huge.index_memory_gb > 40 and not huge.fits
+    assert huge.peak_memory_gb == pytest.approx(
+        reference.peak_memory_gb + huge.index_memory_gb, abs=0.1
+    )
+    glob = estimated("llama-3.1-8b-instruct", q=0.9, p=0.9, selection="global")
+    assert glob.index_memory_gb > huge.index_memory_gb
+
+
+def test_search_candidates_are_priced(estimated: Callable[..., Estimate]) -> None:
+    one = estimated("llama-3.1-8b-instruct")
+    five = estimated("llama-3.1-8b-instruct", search_candidates=5)
+    assert five.search_tflop == pytest.approx(5 * one.search_tflop, rel=1e-3)
+    assert five.job_seconds > one.job_seconds
+    assert five.attribution_tflop == one.attribution_tflop
+
+
+def test_the_tamper_method_is_priced(estimated: Callable[..., Estimate]) -> None:
+    """Full fine-tuning keeps fp32 weights, gradients and two AdamW moments: 16 bytes per
+    parameter, ~120 GB for 8B, which no 80 GB GPU holds; LoRA fits."""
+    lora = estimated("llama-3.1-8b-instruct", tamper_method="lora", tamper_steps=20)
+    full = estimated("llama-3.1-8b-instruct", tamper_method="full", tamper_steps=20)
+    assert lora.fits and lora.tamper_tflop > 0
+    assert full.tamper_memory_gb > full.parameters * 16 / GB
+    assert not full.fits and "full fine-tuning attack" in full.problems[0]
+
+
+def test_a_job_over_the_time_limit_is_refused(
+    model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    config = job_config(model_dir("llama-3.1-8b-instruct"))
+    plan = plan_job(config, plan_settings(tmp_path))
+    assert plan.estimate is not None and plan.estimate.job_seconds > 10
+    with pytest.raises(PreflightRefused, match="over the job time limit of 10 s") as err:
+        plan_job(config, plan_settings(tmp_path, job_soft_time_limit_s=10))
+    assert err.value.field == "model"
+
+
+def test_an_absurd_config_is_refused_before_a_meta_model_is_built(tmp_path: Path) -> None:
+    cfg = fixture_config("llama-3.1-8b-instruct") | {"num_hidden_layers": 10_000_000}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    started = time.monotonic()
+    with pytest.raises(UnsupportedModelError, match="num_hidden_layers"):
+        estimate(tmp_path, calibration_pairs=8, tokens_per_pair=64)
+    assert time.monotonic() - started < 5
+
+
+def test_an_oversized_config_file_is_refused(
+    hub_server: HubServer,  # noqa: F811
+    model_dir: Callable[..., Path],
+    tmp_path: Path,
+) -> None:
+    """Locally and on the Hub (by the listed size, before any download)."""
+    d = tmp_path / "big"
+    d.mkdir()
+    cfg = fixture_config("gpt2") | {"padding": "x" * (CONFIG_FILE_MAX_BYTES + 1)}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "model.safetensors").touch()
+    with pytest.raises(PreflightRefused, match="over 1000000 bytes"):
+        plan_job(job_config(d), plan_settings(tmp_path))
+    HfApi(token=hub_server.token).create_repo("org/big-config")
+    HfApi(token=hub_server.token).upload_folder(repo_id="org/big-config", folder_path=str(d))
+    settings = plan_settings(tmp_path, hf_token=hub_server.token)
+    with pytest.raises(PreflightRefused, match="over 1000000 bytes"):
+        plan_job(job_config("org/big-config"), settings)
+    assert not list((tmp_path / "hf_home").rglob("config.json"))  # nothing was downloaded
+
+
+def test_the_planner_bounds_its_children(model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """The API's planner: a child over its memory limit, or over the time limit, is a refusal
+    (never a hung or bloated API); the same plan twice answers from the cache in well under a
+    millisecond."""
+    config = job_config(model_dir("gpt2"))
+    policy = TenantPolicy(name="t", read_private=True, read_gated=True)
+    starved = Planner(plan_settings(tmp_path, preflight_memory_mb=512))
+    with pytest.raises(PreflightRefused, match="memory limit"):
+        starved.plan(config, "gpu", policy)
+    slow = Planner(plan_settings(tmp_path, preflight_timeout_s=0.01, preflight_processes=1))
+    with pytest.raises(PreflightRefused, match="within 0 s"):
+        slow.plan(config, "gpu", policy)
+    planner = Planner(plan_settings(tmp_path, preflight_processes=1))
+    first = planner.plan(config, "gpu", policy)
+    assert first.estimate is not None and first.estimate.model_type == "gpt2"
+    started = time.perf_counter()
+    for _ in range(100):
+        assert planner.plan(config, "gpu", policy) == first
+    assert (time.perf_counter() - started) / 100 < 1e-3

@@ -415,3 +415,47 @@ def test_publish_error_keeps_transient_through_pickle() -> None:
     err = pickle.loads(pickle.dumps(PublishError("boom", transient=True)))
     assert err.transient is True and str(err) == "boom"
     assert PublishError("x").transient is False
+
+
+def test_republish_removes_stale_files_and_fixes_visibility(
+    hub_server: HubServer,  # noqa: F811
+    model_dir: Path,
+) -> None:
+    """An earlier publish's files that the new checkpoint lacks are deleted in the same commit
+    (an old single-file model beside new shards would win at load time); the repo ends with the
+    visibility the new job asked for."""
+    publisher = HubPublisher(token=hub_server.token)
+    (model_dir / "model-old-extra.safetensors").write_bytes(b"stale weights")
+    publisher.publish(model_dir, REPO, private=False, job_id="first")
+    assert "model-old-extra.safetensors" in hub_server.files(REPO)
+    assert not hub_server.is_private(REPO)
+
+    (model_dir / "model-old-extra.safetensors").unlink()
+    second = publisher.publish(model_dir, REPO, private=True, job_id="second")
+    assert hub_server.is_private(REPO)  # the existing public repo was made private
+    published = set(hub_server.files(REPO)) - {".gitattributes"}
+    assert published == set(second.files) == set(_local_files(model_dir))
+    assert hub_server.commits(REPO)[-1].title == "harmprune job second"
+
+    publisher.publish(model_dir, REPO, private=False, job_id="third")
+    assert not hub_server.is_private(REPO)
+
+
+def test_a_cancel_before_the_commit_publishes_nothing(
+    hub_server: HubServer,  # noqa: F811
+    model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    from harmprune.errors import JobCancelled
+
+    publisher = HubPublisher(token=hub_server.token)
+    with pytest.raises(JobCancelled):
+        publisher.publish(
+            model_dir, REPO, private=True, job_id="cancelled", should_cancel=lambda: True
+        )
+    assert _commit_calls(hub_server) == 0
+    assert not any(c.title == "harmprune job cancelled" for c in hub_server.commits(REPO))
+    local = LocalPublisher(tmp_path / "published")
+    with pytest.raises(JobCancelled):
+        local.publish(model_dir, REPO, private=True, job_id="c", should_cancel=lambda: True)
+    assert not (tmp_path / "published" / REPO).exists()

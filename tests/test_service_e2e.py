@@ -145,7 +145,7 @@ def test_served_api_cli_and_hub_end_to_end(
             "--domain",
             str(spec),
             "--repo-id",
-            "acme/tiny-hardened",
+            "alpha/tiny-hardened",
             "--public",
             "--batch-size",
             "2",
@@ -157,12 +157,12 @@ def test_served_api_cli_and_hub_end_to_end(
         job = json.loads(done.stdout)
         assert job["state"] == "succeeded", job
         result = job["result"]
-        assert result["repo_id"] == "acme/tiny-hardened"
+        assert result["repo_id"] == "alpha/tiny-hardened"
         assert result["url"].startswith(hub.url)
-        commits = hub.commits("acme/tiny-hardened")
+        commits = hub.commits("alpha/tiny-hardened")
         assert commits[-1].sha == result["commit_sha"]
         assert commits[-1].title == commit_title(job["id"])
-        assert not hub.is_private("acme/tiny-hardened")
+        assert not hub.is_private("alpha/tiny-hardened")
 
         status = cli("status", job["id"], "--json", api=api)
         assert status.returncode == 0 and json.loads(status.stdout)["state"] == "succeeded"
@@ -176,8 +176,8 @@ def test_served_api_cli_and_hub_end_to_end(
         }
 
         # ---- plain huggingface_hub / transformers, in this process
-        snapshot = Path(snapshot_download("acme/tiny-hardened", revision=result["commit_sha"]))
-        hardened = AutoModelForCausalLM.from_pretrained("acme/tiny-hardened", dtype=torch.float32)
+        snapshot = Path(snapshot_download("alpha/tiny-hardened", revision=result["commit_sha"]))
+        hardened = AutoModelForCausalLM.from_pretrained("alpha/tiny-hardened", dtype=torch.float32)
         original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
         assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])
         card = (snapshot / "README.md").read_text()
@@ -211,7 +211,7 @@ def test_transient_hub_errors_are_retried_by_the_task(
         body = {
             "model": str(tiny_model_dir("llama")),
             "domain": TINY_DOMAIN,
-            "publish": {"repo_id": "acme/flaky", "private": True},
+            "publish": {"repo_id": "alpha/flaky", "private": True},
             "batch_size": 2,
         }
         job = client.post("/v1/jobs", json=body, headers=bearer()).json()
@@ -225,8 +225,8 @@ def test_transient_hub_errors_are_retried_by_the_task(
     assert final["attempts"] == 1  # the pipeline ran once; only publishing was retried
     record = hub_stack.ns.client.get(f"{hub_stack.settings.key_prefix}:job:{job['id']}")
     assert json.loads(record)["publish_attempts"] == 2
-    assert hub.is_private("acme/flaky")
-    assert [c.title for c in hub.commits("acme/flaky")][-1] == commit_title(job["id"])
+    assert hub.is_private("alpha/flaky")
+    assert [c.title for c in hub.commits("alpha/flaky")][-1] == commit_title(job["id"])
     assert "Retry in" in hub_stack.worker.log_text()
 
 
@@ -256,7 +256,7 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
                 return cli(*args, "--repo-id", repo_id, "--batch-size", "2", *extra, api=api)
 
             # ---- accepted: exit 0; pull copies the published directory
-            done = submit(specs["ok"], "acme/tiny-local", "--wait", "--json")
+            done = submit(specs["ok"], "alpha/tiny-local", "--wait", "--json")
             assert done.returncode == 0, done.stderr + worker.log_tail()
             job = json.loads(done.stdout)
             assert job["state"] == "succeeded"
@@ -265,14 +265,14 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
             pulled = tmp_path / "pulled copy"
             got = cli("pull", job["id"], "--out", str(pulled), api=api)
             assert got.returncode == 0, got.stderr
-            published = settings.local_publish_dir() / "acme" / "tiny-local"
+            published = settings.local_publish_dir() / "alpha" / "tiny-local"
             assert {p.name for p in pulled.iterdir()} >= {"model.safetensors", "report.json"}
             for path in published.iterdir():
                 if path.is_file() and not path.name.startswith("."):
                     assert (pulled / path.name).read_bytes() == path.read_bytes(), path.name
 
             # ---- rejected: exit 3, for `submit --wait` and for `status`; nothing to pull
-            rejected = submit(specs["reject"], "acme/tiny-rejected", "--wait", "--json")
+            rejected = submit(specs["reject"], "alpha/tiny-rejected", "--wait", "--json")
             assert rejected.returncode == EXIT_REJECTED == 3, rejected.stderr
             rejected_job = json.loads(rejected.stdout)
             assert rejected_job["state"] == "rejected"
@@ -287,7 +287,7 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
             # ---- cancel a running job: `cancel` exits 0, the job ends cancelled (exit 1)
             slow = tmp_path / "slow.yaml"
             slow.write_text(yaml.safe_dump(SLOW_DOMAIN))
-            queued = submit(slow, "acme/tiny-cancelled", "--json")
+            queued = submit(slow, "alpha/tiny-cancelled", "--json")
             assert queued.returncode == 0, queued.stderr
             job_id = json.loads(queued.stdout)["id"]
 
@@ -303,7 +303,7 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
             final = cli("status", job_id, "--wait", "--json", api=api)
             assert final.returncode == EXIT_JOB_ERROR == 1, final.stderr
             assert json.loads(final.stdout)["state"] == "cancelled"
-            assert not (settings.local_publish_dir() / "acme" / "tiny-cancelled").exists()
+            assert not (settings.local_publish_dir() / "alpha" / "tiny-cancelled").exists()
 
             # ---- bad input: an unknown job is exit 2
             unknown = cli("status", "0" * 32, api=api)
@@ -338,7 +338,7 @@ def test_job_downloads_a_pinned_revision_and_publishes_through_lfs(
             "model": "acme/tiny-source",
             "revision": pinned,
             "domain": TINY_DOMAIN,
-            "publish": {"repo_id": "acme/tiny-lfs", "private": True},
+            "publish": {"repo_id": "alpha/tiny-lfs", "private": True},
             "batch_size": 2,
         }
         r = client.post("/v1/jobs", json=body, headers=bearer())
@@ -358,15 +358,15 @@ def test_job_downloads_a_pinned_revision_and_publishes_through_lfs(
 
     # the weights went up through LFS: batch, presigned PUT, verify; an lfsFile commit
     sha = final["result"]["commit_sha"]
-    assert hub.commits("acme/tiny-lfs")[-1].sha == sha
-    assert hub.lfs_paths("acme/tiny-lfs", sha) == {"model.safetensors", MASK_FILE}
+    assert hub.commits("alpha/tiny-lfs")[-1].sha == sha
+    assert hub.lfs_paths("alpha/tiny-lfs", sha) == {"model.safetensors", MASK_FILE}
     log = [(m, p.split("?")[0], code) for m, p, code in hub.request_log]
-    assert ("POST", "/acme/tiny-lfs.git/info/lfs/objects/batch", 200) in log
-    assert ("POST", "/acme/tiny-lfs.git/info/lfs/objects/verify", 200) in log
+    assert ("POST", "/alpha/tiny-lfs.git/info/lfs/objects/batch", 200) in log
+    assert ("POST", "/alpha/tiny-lfs.git/info/lfs/objects/verify", 200) in log
     assert any(m == "PUT" and p.startswith("/lfs-storage/") and c == 200 for m, p, c in log)
 
     # and they are the pinned revision's weights with the mask applied (not the zeroed head's)
-    published = hub.files("acme/tiny-lfs", sha)
+    published = hub.files("alpha/tiny-lfs", sha)
     snapshot = tmp_path / "published"
     snapshot.mkdir()
     for name, data in published.items():
@@ -428,7 +428,7 @@ def test_smollm2_job_end_to_end_on_the_hub(
             body = {
                 "model": "smollm2-135m-instruct",
                 "domain": domain,
-                "publish": {"repo_id": "acme/smollm2-hardened", "private": False},
+                "publish": {"repo_id": "alpha/smollm2-hardened", "private": False},
                 "batch_size": 4,
             }
             r = client.post("/v1/jobs", json=body, headers=bearer())
@@ -453,9 +453,9 @@ def test_smollm2_job_end_to_end_on_the_hub(
             f"{final['state']} at {final['stage']}: {final.get('error')}\n{stack.worker.log_tail()}"
         )
         result = final["result"]
-        snapshot = Path(snapshot_download("acme/smollm2-hardened", revision=result["commit_sha"]))
+        snapshot = Path(snapshot_download("alpha/smollm2-hardened", revision=result["commit_sha"]))
         hardened = AutoModelForCausalLM.from_pretrained(
-            "acme/smollm2-hardened", dtype=torch.float32
+            "alpha/smollm2-hardened", dtype=torch.float32
         )
         original = AutoModelForCausalLM.from_pretrained(smollm2_original, dtype=torch.float32)
         assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])

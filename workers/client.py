@@ -17,7 +17,7 @@ from kombu import Exchange, Queue
 log = logging.getLogger(__name__)
 
 RUN_JOB = "harmprune.run_job"
-QUEUES = ("gpu", "gpu-multi", "cpu")  # one queue per worker kind (harmprune.preflight routes)
+QUEUES = ("gpu", "gpu-multi", "cpu")  # one queue per worker kind (harmprune.jobs.planning routes)
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from celery.exceptions import SoftTimeLimitExceeded
 from harmprune.vocabulary import JOB_ID_PATTERN
-from harmprune.workers.app import app, settings
-from harmprune.workers.client import RUN_JOB
+from harmprune.workers.app import app, on_sigterm_requeue, settings
+from harmprune.workers.client import RUN_JOB, enqueue
 
 
 @app.task(
@@ -27,12 +27,15 @@ def run_job(self, job_id: str) -> str:
         raise ValueError(f"invalid job id {job_id!r}")
     from harmprune.jobs.runner import PublishRetry, execute_job  # torch: in the child only
 
+    on_sigterm_requeue()
+
     try:
         return execute_job(
             job_id,
             settings,
             publish_retries_left=self.max_retries - self.request.retries,
             timeout_errors=(SoftTimeLimitExceeded,),
+            requeue=lambda record: enqueue(app, record),
         )
     except PublishRetry as retry:
         raise self.retry(countdown=retry.countdown) from None

@@ -4,32 +4,26 @@ tenant's job id answers 404, exactly like an unknown one."""
 from __future__ import annotations
 
 import logging
-import os
-import re
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from harmprune.api.deps import CeleryDep, MetricsDep, SettingsDep, StoreDep, TenantDep, get_tenant
-from harmprune.api.errors import ApiError, field_errors
-from harmprune.api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
-from harmprune.config import HardenConfig
-from harmprune.errors import HarmpruneError
-from harmprune.jobs.store import (
-    IdempotencyConflict,
-    JobError,
-    JobRecord,
-    JobState,
-    NotCancellable,
-    PublishTarget,
-    fingerprint,
-    new_job_id,
+from harmprune.api.deps import (
+    MetricsDep,
+    PolicyDep,
+    ServicesDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    get_tenant,
 )
-from harmprune.preflight import HubUnreachable, Plan, PreflightRefused, plan_job
+from harmprune.api.errors import ApiError
+from harmprune.api.logs import audit
+from harmprune.api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
+from harmprune.jobs.store import JobRecord, JobState, NotCancellable
+from harmprune.jobs.submission import submit
 from harmprune.settings import Settings
-from harmprune.vocabulary import JOB_ID_PATTERN, SMOLLM2_ALIAS
-from harmprune.workers.client import enqueue
-from pydantic import BaseModel, ValidationError
+from harmprune.vocabulary import JOB_ID_PATTERN
+from pydantic import BaseModel
 
 log = logging.getLogger("api")
 
@@ -40,9 +34,18 @@ router = APIRouter(
     responses={
         400: {"model": ErrorOut, "description": "The body is not readable (not UTF-8 JSON)."},
         401: {"model": ErrorOut, "description": "Missing or invalid API key."},
+        403: {
+            "model": ErrorOut,
+            "description": "Not permitted for this API key: a model it may not read (answered "
+            "the same whether the repo exists or not), or a namespace it may not publish to.",
+        },
         413: {"model": ErrorOut, "description": "Request body over the limit."},
         422: {"model": ErrorOut, "description": "Invalid request; `fields` names each problem."},
-        503: {"model": ErrorOut, "description": "The job store or queue is unavailable."},
+        429: {
+            "model": ErrorOut,
+            "description": "Over the API key's request rate or job quota; see Retry-After.",
+        },
+        503: {"model": ErrorOut, "description": "The job store, queue or Hub is unavailable."},
     },
 )
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -51,52 +54,6 @@ NOT_FOUND: dict[int | str, dict[str, Any]] = {
 CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorOut, "description": "Not possible in the job's current state."}
 }
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
-IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(
-        422, "invalid_request", f"{field}: {message}", fields=[{"field": field, "message": message}]
-    )
-
-
-def check_model_reference(model: str, settings: Settings) -> None:
-    """Only references a tenant may name: the SmolLM2 alias, a Hub id, or an absolute path under
-    a directory the operator allows. Never another path on the worker."""
-    if model == SMOLLM2_ALIAS:
-        return
-    if model.startswith("/"):
-        normal = os.path.normpath(model)
-        roots = [os.path.normpath(str(r)) for r in settings.local_model_roots]
-        if ".." not in model.split("/") and any(
-            normal.startswith(root.rstrip("/") + "/") for root in roots
-        ):
-            return
-        raise _invalid("model", "this path is not under a model directory the operator allows")
-    if HUB_ID.match(model) and ".." not in model and "--" not in model:
-        return
-    raise _invalid(
-        "model",
-        f"expected a Hub repo id (org/name), {SMOLLM2_ALIAS}, or an allowed absolute path",
-    )
-
-
-def preflight(config: HardenConfig, hardware: str, settings: Settings) -> Plan | None:
-    """Refuse a job no worker can run, before it is queued; choose its queue (harmprune.preflight).
-
-    Reads config.json and tokenizer files only (a Hub repo's, with the operator's token)."""
-    if not settings.preflight:
-        return None
-    try:
-        return plan_job(config, settings, hardware)
-    except PreflightRefused as err:
-        raise _invalid(err.field, str(err).removeprefix(f"{err.field}: ")) from None
-    except HubUnreachable as err:
-        raise ApiError(503, "hub_unreachable", str(err), headers={"Retry-After": "30"}) from None
-    except HarmpruneError as err:  # unknown model, unsupported architecture, unreadable config
-        raise _invalid("model", str(err)) from None
 
 
 def _job(store: Any, job_id: str, tenant: str) -> JobRecord:
@@ -134,9 +91,8 @@ def _job_headers(record: JobRecord, settings: Settings) -> dict[str, str]:
 def submit_job(
     body: JobCreate,
     tenant: TenantDep,
-    settings: SettingsDep,
-    store: StoreDep,
-    celery: CeleryDep,
+    policy: PolicyDep,
+    services: ServicesDep,
     metrics: MetricsDep,
     idempotency_key: Annotated[
         str | None,
@@ -147,73 +103,15 @@ def submit_job(
         ),
     ] = None,
 ) -> Response:
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.match(idempotency_key):
-        raise _invalid("header:Idempotency-Key", "1 to 255 printable ASCII characters")
-    check_model_reference(body.model, settings)
-    if body.trust_remote_code and not settings.allow_remote_code:
-        raise _invalid("trust_remote_code", "the operator does not allow remote code")
-    hardware = body.hardware or settings.default_hardware
-    try:
-        config = HardenConfig(
-            model=body.model,
-            revision=body.revision,
-            domain=body.domain,
-            seed=body.seed,
-            device="cpu" if hardware == "cpu" else None,
-            dtype=body.dtype,
-            trust_remote_code=body.trust_remote_code,
-            batch_size=body.batch_size,
-        )
-    except ValidationError as err:
-        fields = field_errors(err.errors())
-        raise ApiError(422, "invalid_request", fields[0]["message"], fields=fields) from None
-    plan = preflight(config, hardware, settings)
-    now = time.time()
-    request_json = body.model_dump(mode="json")
-    record = JobRecord(
-        id=new_job_id(),
-        tenant=tenant,
-        created_at=now,
-        updated_at=now,
-        enqueued_at=now,
-        queue=plan.queue if plan else hardware,
-        preflight=plan.estimate.model_dump(mode="json") if plan and plan.estimate else None,
-        config=config.model_dump(mode="json"),
-        publish=PublishTarget(**body.publish.model_dump()),
-        spec_hash=config.domain.spec_hash(),
-        domain=config.domain.name,
-        fingerprint=fingerprint(request_json),
-    )
-    try:
-        record, created = store.create(record, idempotency_key)
-    except IdempotencyConflict as err:
-        raise ApiError(
-            422,
-            "idempotency_key_reused",
-            f"header:Idempotency-Key: this key was used for another request (job "
-            f"{err.job_id}); use a new key for a new job",
-            fields=[{"field": "header:Idempotency-Key", "message": "used with another body"}],
-        ) from None
-    if created:
-        try:
-            enqueue(celery, record)
-        except Exception as err:
-            log.warning("cannot queue job %s: %s", record.id, type(err).__name__)
-            store.finish(
-                record.id,
-                None,
-                JobState.failed,
-                error=JobError(code="queue_unavailable", message="the job could not be queued"),
-            )
-            raise ApiError(
-                503,
-                "queue_unavailable",
-                "the job queue is unavailable; try again shortly",
-                headers={"Retry-After": "5"},
-            ) from None
+    """Policy, plan, record and queue: harmprune.jobs.submission."""
+    done = submit(body, policy, services, idempotency_key)
+    record = done.record
+    headers = {"Location": f"/v1/jobs/{record.id}", **_job_headers(record, services.settings)}
+    if done.created:
         metrics.submitted.labels(record.queue).inc()
-    headers = {"Location": f"/v1/jobs/{record.id}", **_job_headers(record, settings)}
-    if not created:
+        metrics.tenant_jobs.labels(tenant).inc()
+        audit("submit", tenant, job=record.id, model=record.model, repo=record.publish.repo_id)
+    else:
         headers["Idempotent-Replayed"] = "true"
     return model_response(JobOut.from_record(record), 202, headers)
 
@@ -263,6 +161,7 @@ def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep, settings: Settin
         ) from None
     if record is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
+    audit("cancel", tenant, job=job_id, state=record.state.value)
     return model_response(JobOut.from_record(record), 202, headers=_job_headers(record, settings))
 
 
@@ -301,4 +200,5 @@ def delete_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Response:
         ) from None
     if deleted is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
+    audit("delete", tenant, job=job_id)
     return Response(status_code=204)

@@ -14,6 +14,7 @@ from harmprune.jobs.store import JobStore
 from harmprune.settings import Settings
 
 from tests.service_stack import Namespace, redis_namespace, stack_settings
+from tests.support.tenancy import write_tenants_file
 
 TINY_SPEC: dict[str, Any] = {
     "name": "api-test",
@@ -41,7 +42,11 @@ def ns(redis_url: str) -> Iterator[Namespace]:
 @pytest.fixture
 def settings(ns: Namespace, tmp_path: Path) -> Settings:
     return stack_settings(
-        ns, tmp_path, local_model_roots=[tmp_path / "models"], max_request_bytes=64_000
+        ns,
+        tmp_path,
+        local_model_roots=[tmp_path / "models"],
+        max_request_bytes=64_000,
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
     )
 
 

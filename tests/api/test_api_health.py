@@ -3,8 +3,10 @@ under api/ imports torch."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute
@@ -15,7 +17,10 @@ from harmprune.settings import Settings
 from pydantic import SecretStr
 
 from tests.api.conftest import job_body
-from tests.service_stack import ROOT, bearer
+from tests.service_stack import ROOT, Namespace, bearer, settings_env, stack_settings
+from tests.support.tenancy import write_tenants_file
+
+CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
 
 pytestmark = pytest.mark.services
 
@@ -26,10 +31,27 @@ def test_healthz_and_readyz(client: TestClient) -> None:
     assert r.status_code == 200 and r.json() == {"status": "ready", "redis": "ok"}
 
 
-def test_metrics(client: TestClient) -> None:
-    client.post("/v1/jobs", json=job_body(), headers=bearer())
-    client.get("/v1/jobs/" + "0" * 32, headers=bearer())
-    text = client.get("/metrics").text
+METRICS_TOKEN = "metrics-token-0123456789"
+
+
+def test_metrics_need_their_own_token(settings: Settings) -> None:
+    with TestClient(create_app(settings, sweep=False)) as client:  # no token configured
+        assert client.get("/metrics").status_code == 404
+    settings = settings.model_copy(update={"metrics_token": SecretStr(METRICS_TOKEN)})
+    with TestClient(create_app(settings, sweep=False)) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=bearer()).status_code == 401  # an API key is not it
+        ok = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        assert ok.status_code == 200 and "harmprune_http_requests_total" in ok.text
+
+
+def test_metrics(settings: Settings) -> None:
+    settings = settings.model_copy(update={"metrics_token": SecretStr(METRICS_TOKEN)})
+    with TestClient(create_app(settings, sweep=False)) as client:
+        client.post("/v1/jobs", json=job_body(), headers=bearer())
+        client.get("/v1/jobs/" + "0" * 32, headers=bearer())
+        text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    assert 'harmprune_tenant_jobs_submitted_total{tenant="alpha"} 1.0' in text
     assert 'harmprune_jobs_submitted_total{hardware="cpu"} 1.0' in text
     assert 'harmprune_jobs{state="queued"} 1.0' in text
     assert 'harmprune_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1.0' in text
@@ -58,8 +80,9 @@ def test_openapi_documents_every_route(client: TestClient) -> None:
         if isinstance(route, APIRoute) and route.path.startswith("/v1"):
             assert route.response_model is not None or route.status_code == 204, route.path
     post = spec["paths"]["/v1/jobs"]["post"]
-    assert {"202", "401", "413", "422"} <= set(post["responses"])
-    assert "anyOf" in spec["components"]["schemas"]["JobCreate"]["properties"]["domain"]
+    assert post["requestBody"]["x-max-bytes"] == client.app.state.settings.max_request_bytes
+    assert {"202", "401", "403", "413", "422", "429"} <= set(post["responses"])
+    assert "anyOf" in spec["components"]["schemas"]["JobRequest"]["properties"]["domain"]
 
 
 def test_no_keys_no_app(settings: Settings) -> None:
@@ -80,3 +103,44 @@ def test_api_never_imports_torch() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_submitting_with_preflight_never_imports_torch_in_the_api(
+    ns: Namespace, tmp_path: Path
+) -> None:
+    """A job planned from its config files (a meta model: torch) through the real app: the
+    estimate comes from a child process, and the API's own process never imports torch."""
+    models = tmp_path / "models"
+    d = models / "llama"
+    d.mkdir(parents=True)
+    (d / "config.json").write_text((CONFIGS / "llama-3.1-8b-instruct.json").read_text())
+    (d / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    (d / "model.safetensors").touch()
+    settings = stack_settings(
+        ns,
+        tmp_path,
+        preflight=True,
+        default_hardware="gpu",
+        local_model_roots=[models],
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HARMPRUNE_")}
+    env.update(settings_env(settings))
+    code = (
+        "import sys, json\n"
+        "from fastapi.testclient import TestClient\n"
+        "from harmprune.api.main import app_from_env\n"
+        "from tests.api.conftest import job_body\n"
+        "from tests.service_stack import bearer\n"
+        "with TestClient(app_from_env()) as c:\n"
+        f"    r = c.post('/v1/jobs', json=job_body(model={str(d)!r}), headers=bearer())\n"
+        "    assert r.status_code == 202, r.text\n"
+        "    assert r.json()['preflight']['layers'] == 32, r.text\n"
+        "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, timeout=300, capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

@@ -19,6 +19,7 @@ from tests.api.conftest import TINY_SPEC, job_body
 from tests.service_stack import Namespace, bearer, stack_settings
 from tests.support.fixtures import hub_server  # noqa: F401  (fixture)
 from tests.support.hub_server import HubServer
+from tests.support.tenancy import write_tenants_file
 
 pytestmark = pytest.mark.services
 
@@ -53,6 +54,7 @@ def multi(ns: Namespace, tmp_path: Path) -> Iterator[tuple[TestClient, Settings]
         default_hardware="gpu",
         gpu_memory_gb=80.0,
         multi_gpu_count=4,
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
     )
     yield from ((c, settings) for c in app_client(settings))
 
@@ -113,7 +115,12 @@ def test_impossible_jobs_are_refused_before_queueing(
 
 def test_without_multi_gpu_workers_a_14b_job_is_refused(ns: Namespace, tmp_path: Path) -> None:
     settings = stack_settings(
-        ns, tmp_path, local_model_roots=[tmp_path / "models"], preflight=True, gpu_memory_gb=80.0
+        ns,
+        tmp_path,
+        local_model_roots=[tmp_path / "models"],
+        preflight=True,
+        gpu_memory_gb=80.0,
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),
     )
     for client in app_client(settings):
         d = model_dir(tmp_path / "models", "qwen2.5-14b")
@@ -135,13 +142,22 @@ def test_hub_models_are_checked_from_their_config_files(
         repo_id="org/llama-8b", folder_path=str(model_dir(tmp_path / "m", "llama-3.1-8b-instruct"))
     )
     settings = stack_settings(
-        ns, tmp_path, preflight=True, default_hardware="gpu", hf_token=hub_server.token
+        ns,
+        tmp_path,
+        preflight=True,
+        default_hardware="gpu",
+        hf_token=hub_server.token,
+        tenants_file=write_tenants_file(tmp_path / "tenants.yaml"),  # alpha reads private repos
     )
     for client in app_client(settings):
         ok = submit(client, model="org/llama-8b")
         assert ok.status_code == 202, ok.text
         assert ok.json()["preflight"]["layers"] == 32
         missing = submit(client, model="org/no-such-model")
-        assert missing.status_code == 422
-        assert "unknown model: org/no-such-model" in missing.json()["error"]["message"]
+        assert missing.status_code == 403, missing.text
+        error = missing.json()["error"]
+        assert error["fields"][0]["field"] == "model"
+        assert (
+            "org/no-such-model does not exist or this API key may not read it" in error["message"]
+        )
         assert hub_server.token not in missing.text

@@ -25,6 +25,7 @@ from tests.service_stack import (
     stack_settings,
     wait_for,
 )
+from tests.support.tenancy import write_tenants_file
 
 TERMINAL = {"succeeded", "rejected", "failed", "cancelled"}
 PERMISSIVE = {
@@ -130,7 +131,10 @@ def make_stack(
     tmp: Path, *, sweep: bool = True, redis_url: str | None = None, **overrides: Any
 ) -> Iterator[Stack]:
     with redis_namespace("stack", redis_url) as ns:
-        settings = stack_settings(ns, tmp, **{"preflight": True, **overrides})
+        tenants = write_tenants_file(tmp / "tenants.yaml")
+        settings = stack_settings(
+            ns, tmp, **{"preflight": True, "tenants_file": tenants, **overrides}
+        )
         with TestClient(create_app(settings, sweep=sweep)) as client:
             stack = Stack(ns, settings, tmp, client)
             try:

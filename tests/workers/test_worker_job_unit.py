@@ -65,11 +65,15 @@ class FlakyPublisher:
         self.local = LocalPublisher(root)
         self.failures, self.transient, self.calls = failures, transient, 0
 
-    def publish(self, folder: Path, repo_id: str, *, private: bool, job_id: str) -> PublishResult:
+    def publish(
+        self, folder: Path, repo_id: str, *, private: bool, job_id: str, should_cancel: Any = None
+    ) -> PublishResult:
         self.calls += 1
         if self.calls <= self.failures:
             raise PublishError("HTTP 503 from the Hub", transient=self.transient)
-        return self.local.publish(folder, repo_id, private=private, job_id=job_id)
+        return self.local.publish(
+            folder, repo_id, private=private, job_id=job_id, should_cancel=should_cancel
+        )
 
 
 @pytest.fixture

@@ -1,0 +1,460 @@
+"""A job's plan before it is queued: may this tenant read its models, which queue runs it, and
+what will it cost? Torch-free at import.
+
+    access     the model (and judge, and Hub datasets) must be readable by the tenant: local
+               directories under the operator's roots and public Hub repos always; private or
+               gated repos only when the tenant policy grants them. A refused repo answers
+               exactly like a missing one.
+    files      config.json and tokenizer files only (harmprune.preflight.locate_config_files)
+    estimate   harmprune.preflight.estimate_job builds a meta model with torch: the API runs it
+               in a small pool of child processes (`Planner`), never in its own process
+    route      a gpu job whose attribution does not fit one GPU goes to gpu-multi when the
+               deployment has multi-GPU workers; a job that fits no worker is refused
+
+`plan_job` does all of it in the calling process (the CLI, tests); `Planner` is the API's.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import contextlib
+import hashlib
+import logging
+import multiprocessing
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from harmprune.config import ClassifierJudge, HardenConfig, HubDataset
+from harmprune.errors import HarmpruneError, ModelLoadError, NotPermitted, ServiceUnavailable
+from harmprune.jobs.tenants import TenantPolicy
+from harmprune.preflight import (
+    CONFIG_FILES,
+    ConfigFiles,
+    Estimate,
+    HubUnreachable,
+    PreflightRefused,
+    RepoFacts,
+    RepoNotVisible,
+    hub_repo_facts,
+    is_hub_reference,
+    locate_config_files,
+)
+from harmprune.settings import Settings
+from pydantic import BaseModel, ConfigDict
+
+log = logging.getLogger(__name__)
+
+QUEUE_CPU, QUEUE_GPU, QUEUE_MULTI_GPU = "cpu", "gpu", "gpu-multi"
+QUEUES = (QUEUE_GPU, QUEUE_MULTI_GPU, QUEUE_CPU)
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    queue: str
+    devices: int  # GPUs the attribution uses: 0 on CPU, > 1 with FSDP2
+    estimate: Estimate | None  # None: no config files to read (the built-in alias, a GGUF file)
+
+
+class Capacity(BaseModel):
+    """What the deployment's workers have (the operator's settings; no secrets)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpu_memory_gb: float
+    gpu_kind: str
+    multi_gpu_count: int
+    time_limit_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> Capacity:
+        return cls(
+            gpu_memory_gb=settings.gpu_memory_gb,
+            gpu_kind=settings.gpu_kind,
+            multi_gpu_count=settings.multi_gpu_count,
+            time_limit_s=float(settings.job_soft_time_limit_s),
+        )
+
+
+# ---------------------------------------------------------------- access: what a tenant may read
+
+
+def _not_readable(field: str, ref: str) -> NotPermitted:
+    """The one answer for a missing repo and a forbidden one."""
+    return NotPermitted(field, f"{ref} does not exist or this API key may not read it")
+
+
+def check_repo_access(facts: RepoFacts, policy: TenantPolicy, field: str) -> None:
+    if (facts.private and not policy.read_private) or (facts.gated and not policy.read_gated):
+        raise _not_readable(field, facts.repo_id)
+
+
+def check_read_access(
+    ref: str,
+    revision: str | None,
+    policy: TenantPolicy,
+    settings: Settings,
+    *,
+    field: str = "model",
+    repo_type: str = "model",
+    facts: RepoFacts | None = None,
+) -> None:
+    """Refuse a Hub repo the tenant may not read (or that does not exist: same answer).
+    Local directories and the built-in model are checked by the reference rules, not here."""
+    if repo_type == "model" and not is_hub_reference(ref):
+        return
+    if policy.read_private and policy.read_gated:
+        return  # nothing the Hub could say would refuse it; the worker's token decides
+    if facts is None:
+        try:
+            facts = hub_repo_facts(ref, revision, settings, repo_type=repo_type)
+        except RepoNotVisible:
+            raise _not_readable(field, ref) from None
+        except ModelLoadError as err:  # e.g. no such revision: also the same answer
+            log.info("access check of %s: %s", ref, err)
+            raise _not_readable(field, ref) from None
+        except HubUnreachable as err:
+            raise ServiceUnavailable(str(err), code="hub_unreachable", retry_after_s=30) from None
+    check_repo_access(facts, policy, field)
+
+
+def check_job_access(config: HardenConfig, policy: TenantPolicy, settings: Settings) -> None:
+    """Every repo a job reads, as the tenant: judge and Hub datasets like the model. Run before
+    queueing (the model's own facts come with its config files) and on the worker before any
+    weight is read."""
+    check_read_access(config.model, config.revision, policy, settings)
+    check_referenced_access(config, policy, settings)
+
+
+def check_referenced_access(config: HardenConfig, policy: TenantPolicy, settings: Settings) -> None:
+    """The judge model and every Hub dataset of a job, like the model."""
+    for field, ref, revision, repo_type in referenced_repos(config):
+        check_read_access(ref, revision, policy, settings, field=field, repo_type=repo_type)
+
+
+def referenced_repos(config: HardenConfig) -> list[tuple[str, str, str | None, str]]:
+    """(field, repo id, revision, repo type) of the judge and every Hub dataset of a job."""
+    spec = config.domain
+    out: list[tuple[str, str, str | None, str]] = []
+    classifier: ClassifierJudge | None = spec.eval.classifier
+    if classifier is not None:
+        out.append(("domain.eval.classifier.model", classifier.model, None, "model"))
+    groups: list[tuple[str, list[Any]]] = [
+        ("domain.harmful", spec.harmful),
+        ("domain.benign", spec.benign),
+        ("domain.eval.harmful", spec.eval.harmful),
+        ("domain.eval.benign", spec.eval.benign),
+    ]
+    if spec.tamper is not None:
+        groups += [
+            ("domain.tamper.train", spec.tamper.train),
+            ("domain.tamper.broad_harmful", spec.tamper.broad_harmful),
+            ("domain.tamper.broad_benign", spec.tamper.broad_benign),
+            ("domain.tamper.in_domain_eval", spec.tamper.in_domain_eval),
+        ]
+    for field, sources in groups:
+        for i, source in enumerate(sources):
+            if isinstance(source, HubDataset):
+                out.append((f"{field}.{i}.dataset", source.dataset, source.revision, "dataset"))
+    return out
+
+
+# ---------------------------------------------------------------- route: where it runs
+
+
+def route(config: HardenConfig, directory: Path, hardware: str, capacity: Capacity) -> Plan:
+    """Estimate the job from its config files and choose its queue (builds meta models: torch).
+
+    `hardware` is what the job asked for. A GPU job whose attribution does not fit one GPU goes
+    to the multi-GPU workers if the deployment has them; a job that fits no worker is refused
+    with what is missing."""
+    from harmprune.preflight import estimate_job, refuse_unless_fits
+
+    queue = hardware
+    if queue == QUEUE_MULTI_GPU and capacity.multi_gpu_count < 2:
+        raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
+    devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, capacity.multi_gpu_count)
+
+    def on(devices: int) -> Estimate:
+        return estimate_job(
+            config,
+            directory,
+            devices=devices,
+            device_memory_gb=capacity.gpu_memory_gb,
+            device_kind=capacity.gpu_kind,
+        )
+
+    est = on(devices)
+    if est.chat_template and not est.fits and queue == QUEUE_GPU and capacity.multi_gpu_count > 1:
+        if config.domain.pruning.selection == "global":
+            raise PreflightRefused(
+                "domain.pruning.selection",
+                f"{est.problems[0]}; distributed attribution supports per_matrix selection only",
+            )
+        queue, devices = QUEUE_MULTI_GPU, capacity.multi_gpu_count
+        est = on(devices)
+    refuse_unless_fits(config, est)
+    if est.job_seconds > capacity.time_limit_s:
+        raise PreflightRefused(
+            "model",
+            f"the job is estimated at {est.job_seconds:.0f} s, over the job time limit of "
+            f"{capacity.time_limit_s:.0f} s; use fewer pairs or search candidates",
+        )
+    return Plan(queue=queue, devices=devices, estimate=est)
+
+
+def _queue_of(hardware: str | None, settings: Settings) -> str:
+    return hardware or settings.default_hardware
+
+
+def plan_job(
+    config: HardenConfig,
+    settings: Settings,
+    hardware: str | None = None,
+    policy: TenantPolicy | None = None,
+) -> Plan:
+    """Access, files, estimate and route, all in this process (the API uses `Planner`).
+
+    Without a policy (the operator's own CLI) every repo the operator's token reads is allowed.
+    """
+    queue = _queue_of(hardware, settings)
+    if queue == QUEUE_MULTI_GPU and settings.multi_gpu_count < 2:
+        raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
+    files = _locate(config, settings, policy)
+    if files is None:
+        return unplanned(queue, Capacity.of(settings))
+    return route(config, files.directory, queue, Capacity.of(settings))
+
+
+def unplanned(queue: str, capacity: Capacity) -> Plan:
+    """A job with no config files to read (the built-in model, a GGUF file): queued as asked."""
+    devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, capacity.multi_gpu_count)
+    return Plan(queue=queue, devices=devices, estimate=None)
+
+
+def _locate(
+    config: HardenConfig, settings: Settings, policy: TenantPolicy | None
+) -> ConfigFiles | None:
+    """The model's config files, as this tenant may read them."""
+    try:
+        files = locate_config_files(config.model, config.revision, settings)
+    except RepoNotVisible:
+        # An API without a Hub token cannot see private repos the workers' token may read:
+        # queued unchecked if the tenant may read them (the worker checks before loading).
+        may_read_any = policy is None or (policy.read_private and policy.read_gated)
+        if settings.token_value() is None and may_read_any:
+            return None
+        if policy is None:
+            raise
+        raise _not_readable("model", config.model) from None
+    if policy is not None and files is not None and files.repo is not None:
+        check_repo_access(files.repo, policy, "model")
+    return files
+
+
+# ---------------------------------------------------------------- the API's planner
+
+# One pool of preflight children per API process (and per limits): apps come and go in tests.
+_POOLS: dict[tuple[int, int], cf.ProcessPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+@atexit.register
+def _shutdown_pools() -> None:
+    with _POOLS_LOCK:
+        pools = list(_POOLS.values())
+        _POOLS.clear()
+    for pool in pools:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _child_init(memory_mb: int) -> None:
+    """In each preflight child: an address-space limit, then the heavy imports once."""
+    import resource
+
+    limit = memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+
+def _route_in_child(
+    config_json: dict[str, Any], directory: str, hardware: str, capacity_json: dict[str, Any]
+) -> dict[str, Any]:
+    """`route` in a child process; errors come back as data (exception pickling loses fields)."""
+    try:
+        config = HardenConfig.model_validate(config_json)
+        plan = route(config, Path(directory), hardware, Capacity.model_validate(capacity_json))
+        return {"plan": plan.model_dump(mode="json")}
+    except PreflightRefused as err:
+        return {"refused": {"field": err.field, "message": err.message}}
+    except HarmpruneError as err:
+        return {"refused": {"field": "model", "message": str(err)}}
+    except MemoryError:
+        return {
+            "refused": {"field": "model", "message": "its config needs too much memory to plan"}
+        }
+
+
+def _fingerprint(directory: Path) -> str:
+    h = hashlib.sha256()
+    for name in CONFIG_FILES:
+        path = directory / name
+        if path.is_file():
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _estimate_key(config: HardenConfig, hardware: str) -> tuple[Any, ...]:
+    """The request fields that change a plan (and nothing else: not the prompts' text)."""
+    spec = config.domain
+
+    def sizes(sources: list[Any]) -> tuple[Any, ...]:  # inline pairs, and each dataset's limit
+        return (len(sources), *(s.limit for s in sources if s.__class__ is HubDataset))
+
+    return (
+        hardware,
+        sizes(spec.harmful),
+        sizes(spec.benign),
+        spec.max_length,
+        spec.prompt_format,
+        spec.pruning.selection,
+        spec.pruning.q,
+        spec.pruning.p,
+        tuple(spec.search.candidates(spec.pruning.q)),
+        None if spec.tamper is None else (spec.tamper.method, spec.tamper.steps),
+        None if spec.tamper is None else spec.tamper.batch_size,
+        config.batch_size,
+        config.max_backward_tokens,
+        config.dtype,
+        config.gradient_checkpointing,
+    )
+
+
+class Planner:
+    """Plans jobs for the API: Hub reads in the calling thread, estimates in a bounded pool of
+    spawned child processes (so the API never imports torch) with a per-call timeout and a
+    memory limit, and a cache of plans so a repeated model answers at once.
+
+    Cache key: (model, revision, resolved commit or the config files' sha256, the fields that
+    change the estimate, the deployment's capacity)."""
+
+    MAX_PLANS = 4096
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.capacity = Capacity.of(settings)
+        self._lock = threading.Lock()
+        self._plans: OrderedDict[tuple[Any, ...], Plan] = OrderedDict()
+        self._files: dict[tuple[str, str | None], tuple[float, tuple[ConfigFiles, str] | None]] = {}
+
+    # ------------------------------------------------------------ the pool
+
+    def _executor(self) -> cf.ProcessPoolExecutor:
+        """The process's pool for these limits (one per API process, shared by its apps)."""
+        key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
+        with _POOLS_LOCK:
+            pool = _POOLS.get(key)
+            if pool is None:
+                pool = _POOLS[key] = cf.ProcessPoolExecutor(
+                    max_workers=key[0],
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_child_init,
+                    initargs=(key[1],),
+                )
+            return pool
+
+    def _reset_pool(self) -> None:
+        """Kill the children (one is stuck or died); the next call starts a fresh pool."""
+        key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
+        with _POOLS_LOCK:
+            pool = _POOLS.pop(key, None)
+        if pool is None:
+            return
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            with contextlib.suppress(Exception):
+                proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    def warm_up(self) -> None:
+        """Start the children (and their torch import) before the first request needs them."""
+        pool = self._executor()
+        for _ in range(self.settings.preflight_processes):
+            pool.submit(int)
+
+    # ------------------------------------------------------------ planning
+
+    def _files_for(
+        self, config: HardenConfig, policy: TenantPolicy
+    ) -> tuple[ConfigFiles, str] | None:
+        """`_locate` and the files' version (the Hub commit, or a local directory's sha256 of
+        its config files), remembered for `preflight_cache_s`: a new push or an edited local
+        config is seen after that long at most. The tenant's access is decided every time."""
+        key = (config.model, config.revision)
+        now = time.monotonic()
+        cached = self._files.get(key)
+        if cached is not None and now - cached[0] < self.settings.preflight_cache_s:
+            found = cached[1]
+            if found is None:
+                _locate(config, self.settings, policy)  # unchecked: decide again for this tenant
+            elif found[0].repo is not None:
+                check_repo_access(found[0].repo, policy, "model")
+            return found
+        files = _locate(config, self.settings, policy)
+        found = None
+        if files is not None:
+            found = (files, files.repo.sha if files.repo else _fingerprint(files.directory))
+        if len(self._files) > self.MAX_PLANS:
+            self._files.clear()
+        self._files[key] = (now, found)
+        return found
+
+    def plan(self, config: HardenConfig, hardware: str | None, policy: TenantPolicy) -> Plan:
+        queue = _queue_of(hardware, self.settings)
+        if queue == QUEUE_MULTI_GPU and self.capacity.multi_gpu_count < 2:
+            raise PreflightRefused("hardware", "this deployment has no multi-GPU workers")
+        found = self._files_for(config, policy)
+        if found is None:
+            return unplanned(queue, self.capacity)
+        files, version = found
+        key = (config.model, config.revision, version, _estimate_key(config, queue))
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = self._estimate(config, files.directory, queue)
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.MAX_PLANS:
+                self._plans.popitem(last=False)
+        return plan
+
+    def _estimate(self, config: HardenConfig, directory: Path, queue: str) -> Plan:
+        timeout = self.settings.preflight_timeout_s
+        future = self._executor().submit(
+            _route_in_child,
+            config.model_dump(mode="json"),
+            str(directory),
+            queue,
+            self.capacity.model_dump(mode="json"),
+        )
+        try:
+            answer = future.result(timeout=timeout)
+        except cf.TimeoutError:
+            self._reset_pool()
+            raise PreflightRefused(
+                "model", f"its config could not be planned within {timeout:.0f} s"
+            ) from None
+        except cf.process.BrokenProcessPool:
+            self._reset_pool()
+            raise PreflightRefused(
+                "model", "planning its config exhausted the preflight's memory limit"
+            ) from None
+        if "refused" in answer:
+            raise PreflightRefused(answer["refused"]["field"], answer["refused"]["message"])
+        return Plan.model_validate(answer["plan"])
