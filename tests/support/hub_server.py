@@ -366,7 +366,10 @@ class HubServer:
         return self._lfs_store[sha256] if sha256 is not None else self._blobs[oid]
 
     def _wants_lfs(self, head: Commit, path: str, size: int) -> bool:
-        """LFS for the repo's `.gitattributes` LFS patterns, and for any large file."""
+        """LFS for the repo's `.gitattributes` LFS patterns, and for any large file. Never for an
+        empty file: the client sends those inline whatever preupload says (S3 refuses them)."""
+        if size == 0:
+            return False
         if size >= LFS_MIN_SIZE:
             return True
         attributes = head.files.get(".gitattributes")
