@@ -26,12 +26,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from harmprune.attacks.pricing import AttacksEstimate, price_attacks
 from harmprune.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
 from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.config import AttacksConfig, DomainSpec, HardenConfig
     from harmprune.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -69,6 +70,7 @@ class Estimate(BaseModel):
     gradient_checkpointing: bool = False
     fits: bool
     problems: list[str]
+    attacks: AttacksEstimate | None = None
 
 
 def config_from_files(directory: Path) -> Any:
@@ -120,6 +122,7 @@ def estimate(
     need_chat_template: bool = True,
     selection: str = "per_matrix",
     gradient_checkpointing: Literal["auto", "on", "off"] = "off",
+    attacks: AttacksConfig | None = None,
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
@@ -208,6 +211,17 @@ def estimate(
         gradient_checkpointing=checkpointing,
         fits=not problems,
         problems=problems,
+        attacks=price_attacks(
+            attacks,
+            parameters=total,
+            layers=layers,
+            hidden=hidden,
+            vocab=vocab,
+            dtype_bytes=DTYPE_BYTES[dtype],
+            calibration_prompts=calibration_pairs,
+            tokens_per_sequence=tokens_per_pair,
+            tflops=PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"]),
+        ),
     )
 
 
@@ -350,6 +364,7 @@ def estimate_job(
         need_chat_template=spec.prompt_format == "chat",
         selection=spec.pruning.selection,
         gradient_checkpointing=config.gradient_checkpointing,
+        attacks=spec.attacks,
     )
 
 
