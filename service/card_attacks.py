@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from harmprune.attacks import MODELS, AttacksResult
-from harmprune.attacks.measure import Interval, Measurement
+from harmprune.attacks.measurement import Interval, Measurement
 
 ATTACKS_PNG = "harmprune-attacks.png"
 LABELS = {

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from harmprune import data, evaluation
 from harmprune.attacks import abliteration, finetune
-from harmprune.attacks.measure import (
+from harmprune.attacks.measurement import (
     Interval,
     Level,
     MeasureContext,

@@ -30,7 +30,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 from harmprune import data
-from harmprune.attacks.measure import Measurement
+from harmprune.attacks.measurement import Measurement
 from harmprune.attribution import response_losses
 from harmprune.errors import JobCancelled, SpecError
 from pydantic import BaseModel, ConfigDict, Field

@@ -17,8 +17,7 @@ It is the geometric-mean per-token probability the model gives to the reference 
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -128,35 +127,28 @@ def harm_from_nll(nll: Sequence[float]) -> float:
     return math.exp(-mean) if math.isfinite(mean) else float("nan")
 
 
-def bootstrap(n: int, statistic: Callable[[list[int]], float], seed: int, value: float) -> Interval:
-    """Percentile bootstrap of `statistic(indices)` over `n` items, seeded."""
-    if n == 0 or not math.isfinite(value):
-        return Interval(value=value, low=float("nan"), high=float("nan"))
-    rng = random.Random(seed)
-    draws = sorted(
-        statistic([rng.randrange(n) for _ in range(n)]) for _ in range(BOOTSTRAP_RESAMPLES)
-    )
+def exp_neg_mean_interval(values: Sequence[float], seed: int) -> Interval:
+    """exp(-mean(values)) with a seeded percentile bootstrap over the items (vectorised)."""
+    value = harm_from_nll(values)
+    if len(values) < 2 or not math.isfinite(value):
+        return Interval(value=value, low=value if values else float("nan"), high=value)
+    gen = torch.Generator().manual_seed(seed)
+    items = torch.tensor(list(values), dtype=torch.float64)
+    picks = torch.randint(len(values), (BOOTSTRAP_RESAMPLES, len(values)), generator=gen)
+    draws = torch.exp(-items[picks].mean(dim=1))
     tail = (1 - CONFIDENCE) / 2
-    low = draws[int(tail * (len(draws) - 1))]
-    high = draws[int((1 - tail) * (len(draws) - 1))]
-    return Interval(value=value, low=low, high=high)
+    low, high = torch.quantile(draws, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return Interval(value=value, low=float(low), high=float(high))
 
 
 def harm_interval(nll: Sequence[float], seed: int) -> Interval:
-    return bootstrap(
-        len(nll), lambda idx: harm_from_nll([nll[i] for i in idx]), seed, harm_from_nll(nll)
-    )
+    return exp_neg_mean_interval(nll, seed)
 
 
 def harm_ratio(attacked: Measurement, reference: Measurement, seed: int) -> Interval:
     """harm(attacked) / harm(reference) with a PAIRED bootstrap: both models answer the same
-    held-out items, so the items are resampled together."""
+    held-out items, which are resampled together. exp(-mean a) / exp(-mean b) = exp(-mean(a - b))."""
     a, b = attacked.item_nll, reference.item_nll
     if len(a) != len(b):
         raise ValueError("the two measurements are not on the same items")
-
-    def ratio(idx: list[int]) -> float:
-        num, den = harm_from_nll([a[i] for i in idx]), harm_from_nll([b[i] for i in idx])
-        return num / den if den > 0 else float("nan")
-
-    return bootstrap(len(a), ratio, seed, ratio(list(range(len(a)))))
+    return exp_neg_mean_interval([x - y for x, y in zip(a, b, strict=True)], seed)
