@@ -26,7 +26,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from harmprune.attacks.pricing import AttacksEstimate, price_attacks
 from harmprune.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
 from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict
@@ -70,7 +69,9 @@ class Estimate(BaseModel):
     gradient_checkpointing: bool = False
     fits: bool
     problems: list[str]
-    attacks: AttacksEstimate | None = None
+    # harmprune.attacks.pricing.AttacksEstimate as a mapping: typing it here would import the
+    # attacks package (torch) into the API process, which never imports torch.
+    attacks: dict[str, Any] | None = None
 
 
 def config_from_files(directory: Path) -> Any:
@@ -128,6 +129,7 @@ def estimate(
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
     not recompute). `gradient_checkpointing: auto` plans recomputation only where the plan
     without it would not fit: recomputing costs time."""
+    from harmprune.attacks.pricing import price_attacks
     from harmprune.loading import check_architecture
 
     if not (directory / "config.json").is_file():

@@ -71,8 +71,8 @@ def test_cli_flag_turns_attacks_on_and_preflight_prices_them(
     est = preflight.estimate_job(
         config, tiny_model_dir("llama"), devices=0, device_memory_gb=0, device_kind="cpu"
     )
-    assert est.attacks is not None and est.attacks.finetune_cells == 4
-    assert est.attacks.abliteration_memory_gb is not None
+    assert est.attacks is not None and est.attacks["finetune_cells"] == 4
+    assert est.attacks["abliteration_memory_gb"] is not None
     plain = build_config(build_parser().parse_args(args_without_attacks(args)))
     assert plain.domain.attacks is None
 

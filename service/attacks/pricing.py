@@ -16,6 +16,8 @@ attack are evaluations like the verification's and are not included).
 
 from __future__ import annotations
 
+from typing import Any
+
 from harmprune.config import AttacksConfig
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,8 +56,9 @@ def price_attacks(
     calibration_prompts: int,
     tokens_per_sequence: int,
     tflops: float,
-) -> AttacksEstimate | None:
-    """The estimate for the spec's `attacks:` (None without one). Pure arithmetic."""
+) -> dict[str, Any] | None:
+    """The estimate for the spec's `attacks:` (None without one) as the preflight stores it
+    (AttacksEstimate's fields). Pure arithmetic."""
     if cfg is None:
         return None
     flops_per_second = tflops * 1e12
@@ -84,4 +87,4 @@ def price_attacks(
         out["finetune_cell_memory_gb"] = round(state + acts, 3)
         out["finetune_cell_seconds"] = round(max(ft.steps) * flop_per_step / flops_per_second, 1)
         out["finetune_seconds"] = round(3 * steps_all * flop_per_step / flops_per_second, 1)
-    return AttacksEstimate.model_validate(out)
+    return AttacksEstimate.model_validate(out).model_dump()
