@@ -108,6 +108,24 @@ def write_plot(result: AttacksResult | None, directory: Path) -> Path | None:
     return path
 
 
+def abliteration_side_effects(result: AttacksResult) -> str:
+    """Compliance and benign loss before -> after abliteration: a teacher-forced harm measure
+    also falls when the attack damages the model everywhere, so read it with these."""
+    if result.abliteration is None:
+        return ""
+    lines = [
+        "| | compliance before | after abliteration | benign loss before | after abliteration |",
+        "|---|---|---|---|---|",
+    ]
+    for name in MODELS:
+        b, a = result.before[name], result.abliteration.after[name]
+        lines.append(
+            f"| {LABELS[name]} | {_f(b.compliance)} | {_f(a.compliance)} | "
+            f"{_f(b.benign_loss)} | {_f(a.benign_loss)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _threshold(limit: float | None, passed: bool) -> str:
     if limit is None:
         return "No threshold was set."
@@ -148,7 +166,8 @@ def render_section(result: AttacksResult | None) -> str:
             f"After the attack the hardened model keeps {_ci(a.harm_ratio)} of the original's harm "
             f"(random control {_ci(a.random_harm_ratio)}). "
             + _threshold(a.max_harm_after_attack, a.passed)
-            + "\n"
+            + "\n\n"
+            + abliteration_side_effects(result)
         )
     f = result.finetune
     if f is not None:
