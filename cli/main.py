@@ -84,6 +84,12 @@ def _add_harden(sub: Any) -> None:
         help="Run the model repo's code (also needs HARMPRUNE_ALLOW_REMOTE_CODE=true)",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out")
+    p.add_argument(
+        "--attacks",
+        type=lambda text: [a.strip() for a in text.split(",") if a.strip()],
+        help="Attacks to run after hardening, e.g. abliteration,finetune (settings from the "
+        "spec's attacks: section, defaults otherwise)",
+    )
     p.set_defaults(func=cmd_harden)
 
 
@@ -181,6 +187,10 @@ def build_config(args: argparse.Namespace) -> Any:
         }.items()
         if v is not None
     }
+    if args.attacks:
+        from harmprune.attacks import select_attacks
+
+        spec = spec.model_copy(update={"attacks": select_attacks(spec.attacks, args.attacks)})
     try:
         if overrides:
             pruning = spec.pruning.model_validate({**spec.pruning.model_dump(), **overrides})

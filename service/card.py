@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from harmprune import card_attacks
 from harmprune.report import Report
 from harmprune.vocabulary import CARD_FILE
 
@@ -115,7 +116,7 @@ recognition: accuracy at answering whether a request is harmful.
 How sure: these are small held-out sets ({report.heldout.harmful} + {report.heldout.benign} prompts);
 treat differences of a few points as noise, and compare the hardened row with the random row.
 {search}
-{tamper_section}## Where the pruned weights are
+{tamper_section}{card_attacks.render_section(report.attacks)}## Where the pruned weights are
 
 ![pruned per layer]({LAYERS_PNG})
 
@@ -179,4 +180,5 @@ def write_card(report: Report, directory: Path, base_config: Any = None) -> None
         from harmprune.tamper import TAMPER_PNG, plot_tamper
 
         plot_tamper(report.tamper, directory / TAMPER_PNG)
+    card_attacks.write_plot(report.attacks, directory)
     (directory / CARD_FILE).write_text(render_card(report))

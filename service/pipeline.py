@@ -12,6 +12,7 @@ Lifecycle of a job (each stage reports progress as (stage, done, total)):
   prune      zero the selection, keep the sparse mask
   verify     measure the hardened model and the random-pruning control; decide the outcome
   tamper     optional: fine-tune original, hardened and control identically, measure again
+  attacks    optional (`attacks:`): abliteration and a fine-tuning grid on the three models
   save       checkpoint + mask + report.json + model card + plots, atomically into out_dir;
              a rejected job writes the report, card and plots but no weights
 
@@ -31,6 +32,7 @@ from typing import Any
 
 import torch
 from harmprune import (
+    attacks,
     attribution,
     card,
     data,
@@ -455,6 +457,28 @@ def run(
                     should_cancel=should_cancel,
                 )
                 failures += tamper_result.failures
+        attacks_result = None
+        if spec.attacks is not None:
+            with timed("attacks"):
+                attacks_result = attacks.run_attacks(
+                    loaded.model,
+                    loaded.tokenizer,
+                    scores.params,
+                    mask,
+                    spec.attacks,
+                    heldout=heldout,
+                    harmful=calibration.harmful,
+                    benign=calibration.benign,
+                    eval_cfg=spec.eval,
+                    fmt=spec.prompt_format,
+                    max_length=spec.max_length,
+                    seed=config.seed,
+                    batch_size=config.batch_size,
+                    classifier=classifier,
+                    on_progress=lambda d, t: progress("attacks", d, t),
+                    should_cancel=should_cancel,
+                )
+                failures += attacks_result.failures
         report = build_report(
             config,
             loaded,
@@ -470,7 +494,7 @@ def run(
             job_id,
             attribution_processes,
             recompute,
-        ).model_copy(update={"tamper": tamper_result})
+        ).model_copy(update={"tamper": tamper_result, "attacks": attacks_result})
         with timed("save"):
             progress("save", 0, 1)
             if report.outcome == "accepted":

@@ -37,7 +37,7 @@ from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.config import AttacksConfig, DomainSpec, HardenConfig
     from harmprune.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -82,6 +82,9 @@ class Estimate(BaseModel):
     job_seconds: float = 0.0  # attribution + search + tamper at the planned throughput
     fits: bool
     problems: list[str]
+    # harmprune.attacks.pricing.AttacksEstimate as a mapping: typing it here would import the
+    # attacks package (torch) into the API process, which never imports torch.
+    attacks: dict[str, Any] | None = None
 
 
 def config_from_files(directory: Path) -> Any:
@@ -163,11 +166,13 @@ def estimate(
     tamper_method: Literal["lora", "full"] | None = None,
     tamper_steps: int = 0,
     tamper_batch_size: int = 4,
+    attacks: AttacksConfig | None = None,
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
     not recompute). `gradient_checkpointing: auto` plans recomputation only where the plan
     without it would not fit: recomputing costs time."""
+    from harmprune.attacks.pricing import price_attacks
     from harmprune.loading import check_architecture
 
     if not (directory / "config.json").is_file():
@@ -235,7 +240,23 @@ def estimate(
             tamper_gb = total * 16 / gb + tamper_act + 1.0
         else:  # lora: frozen weights, small adapters (about 1% of the weights, fp32 + AdamW)
             tamper_gb = weights + total * 0.01 * 16 / gb + tamper_act + 1.0
-    job_seconds = (tflop + search_tflop + tamper_tflop) / throughput
+    attacks_price = price_attacks(
+        attacks,
+        parameters=total,
+        layers=layers,
+        hidden=hidden,
+        vocab=vocab,
+        dtype_bytes=DTYPE_BYTES[dtype],
+        calibration_prompts=calibration_pairs,
+        tokens_per_sequence=tokens_per_pair,
+        tflops=PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"]),
+    )
+    # The attacks run after verification: their time counts toward the job's time limit too.
+    attacks_seconds = sum(
+        (attacks_price or {}).get(key) or 0.0
+        for key in ("abliteration_seconds", "finetune_seconds")
+    )
+    job_seconds = (tflop + search_tflop + tamper_tflop) / throughput + attacks_seconds
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
@@ -287,6 +308,7 @@ def estimate(
         job_seconds=round(job_seconds, 1),
         fits=not problems,
         problems=problems,
+        attacks=attacks_price,
     )
 
 
@@ -507,6 +529,7 @@ def estimate_job(
         tamper_method=spec.tamper.method if spec.tamper else None,
         tamper_steps=spec.tamper.steps if spec.tamper else 0,
         tamper_batch_size=spec.tamper.batch_size if spec.tamper else 4,
+        attacks=spec.attacks,
     )
 
 

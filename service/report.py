@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Literal
 
+from harmprune.attacks import AttacksResult
 from harmprune.config import Thresholds
 from harmprune.evaluation import ModelMetrics
 from harmprune.loading import ModelSource
@@ -98,6 +99,7 @@ class Report(Frozen):
     search: list[SearchPoint] = Field(default_factory=list)
     thresholds: Thresholds
     tamper: TamperResult | None = None
+    attacks: AttacksResult | None = None
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -30,10 +30,11 @@ The threshold `max_broad_harm_ratio` X requires, after the attack,
 `hardening_reduction` = 1 - that ratio (the share of the original's post-attack broad harm that
 the hardening removes).
 
-Weights: a LoRA attack wraps the model with `peft`, trains only the adapters and removes them
-without merging (the base weights never change); a full fine-tune trains a deep copy that is
-discarded. The model is left bit for bit in its hardened state, so attacked weights can never
-reach the published checkpoint.
+The attack itself (batches, LoRA or full, fingerprint) is service/attacks/finetune.py's: a LoRA
+attack wraps the model with `peft`, trains only the adapters and removes them without merging
+(the base weights never change); a full fine-tune trains a deep copy that is discarded. The model
+is left bit for bit in its hardened state, so attacked weights can never reach the published
+checkpoint.
 
 Narrow-domain hardening (the paper's EM experiment): a domain whose harmful calibration set is the
 narrow domain's requests only (examples/domains/em-finance.yaml), with this check run on broad
@@ -42,20 +43,14 @@ prompts.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import json
 import math
-import random
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from harmprune import data, evaluation
-from harmprune.attribution import response_losses
+from harmprune.attacks.finetune import AttackRecord, attacked
+from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
 from harmprune.config import EvalConfig, TamperConfig
 from harmprune.errors import JobCancelled, SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
@@ -82,20 +77,6 @@ CancelFn = Callable[[], bool]
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AttackRecord(Frozen):
-    """What one attack did. Equal fingerprints = the same batches, seed, steps and settings."""
-
-    fingerprint: str = Field(
-        description="sha256 of the settings (method, seed, steps, lr, rank, alpha, batch size) "
-        "and of every batch's token ids and labels, in the order they were trained on."
-    )
-    steps: int
-    first_step_loss: float
-    last_step_loss: float
-    train_loss_before: float = Field(description="Mean response loss on the training set.")
-    train_loss_after: float
 
 
 class PhaseMetrics(Frozen):
@@ -148,156 +129,6 @@ class TamperResult(Frozen):
 
     def model(self, name: str) -> ModelTamper:
         return {"original": self.original, "hardened": self.hardened}.get(name, self.random_control)
-
-
-# ---------------------------------------------------------------- the attack
-
-
-def batch_plan(n: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
-    """`steps` batches of example indices: seeded shuffled epochs, concatenated. The same plan
-    (a pure function of its arguments) is trained on by every model."""
-    if n <= 0:
-        raise SpecError("tamper.train is empty: nothing to fine-tune on")
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < steps * batch_size:
-        epoch = list(range(n))
-        rng.shuffle(epoch)
-        order.extend(epoch)
-    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
-
-
-def _settings_header(cfg: TamperConfig, seed: int) -> bytes:
-    settings = {
-        "method": cfg.method,
-        "seed": seed,
-        "steps": cfg.steps,
-        "lr": cfg.learning_rate(),
-        "batch_size": cfg.batch_size,
-        "rank": cfg.rank if cfg.method == "lora" else None,
-        "alpha": cfg.alpha if cfg.method == "lora" else None,
-        "target_modules": cfg.target_modules,
-    }
-    return json.dumps(settings, sort_keys=True).encode()
-
-
-def _mean_loss(model: nn.Module, examples: Sequence[data.Example], pad_id: int, bs: int) -> float:
-    device = next(model.parameters()).device
-    losses = []
-    with torch.inference_mode():
-        for start in range(0, len(examples), bs):
-            batch = data.collate(examples[start : start + bs], pad_id)
-            losses.append(response_losses(model, {k: v.to(device) for k, v in batch.items()}))
-    return float(torch.cat(losses).mean())
-
-
-def _rng_devices(model: nn.Module) -> list[int]:
-    device = next(model.parameters()).device
-    return [device.index or 0] if device.type == "cuda" else []
-
-
-@contextlib.contextmanager
-def attacked(
-    model: nn.Module,
-    examples: Sequence[data.Example],
-    cfg: TamperConfig,
-    *,
-    seed: int,
-    pad_id: int,
-    should_cancel: CancelFn | None = None,
-) -> Iterator[tuple[nn.Module, AttackRecord]]:
-    """Fine-tune a stand-in of `model` and yield it (in eval mode) with the record of the attack.
-
-    lora: adapters are injected into `model` itself and removed without merging on exit; full: a
-    deep copy is trained and dropped on exit. Either way `model`'s weights, modules, requires_grad
-    flags and training mode are as before once the block exits (also on errors).
-    """
-    plan = batch_plan(len(examples), cfg.steps, cfg.batch_size, seed)
-    was_training = model.training
-    requires = {name: p.requires_grad for name, p in model.named_parameters()}
-    peft_model: Any = None
-    target: nn.Module = model
-    # The attack reseeds (LoRA init, dropout) without disturbing the job's own RNG stream.
-    with torch.random.fork_rng(devices=_rng_devices(model)):
-        torch.manual_seed(seed)
-        try:
-            if cfg.method == "lora":
-                from peft import LoraConfig, get_peft_model
-
-                lora = LoraConfig(
-                    r=cfg.rank,
-                    lora_alpha=cfg.alpha,
-                    lora_dropout=0.0,
-                    target_modules=cfg.target_modules or "all-linear",
-                    bias="none",
-                    task_type="CAUSAL_LM",
-                )
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", FutureWarning)
-                    peft_model = get_peft_model(model, lora)
-                trainable = [p for p in peft_model.parameters() if p.requires_grad]
-            else:
-                target = copy.deepcopy(model)
-                for p in target.parameters():
-                    p.requires_grad_(True)
-                trainable = list(target.parameters())
-            record = _train(target, trainable, examples, plan, cfg, seed, pad_id, should_cancel)
-            target.eval()
-            yield target, record
-        finally:
-            if peft_model is not None:
-                peft_model.unload()  # drop the adapters, never merge them
-            del target
-            for name, p in model.named_parameters():
-                p.requires_grad_(requires.get(name, p.requires_grad))
-                p.grad = None
-            model.train(was_training)
-            leftovers = [n for n, _ in model.named_parameters() if "lora_" in n]
-            if leftovers:
-                raise RuntimeError(f"LoRA adapters left in the model: {leftovers[:3]}")
-
-
-def _train(
-    model: nn.Module,
-    trainable: list[nn.Parameter],
-    examples: Sequence[data.Example],
-    plan: list[list[int]],
-    cfg: TamperConfig,
-    seed: int,
-    pad_id: int,
-    should_cancel: CancelFn | None,
-) -> AttackRecord:
-    device = next(model.parameters()).device
-    eval_bs = max(cfg.batch_size, 8)
-    model.eval()
-    loss_before = _mean_loss(model, examples, pad_id, eval_bs)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate(), weight_decay=0.0)
-    digest = hashlib.sha256(_settings_header(cfg, seed))
-    step_losses = []
-    model.train()
-    with torch.enable_grad():
-        for indices in plan:
-            if should_cancel and should_cancel():
-                raise JobCancelled("cancelled during the tamper attack")
-            batch = data.collate([examples[i] for i in indices], pad_id)
-            digest.update(batch["input_ids"].numpy().tobytes())
-            digest.update(batch["labels"].numpy().tobytes())
-            loss = response_losses(model, {k: v.to(device) for k, v in batch.items()}).mean()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step_losses.append(float(loss.detach()))
-    del optimizer
-    model.eval()
-    return AttackRecord(
-        fingerprint=digest.hexdigest(),
-        steps=len(step_losses),
-        first_step_loss=step_losses[0],
-        last_step_loss=step_losses[-1],
-        train_loss_before=loss_before,
-        train_loss_after=_mean_loss(model, examples, pad_id, eval_bs),
-    )
 
 
 # ---------------------------------------------------------------- measuring

@@ -12,20 +12,21 @@ import re
 from pathlib import Path
 
 # A job's stages in the order they run, with each one's share of the whole job's progress
-# (overall progress = finished stages + the running stage's part). The pipeline emits the
-# first ten; the worker adds "publish".
+# (overall progress = finished stages + the running stage's part). The pipeline emits all
+# but "publish", which the worker adds; "search", "tamper" and "attacks" only when the spec asks.
 STAGE_WEIGHTS: dict[str, float] = {
     "load": 0.07,
-    "elicit": 0.20,
+    "elicit": 0.19,
     "evaluate": 0.07,
-    "attribute": 0.27,
-    "search": 0.09,
+    "attribute": 0.25,
+    "search": 0.08,
     "select": 0.02,
     "prune": 0.01,
-    "verify": 0.09,
-    "tamper": 0.10,
+    "verify": 0.08,
+    "tamper": 0.08,
+    "attacks": 0.08,
     "save": 0.04,
-    "publish": 0.04,
+    "publish": 0.03,
 }
 STAGES: tuple[str, ...] = tuple(STAGE_WEIGHTS)
 _STAGE_OFFSETS = {

@@ -11,6 +11,7 @@ from harmprune.config import DomainSpec, HardenConfig
 from harmprune.settings import Settings
 from harmprune.vocabulary import STAGES, overall_progress
 
+from tests.test_attacks_pipeline import TINY_ATTACKS
 from tests.test_tamper import TINY_TAMPER
 
 
@@ -21,6 +22,7 @@ def test_the_pipeline_reports_only_known_stages_in_order(
     # The fine-tuning attack and the search too, so that every pipeline stage runs.
     raw["tamper"] = {**TINY_TAMPER, "steps": 1}
     raw["search"] = {"mode": "sweep", "q_values": [0.02, 0.05]}
+    raw["attacks"] = TINY_ATTACKS
     config = HardenConfig(
         model=str(tiny_model_dir("llama")),
         domain=DomainSpec.model_validate(raw),
