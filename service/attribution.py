@@ -56,8 +56,9 @@ PER_SAMPLE_BYTES = 256 * 2**20
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's stack of decoder blocks: the ModuleList as long as num_hidden_layers."""
+    model_config: Any = model.config  # a transformers PretrainedConfig (nn.Module types it loosely)
     config = (
-        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     )
     n_layers = getattr(config, "num_hidden_layers", None)
     candidates = [
@@ -74,6 +75,11 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def _weight(module: nn.Module) -> Any:
+    """A linear module's weight (typed loosely: nn.Module attributes are Tensor | Module)."""
+    return getattr(module, "weight", None)
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -93,7 +99,7 @@ def scored_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         id(module.weight)
         for block in layers
         for module in block.modules()
-        if _is_linear(module) and module.weight is not None and module.weight.dim() == 2
+        if _is_linear(module) and _weight(module) is not None and _weight(module).dim() == 2
     }
     named = {name: p for name, p in model.named_parameters() if id(p) in wanted}
     if not named:
