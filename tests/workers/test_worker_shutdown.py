@@ -64,7 +64,7 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
 def test_a_redis_restart_mid_job_does_not_fail_it(
     private_redis: RedisServer, tmp_path: Path, tiny_llama: Path
 ) -> None:
-    with redis_namespace("outage", port=private_redis.port, db=0) as ns:
+    with redis_namespace("outage", f"redis://127.0.0.1:{private_redis.port}/0") as ns:
         settings = stack_settings(
             ns,
             tmp_path,
