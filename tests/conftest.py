@@ -117,6 +117,19 @@ TINY_DOMAIN: dict[str, Any] = {
 }
 
 
+def tiny_job_config(model_dir: Path, spec: dict[str, Any]) -> Any:
+    """A HardenConfig for a tiny model on the CPU from a domain spec mapping (fp32, batch 2)."""
+    from harmprune.config import DomainSpec, HardenConfig
+
+    return HardenConfig(
+        model=str(model_dir),
+        domain=DomainSpec.model_validate(spec),
+        device="cpu",
+        dtype="float32",
+        batch_size=2,
+    )
+
+
 @pytest.fixture(scope="session")
 def domain_spec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small domain spec YAML (chat format, short elicitation, q/p that prune some weights)."""

@@ -10,8 +10,9 @@ import yaml
 from harmprune import pipeline, preflight
 from harmprune.card_attacks import ATTACKS_PNG
 from harmprune.cli.main import build_config, build_parser
-from harmprune.config import DomainSpec, HardenConfig
 from harmprune.settings import Settings
+
+from tests.conftest import tiny_job_config
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_ATTACKS = {
@@ -25,13 +26,7 @@ def test_a_missed_attack_threshold_rejects_the_job(
 ) -> None:
     raw = yaml.safe_load(domain_spec_path.read_text())
     raw["attacks"] = TINY_ATTACKS
-    config = HardenConfig(
-        model=str(tiny_model_dir("llama")),
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-    )
+    config = tiny_job_config(tiny_model_dir("llama"), raw)
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
     assert report.outcome == "rejected"

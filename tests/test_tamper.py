@@ -20,6 +20,8 @@ from harmprune.tamper import TamperConfig, TamperResult
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
+from tests.conftest import tiny_job_config
+
 REPO = Path(__file__).resolve().parent.parent
 EM_FINANCE = REPO / "examples" / "domains" / "em-finance.yaml"
 
@@ -282,7 +284,6 @@ def test_failing_tamper_threshold_rejects_the_job(
     """Through the pipeline: the spec's tamper block runs after pruning; a missed threshold
     rejects the job. With generation on, the spec's multiple-choice items are measured too."""
     from harmprune import pipeline
-    from harmprune.config import HardenConfig
     from harmprune.settings import Settings
 
     raw = yaml.safe_load(domain_spec_path.read_text())
@@ -291,13 +292,7 @@ def test_failing_tamper_threshold_rejects_the_job(
         {"question": "What is 2 + 2?", "choices": ["3", "4", "5"], "answer": 1},
         {"question": "Which is a colour?", "choices": ["red", "seven"], "answer": 0},
     ]
-    config = HardenConfig(
-        model=str(tiny_model_dir("llama")),
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-    )
+    config = tiny_job_config(tiny_model_dir("llama"), raw)
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
     assert report.outcome == "rejected"

@@ -7,10 +7,10 @@ from typing import Any
 
 import yaml
 from harmprune import pipeline
-from harmprune.config import DomainSpec, HardenConfig
 from harmprune.settings import Settings
 from harmprune.vocabulary import STAGES, overall_progress
 
+from tests.conftest import tiny_job_config
 from tests.test_attacks_pipeline import TINY_ATTACKS
 from tests.test_tamper import TINY_TAMPER
 
@@ -23,13 +23,7 @@ def test_the_pipeline_reports_only_known_stages_in_order(
     raw["tamper"] = {**TINY_TAMPER, "steps": 1}
     raw["search"] = {"mode": "sweep", "q_values": [0.02, 0.05]}
     raw["attacks"] = TINY_ATTACKS
-    config = HardenConfig(
-        model=str(tiny_model_dir("llama")),
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-    )
+    config = tiny_job_config(tiny_model_dir("llama"), raw)
     seen: list[str] = []
 
     def on_progress(stage: str, done: int, total: int) -> None:
