@@ -176,6 +176,16 @@ class PruningConfig(Strict):
 TAMPER_DEFAULT_LR = {"lora": 2e-4, "full": 1e-5}
 
 
+def _with_responses(train: list[Source]) -> list[Source]:
+    """A fine-tuning set (tamper check or attack) needs a response for every pair."""
+    for i, source in enumerate(train):
+        if isinstance(source, Pair) and source.response is None:
+            raise ValueError(f"train[{i}] has no response: a fine-tuning set needs them")
+        if isinstance(source, HubDataset) and source.response_field is None:
+            raise ValueError(f"train[{i}] ({source.dataset}) needs response_field")
+    return train
+
+
 class TamperConfig(Strict):
     """`tamper:` in a domain spec: fine-tune the models after hardening and measure harm again.
 
@@ -226,12 +236,7 @@ class TamperConfig(Strict):
     @field_validator("train")
     @classmethod
     def _train_has_responses(cls, v: list[Source]) -> list[Source]:
-        for i, source in enumerate(v):
-            if isinstance(source, Pair) and source.response is None:
-                raise ValueError(f"train[{i}] has no response: a fine-tuning set needs them")
-            if isinstance(source, HubDataset) and source.response_field is None:
-                raise ValueError(f"train[{i}] ({source.dataset}) needs response_field")
-        return v
+        return _with_responses(v)
 
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else TAMPER_DEFAULT_LR[self.method]
@@ -299,12 +304,7 @@ class FineTuneAttackConfig(Strict):
     @field_validator("train")
     @classmethod
     def _train_has_responses(cls, v: list[Source]) -> list[Source]:
-        for i, source in enumerate(v):
-            if isinstance(source, Pair) and source.response is None:
-                raise ValueError(f"train[{i}] has no response: a fine-tuning set needs them")
-            if isinstance(source, HubDataset) and source.response_field is None:
-                raise ValueError(f"train[{i}] ({source.dataset}) needs response_field")
-        return v
+        return _with_responses(v)
 
     def cells(self) -> list[tuple[float, int]]:
         """(learning rate, steps) of every grid cell, in a fixed order."""
