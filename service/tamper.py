@@ -49,10 +49,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harmprune import data, evaluation
-from harmprune.attacks.finetune import AttackRecord, attacked
+from harmprune.attacks.finetune import AttackRecord, attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
 from harmprune.config import EvalConfig, TamperConfig
-from harmprune.errors import JobCancelled, SpecError
+from harmprune.errors import SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.verification import random_control_indices
 from pydantic import BaseModel, ConfigDict, Field
@@ -291,15 +291,7 @@ def run_tamper_check(
     eval_cfg = eval_cfg or EvalConfig()
     level: Literal["full", "search"] = "full" if cfg.generation else "search"
     pad_id = tokenizer.pad_token_id
-    total, done = 1 + 3 * 3, 0
-
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if on_progress:
-            on_progress(done, total)
-        if should_cancel and should_cancel():
-            raise JobCancelled("the job was cancelled during the tamper check")
+    step = counted_steps(1 + 3 * 3, on_progress, should_cancel, "the tamper check")
 
     hardened_idx = {name: idx for name, (idx, _) in mask.entries.items()}
     counts = {name: idx.numel() for name, idx in hardened_idx.items()}

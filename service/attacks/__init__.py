@@ -48,7 +48,7 @@ from harmprune.config import (
     EvalConfig,
     FineTuneAttackConfig,
 )
-from harmprune.errors import JobCancelled, SpecError
+from harmprune.errors import SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.verification import random_control_indices
 from pydantic import BaseModel, ConfigDict, Field
@@ -277,15 +277,7 @@ def run_attacks(
         _training_examples(ft, harmful, tokenizer, fmt, max_length) if ft else ([], "calibration")
     )
     total = len(MODELS) * (1 + (abl is not None) + len(cells)) + (2 if abl else 0)
-    done = 0
-
-    def step() -> None:
-        nonlocal done
-        done += 1
-        if on_progress:
-            on_progress(done, total)
-        if should_cancel and should_cancel():
-            raise JobCancelled("the job was cancelled during the attacks")
+    step = finetune.counted_steps(total, on_progress, should_cancel, "the attacks")
 
     def activations(m: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
         return abliteration.last_token_activations(m, tokenizer, prompts, fmt, batch_size)

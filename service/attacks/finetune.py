@@ -39,6 +39,27 @@ from torch import nn
 CancelFn = Callable[[], bool]
 
 
+def counted_steps(
+    total: int,
+    on_progress: Callable[[int, int], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    during: str,
+) -> Callable[[], None]:
+    """A `step()` for a multi-model check: report one more of `total` steps, then stop the job
+    if it was cancelled (between steps, never inside a training or measuring pass)."""
+    done = 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress(done, total)
+        if should_cancel and should_cancel():
+            raise JobCancelled(f"the job was cancelled during {during}")
+
+    return step
+
+
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
