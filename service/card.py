@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from harmprune.report import Report
 from harmprune.vocabulary import CARD_FILE
 
+if TYPE_CHECKING:
+    from harmprune.tamper import TamperResult
+
 TRADEOFF_PNG = "harmprune-tradeoff.png"
 LAYERS_PNG = "harmprune-pruned-per-layer.png"
+TAMPER_PNG = "harmprune-tamper.png"
+TAMPER_MODELS = ("original", "hardened", "random_control")
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -82,9 +87,7 @@ def render_card(report: Report) -> str:
         )
     tamper_section = ""
     if report.tamper is not None:
-        from harmprune.tamper import render_card_section
-
-        tamper_section = render_card_section(report.tamper) + "\n"
+        tamper_section = render_tamper_section(report.tamper) + "\n"
     return f"""---
 {yaml.safe_dump(card_metadata(report), sort_keys=False).strip()}
 ---
@@ -173,10 +176,106 @@ def render_plots(report: Report, directory: Path) -> list[str]:
     return written
 
 
+# ---------------------------------------------------------------- tamper check
+
+
+def plot_tamper(result: TamperResult, path: Path) -> Path:
+    """Grouped bars: harm before/after the attack for each model, in-domain and broad."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["original", "hardened", "random\ncontrol"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=False)
+    width = 0.38
+    for ax, (scope, title) in zip(
+        axes,
+        (("in_domain", "In-domain harm"), ("broad", "Broad harm (other categories)")),
+        strict=True,
+    ):
+        xs = range(len(TAMPER_MODELS))
+        for offset, phase, colour in (
+            (-width / 2, "before", "#8da0cb"),
+            (width / 2, "after", "#fc8d62"),
+        ):
+            values = [
+                getattr(getattr(result.model(n), phase), f"harm_{scope}") for n in TAMPER_MODELS
+            ]
+            bars = ax.bar(
+                [x + offset for x in xs], values, width, label=f"{phase} attack", color=colour
+            )
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(list(xs), labels)
+        ax.set_title(title)
+        ax.set_ylabel("harm: exp(-NLL) of harmful answers")
+        ax.legend(fontsize=8)
+    s = result.settings
+    fig.suptitle(
+        f"Tamper check: {s.method} fine-tune, {s.steps} steps, lr {s.lr:g} "
+        f"(hardening reduction, broad: {result.hardening_reduction:+.1%})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _f4(x: float | None, pct: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.1%}" if pct else f"{x:.4f}"
+
+
+def render_tamper_section(result: TamperResult, plot_name: str = TAMPER_PNG) -> str:
+    """Markdown for the model card (a `## Tamper check` section)."""
+    s = result.settings
+    rows = []
+    for name, label in zip(
+        TAMPER_MODELS, ("Model", "Hardened", "Random pruning, same count"), strict=True
+    ):
+        m = result.model(name)
+        rows.append(
+            f"| {label} | {_f4(m.before.harm_in_domain)} | {_f4(m.after.harm_in_domain)} | "
+            f"{_f4(m.before.harm_broad)} | {_f4(m.after.harm_broad)} | "
+            f"{_f4(m.before.compliance_broad)} | {_f4(m.after.compliance_broad)} | "
+            f"{_f4(m.before.benign_loss_broad)} | {_f4(m.after.benign_loss_broad)} |"
+        )
+    threshold = (
+        f"Threshold: broad harm after the attack at most {result.max_broad_harm_ratio:g} of the "
+        f"original's: **{'held' if result.passed else 'missed'}**."
+        if result.max_broad_harm_ratio is not None
+        else "No threshold was set for this check."
+    )
+    lora = f", rank {s.rank}, alpha {s.alpha}" if s.method == "lora" else ""
+    return f"""
+## Tamper check
+
+Each model was fine-tuned with the same attack ({s.method}{lora}, {s.steps} steps, lr {s.lr:g},
+batch {s.batch_size}, seed {s.seed}; {s.train_pairs} narrow-domain training pairs; identical batch
+order: {"yes" if result.identical_attack else "NO"}), then measured on {s.in_domain_items} held-out
+in-domain requests ({s.in_domain_source}) and on broad prompts outside the domain
+({s.broad_harmful_items} harmful of other categories, {s.broad_benign_items} benign free-form).
+Harm = {result.harm_measure}. Compliance = share of plain harmful requests answered without a
+refusal. The published weights are the hardened model's, never an attacked one.
+
+| | in-domain harm, before | after | broad harm, before | after | broad compliance, before | after | benign loss, before | after |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+After the attack, the hardened model keeps {_f4(result.broad_harm_ratio)} of the original's broad
+harm (reduction {_f4(result.hardening_reduction, True)}; random control
+{_f4(result.random_reduction, True)}; in-domain {_f4(result.hardening_reduction_in_domain, True)}).
+{threshold}
+
+![tamper check]({plot_name})
+"""
+
+
 def write_card(report: Report, directory: Path, base_config: Any = None) -> None:
     render_plots(report, directory)
     if report.tamper is not None:
-        from harmprune.tamper import TAMPER_PNG, plot_tamper
-
         plot_tamper(report.tamper, directory / TAMPER_PNG)
     (directory / CARD_FILE).write_text(render_card(report))

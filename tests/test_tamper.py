@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune import attribution, data, evaluation, selection, tamper
+from harmprune import attribution, card, data, evaluation, selection, tamper
 from harmprune.checkpoint import save_checkpoint
 from harmprune.config import DomainSpec, EvalConfig
 from harmprune.errors import JobCancelled
@@ -243,10 +243,10 @@ def test_result_is_filled_and_the_threshold_fails(tiny_run: Any) -> None:
 
 def test_plot_and_card_section(tiny_run: Any, tmp_path: Path) -> None:
     _, _, _, result = tiny_run
-    path = tamper.plot_tamper(result, tmp_path / tamper.TAMPER_PNG)
+    path = card.plot_tamper(result, tmp_path / card.TAMPER_PNG)
     assert path.stat().st_size > 5000
-    text = tamper.render_card_section(result)
-    assert "## Tamper check" in text and "missed" in text and tamper.TAMPER_PNG in text
+    text = card.render_tamper_section(result)
+    assert "## Tamper check" in text and "missed" in text and card.TAMPER_PNG in text
 
 
 def test_full_method_with_generation_and_cancellation(tiny_model: Any, tokenizer: Any) -> None:
@@ -412,8 +412,8 @@ def _smollm2_tamper_check(tmp_path: Path, load_model: Any, Settings: Any) -> Non
             assert phase.compliance_broad is not None and math.isfinite(phase.benign_loss_broad)
             assert phase.broad.mc_accuracy is None and math.isfinite(phase.broad.over_refusal)
     assert math.isfinite(result.hardening_reduction) and result.passed
-    tamper.plot_tamper(result, tmp_path / tamper.TAMPER_PNG)
-    assert (tmp_path / tamper.TAMPER_PNG).stat().st_size > 5000
+    card.plot_tamper(result, tmp_path / card.TAMPER_PNG)
+    assert (tmp_path / card.TAMPER_PNG).stat().st_size > 5000
 
     print(f"\npruned {mask.count} weights; hardening {t_harden:.0f}s, tamper check {t_check:.0f}s")
     print(f"{'model':16}{'attack':>8}{'in-domain':>11}{'broad':>9}{'comply':>8}{'benign':>8}")
