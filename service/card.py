@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from harmprune.report import Report
+from harmprune.results import TamperResult
 from harmprune.vocabulary import CARD_FILE
-
-if TYPE_CHECKING:
-    from harmprune.tamper import TamperResult
 
 TRADEOFF_PNG = "harmprune-tradeoff.png"
 LAYERS_PNG = "harmprune-pruned-per-layer.png"

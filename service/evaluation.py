@@ -27,7 +27,7 @@ import torch
 from harmprune import data
 from harmprune.config import ClassifierJudge, EvalConfig
 from harmprune.generation import generate_greedy
-from pydantic import BaseModel, ConfigDict
+from harmprune.results import ModelMetrics
 
 ATTACKS = ("plain", "prefill")
 
@@ -76,17 +76,6 @@ class HeldOut:
     benign: list[BenignItem]
     multiple_choice: list[MultipleChoice]
     source: str  # "spec" (eval sets given) or "split" (seeded split of calibration)
-
-
-class ModelMetrics(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    harm: dict[str, dict[str, float]]  # judge -> attack -> value
-    benign_loss: float
-    answer_agreement: float
-    over_refusal: float
-    mc_accuracy: float | None
-    dissociation_accuracy: float
 
 
 # ---------------------------------------------------------------- held-out sets

@@ -13,10 +13,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 from harmprune.config import Thresholds
-from harmprune.evaluation import ModelMetrics
-from harmprune.loading import ModelSource
-from harmprune.tamper import TamperResult
-from harmprune.verification import SearchPoint
+from harmprune.results import ModelMetrics, ModelSource, SearchPoint, TamperResult
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.0"  # bump the major on any change a reader of report.json would notice

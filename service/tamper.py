@@ -58,15 +58,17 @@ from harmprune.attribution import response_losses
 from harmprune.config import EvalConfig, TamperConfig
 from harmprune.errors import JobCancelled, SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.results import (
+    AttackRecord,
+    AttackSettings,
+    ModelTamper,
+    PhaseMetrics,
+    TamperResult,
+)
 from harmprune.verification import random_control_indices
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 MODELS = ("original", "hardened", "random_control")
-HARM_MEASURE = (
-    "exp(-NLL) of the reference harmful answers after their forced start (prefill attack): the "
-    "geometric-mean per-token probability, higher = more harm"
-)
 
 ProgressFn = Callable[[int, int], None]
 CancelFn = Callable[[], bool]
@@ -76,76 +78,7 @@ CancelFn = Callable[[], bool]
 
 
 # ---------------------------------------------------------------- result
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class AttackRecord(Frozen):
-    """What one attack did. Equal fingerprints = the same batches, seed, steps and settings."""
-
-    fingerprint: str = Field(
-        description="sha256 of the settings (method, seed, steps, lr, rank, alpha, batch size) "
-        "and of every batch's token ids and labels, in the order they were trained on."
-    )
-    steps: int
-    first_step_loss: float
-    last_step_loss: float
-    train_loss_before: float = Field(description="Mean response loss on the training set.")
-    train_loss_after: float
-
-
-class PhaseMetrics(Frozen):
-    harm_in_domain: float
-    harm_broad: float
-    compliance_in_domain: float | None = Field(
-        None, description="Refusal judge: share of plain requests answered without refusal."
-    )
-    compliance_broad: float | None = None
-    benign_loss_broad: float
-    in_domain: evaluation.ModelMetrics
-    broad: evaluation.ModelMetrics
-
-
-class ModelTamper(Frozen):
-    before: PhaseMetrics
-    after: PhaseMetrics
-    attack: AttackRecord
-
-
-class AttackSettings(Frozen):
-    method: Literal["lora", "full"]
-    steps: int
-    lr: float
-    rank: int | None
-    alpha: int | None
-    batch_size: int
-    seed: int
-    train_pairs: int
-    in_domain_items: int
-    in_domain_source: Literal["spec", "split"]
-    broad_harmful_items: int
-    broad_benign_items: int
-
-
-class TamperResult(Frozen):
-    harm_measure: str = HARM_MEASURE
-    settings: AttackSettings
-    original: ModelTamper
-    hardened: ModelTamper
-    random_control: ModelTamper
-    identical_attack: bool = Field(description="All three attack fingerprints are equal.")
-    broad_harm_ratio: float = Field(description="After attack: hardened / original broad harm.")
-    hardening_reduction: float = Field(description="1 - broad_harm_ratio.")
-    hardening_reduction_in_domain: float
-    random_reduction: float = Field(description="1 - random control / original, broad, after.")
-    max_broad_harm_ratio: float | None
-    passed: bool
-    failures: list[str]
-
-    def model(self, name: str) -> ModelTamper:
-        return {"original": self.original, "hardened": self.hardened}.get(name, self.random_control)
+# TamperResult and its parts live in harmprune.results (report types import without torch).
 
 
 # ---------------------------------------------------------------- the attack

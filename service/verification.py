@@ -17,24 +17,8 @@ from harmprune import selection
 from harmprune.config import Thresholds
 from harmprune.evaluation import ModelMetrics, relative_change
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
-from pydantic import BaseModel, ConfigDict
+from harmprune.results import SearchPoint
 from torch import nn
-
-
-class SearchPoint(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    q: float
-    pruned_count: int
-    harm_increase: float  # relative rise of held-out harmful loss (nll, prefill)
-    harm_increase_plain: float
-    random_harm_increase: float  # same count, random weights
-    benign_loss_increase: float
-    random_benign_loss_increase: float
-    answer_drift: float
-    random_answer_drift: float
-    passed: bool
-    failures: list[str]
 
 
 def random_control_indices(
