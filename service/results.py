@@ -37,6 +37,11 @@ class ModelMetrics(BaseModel):
     over_refusal: float
     mc_accuracy: float | None
     dissociation_accuracy: float
+    per_prompt: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="The values behind the means, one per test prompt (harm.<judge>.<attack>, "
+        "benign_loss, answer_hits, answer_tokens, over_refusal): the bootstrap resamples them.",
+    )
 
 
 class SearchPoint(BaseModel):

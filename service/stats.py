@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from harmprune.results import Interval
 
+T = TypeVar("T")
+
 RESAMPLES = 1000
 LEVEL = 0.95
-
-Statistic = Callable[[Sequence[float], Sequence[float]], float]
 
 
 def mean(values: Sequence[float]) -> float:
@@ -41,6 +42,16 @@ def difference_of_means(new: Sequence[float], old: Sequence[float]) -> float:
     return mean(new) - mean(old)
 
 
+def agreement_drop(new: Sequence[tuple[float, float]], old: Sequence[tuple[float, float]]) -> float:
+    """Answer drift: agreement(old) - agreement(new), agreement = sum(hits) / sum(tokens)."""
+
+    def agreement(rows: Sequence[tuple[float, float]]) -> float:
+        tokens = sum(n for _, n in rows)
+        return sum(h for h, _ in rows) / tokens if tokens else float("nan")
+
+    return agreement(old) - agreement(new)
+
+
 def quantile(sorted_values: Sequence[float], q: float) -> float:
     """Linear interpolation between order statistics (numpy's default 'linear' method)."""
     if not sorted_values:
@@ -58,9 +69,9 @@ def resample_indices(n: int, resamples: int, seed: int) -> list[list[int]]:
 
 
 def paired_interval(
-    new: Sequence[float],
-    old: Sequence[float],
-    statistic: Statistic,
+    new: Sequence[T],
+    old: Sequence[T],
+    statistic: Callable[[Sequence[T], Sequence[T]], float],
     *,
     indices: Sequence[Sequence[int]] | None = None,
     resamples: int = RESAMPLES,
@@ -69,7 +80,8 @@ def paired_interval(
 ) -> Interval:
     """The statistic on all prompts, with its paired bootstrap interval.
 
-    `new[i]` and `old[i]` are the two models' values on prompt i. `indices` (the resamples) may
+    `new[i]` and `old[i]` are the two models' values on prompt i (a number, or a tuple such as
+    (greedy hits, tokens) for a ratio of sums). `indices` (the resamples) may
     be given explicitly; by default they are drawn with `resample_indices(len(new), resamples,
     seed)`. Resamples whose statistic is not finite are left out."""
     if len(new) != len(old):

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 from harmprune import data, evaluation, pipeline, selection, verification
 from harmprune.attribution import scored_parameters
 from harmprune.config import ClassifierJudge, DomainSpec, EvalConfig, HardenConfig, Thresholds
@@ -23,6 +22,7 @@ from harmprune.report import SCHEMA_VERSION, Report
 from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN
+from tests.evidence_fixtures import disjoint_domain
 
 # ---------------------------------------------------------------- judges
 
@@ -212,7 +212,7 @@ def test_thresholds_name_what_failed() -> None:
 
 
 def _config(tiny_model_dir: Any, **domain_changes: Any) -> HardenConfig:
-    raw = {**yaml.safe_load(yaml.safe_dump(TINY_DOMAIN)), **domain_changes}
+    raw = disjoint_domain(**domain_changes)
     return HardenConfig(
         model=str(tiny_model_dir("llama")),
         domain=DomainSpec.model_validate(raw),
@@ -244,21 +244,33 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     config = _config(
         tiny_model_dir,
         search={"mode": "sweep", "q_values": [0.01, 0.05]},
-        eval={**TINY_DOMAIN["eval"], "judges": ["nll", "refusal"]},
+        eval={**disjoint_domain()["eval"], "judges": ["nll", "refusal"]},
     )
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
     on_disk = Report.model_validate_json((out / "report.json").read_text())
     assert on_disk.schema_version == SCHEMA_VERSION
-    assert on_disk.model_dump(exclude={"timings_s"}) == report.model_dump(exclude={"timings_s"})
+    # (JSON text: NaN, "not measured", never equals itself as a float)
+    assert on_disk.model_dump_json(exclude={"timings_s"}) == report.model_dump_json(
+        exclude={"timings_s"}
+    )
     m = on_disk.metrics
     assert m.hardened is not None and m.random_control is not None
     for metrics in (m.original, m.hardened, m.random_control):
         assert set(metrics.harm) == {"nll", "refusal"}
         assert set(metrics.harm["nll"]) == {"plain", "prefill"}
     assert [pt.q for pt in on_disk.search] == [0.01, 0.05]
-    assert on_disk.inputs.q in (0.01, 0.05)
+    chosen = verification.choose(on_disk.search)
+    assert chosen is not None and on_disk.inputs.q == chosen.q
+    # three random seeds and the magnitude-matched control, with intervals on the test set
+    assert len(m.random_controls) == 3 and m.magnitude_control is not None
+    assert on_disk.evidence is not None
+    assert set(on_disk.evidence.intervals) == {"hardened", "random_control", "magnitude_control"}
+    rise = on_disk.evidence.intervals["hardened"]["harm_rise_prefill"]
+    assert rise.low <= rise.estimate <= rise.high
+    assert rise.estimate == pytest.approx(verification.harm_increase(m.hardened, m.original))
     assert on_disk.heldout.source == "spec"
+    assert on_disk.heldout.q_chosen_on == "validation"
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card
     assert (out / "harmprune-tradeoff.png").is_file() and (
@@ -268,12 +280,12 @@ def test_sweep_report_has_schema_controls_trace_and_card(
 
 def test_without_eval_sets_a_seeded_split_is_held_out(tiny_model_dir: Any) -> None:
     config = _config(tiny_model_dir, eval={"judges": ["nll"]})
-    harmful, benign, eval_h, eval_b, source = pipeline.split_sets(config)
-    assert source == "split"
-    assert eval_h and eval_b
-    assert not {p.prompt for p in harmful} & {p.prompt for p in eval_h}
-    assert not {p.prompt for p in benign} & {p.prompt for p in eval_b}
-    assert pipeline.split_sets(config)[2] == eval_h  # seeded: the same split every time
+    sets = pipeline.split_sets(config)
+    assert sets.test_source == "split"
+    assert sets.test_harmful and sets.test_benign
+    assert not {p.prompt for p in sets.harmful} & {p.prompt for p in sets.test_harmful}
+    assert not {p.prompt for p in sets.benign} & {p.prompt for p in sets.test_benign}
+    assert pipeline.split_sets(config) == sets  # seeded: the same split every time
 
 
 def test_random_control_differs_from_the_hardening(tiny_model: Any) -> None:
@@ -295,3 +307,36 @@ def test_random_control_differs_from_the_hardening(tiny_model: Any) -> None:
     assert all(torch.equal(hardened_state[n], p) for n, p in params.items())
     assert sum(v.numel() for v in seen.values()) >= mask.count
     assert any(not torch.equal(seen[n], idx) for n, (idx, _) in mask.entries.items())
+
+
+def test_magnitude_matched_control_has_the_counts_and_magnitudes_of_the_selection(
+    tiny_model: Any,
+) -> None:
+    params = scored_parameters(tiny_model("llama"))
+    originals = {n: p.detach().clone().reshape(-1) for n, p in params.items()}
+    # select 20 large weights of each matrix (spread over its top 10% by |W|): a uniform random
+    # control would pick much smaller ones
+    chosen = {}
+    for n, w in originals.items():
+        top = torch.argsort(w.abs(), descending=True)[: max(20, w.numel() // 10)]
+        chosen[n] = top[torch.linspace(0, top.numel() - 1, 20).long()].sort().values
+    mask = apply_pruning(params, chosen)
+    control = verification.magnitude_matched_indices(params, mask, seed=0)
+    again = verification.magnitude_matched_indices(params, mask, seed=0)
+    assert all(torch.equal(control[n], again[n]) for n in control)  # seeded
+    for name, idx in chosen.items():
+        picked = control[name]
+        assert picked.numel() == idx.numel() == picked.unique().numel()
+        assert not set(picked.tolist()) & set(idx.tolist())
+        w = originals[name].abs()
+        assert w[idx].mean() > 1.5 * w.mean()  # the selection is far from uniform
+        assert abs(w[picked].mean() - w[idx].mean()) < 0.1 * w[idx].mean()
+
+
+def test_harm_is_compared_with_the_stronger_control() -> None:
+    t = Thresholds(min_harm_increase=0.05, min_margin_over_random=0.02)
+    assert verification.harm_failures_against(0.30, {"random": 0.0, "magnitude": 0.27}, t) == []
+    failures = verification.harm_failures_against(0.30, {"random": 0.0, "magnitude": 0.29}, t)
+    assert failures == ["harm rise over the stronger control (magnitude) +1.0% < required 2.0%"]
+    assert verification.harm_failures_against(0.30, {"random": 0.0, "magnitude": 0.2}, t) == []
+    assert verification.stronger_control({"a": 0.1, "b": float("nan")})[0] == "b"
