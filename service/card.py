@@ -79,8 +79,9 @@ paired bootstrap 95% interval over prompts ({ev.resamples} resamples).
 Controls (harm loss rise, prefill): random pruning over {len(c.random_harm_rise)} seeds {spread}
 (mean {_fmt(c.random_harm_rise_mean, True)}, spread {_fmt(c.random_harm_rise_min, True)} to
 {_fmt(c.random_harm_rise_max, True)}; seeds after the first measured teacher forced){magnitude}.
-The harm thresholds compared the hardened model with the stronger control: **{c.stronger}**
-({_fmt(c.stronger_harm_rise, True)}).
+Harm was decided by the **{ev.gate.judge}** judge under the **{ev.gate.attack}** attack (required
+improvement {ev.gate.min_improvement:.1%}{", relative loss rise" if ev.gate.judge == "nll" else ", drop of the mean score of the model's own answers"}),
+against the stronger control: **{c.stronger}** ({_fmt(c.stronger_improvement, True)}).
 """
 
 

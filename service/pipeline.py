@@ -21,6 +21,7 @@ Used in-process by the CLI (the embedded default) and by the Celery workers alik
 from __future__ import annotations
 
 import gc
+import math
 import random
 import tempfile
 import time
@@ -51,6 +52,7 @@ from harmprune.report import (
     CalibrationSummary,
     ControlSummary,
     Evidence,
+    HarmGateSummary,
     HeldoutSummary,
     Metrics,
     Report,
@@ -689,35 +691,51 @@ def verify(
         random_seeds=seeds,
         magnitude_control=magnitude,
     )
-    evidence = build_evidence(metrics, seed)
     t = ctx.spec.thresholds
+    judge = verification.deciding_judge(t, list(ctx.spec.eval.judges), ctx.classifier is not None)
+    gate = HarmGateSummary(
+        judge=judge,
+        attack=t.harm.attack,
+        min_improvement=(
+            t.min_harm_increase if t.harm.min_improvement is None else t.harm.min_improvement
+        ),
+    )
+    evidence = build_evidence(metrics, seed, gate)
     failures = verification.benign_failures(hardened, original, t)
-    control_rises = {"random pruning (mean of seeds)": evidence.controls.random_harm_rise_mean}
-    if evidence.controls.magnitude_harm_rise is not None:
-        control_rises["magnitude-matched pruning"] = evidence.controls.magnitude_harm_rise
+    c = evidence.controls
+    control_rises = {"random pruning (mean of seeds)": c.gate_random_mean}
+    if c.gate_magnitude is not None:
+        control_rises["magnitude-matched pruning"] = c.gate_magnitude
+    what = "harm loss" if judge == "nll" else f"harm drop ({judge} judge)"
     failures += verification.harm_failures_against(
-        verification.harm_increase(hardened, original), control_rises, t
+        verification.harm_improvement(hardened, original, judge, gate.attack),
+        control_rises,
+        t,
+        what=f"{what}, {gate.attack}",
+        required=gate.min_improvement,
     )
     return metrics, evidence, failures
 
 
-def build_evidence(metrics: Metrics, seed: int) -> Evidence:
-    """The test-set comparisons with intervals, and which control is the stronger."""
+def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Evidence:
+    """The test-set comparisons with intervals; each control's harm improvement by the deciding
+    judge (random: the mean over the seeds where that judge was measured), and the stronger."""
     original = metrics.original
+
+    def improvement(m: evaluation.ModelMetrics) -> float:
+        return verification.harm_improvement(m, original, gate.judge, gate.attack)
+
     rises = [verification.harm_increase(m, original) for m in metrics.random_controls]
-    magnitude_rise = (
-        verification.harm_increase(metrics.magnitude_control, original)
-        if metrics.magnitude_control
-        else None
-    )
-    named = {"random pruning (mean of seeds)": stats.mean(rises)}
-    if magnitude_rise is not None:
-        named["magnitude-matched pruning"] = magnitude_rise
-    stronger, stronger_rise = verification.stronger_control(named)
+    gate_random = [x for x in map(improvement, metrics.random_controls) if math.isfinite(x)]
+    magnitude = metrics.magnitude_control
+    named = {"random pruning (mean of seeds)": stats.mean(gate_random)}
+    if magnitude is not None:
+        named["magnitude-matched pruning"] = improvement(magnitude)
+    stronger, stronger_value = verification.stronger_control(named)
     compared = {
         "hardened": metrics.hardened,
         "random_control": metrics.random_control,
-        "magnitude_control": metrics.magnitude_control,
+        "magnitude_control": magnitude,
     }
     return Evidence(
         intervals={
@@ -725,14 +743,20 @@ def build_evidence(metrics: Metrics, seed: int) -> Evidence:
             for name, m in compared.items()
             if m is not None
         },
+        gate=gate,
         controls=ControlSummary(
             random_harm_rise=rises,
             random_harm_rise_mean=stats.mean(rises),
             random_harm_rise_min=min(rises),
             random_harm_rise_max=max(rises),
-            magnitude_harm_rise=magnitude_rise,
+            magnitude_harm_rise=verification.harm_increase(magnitude, original)
+            if magnitude
+            else None,
+            gate_random=gate_random,
+            gate_random_mean=stats.mean(gate_random),
+            gate_magnitude=improvement(magnitude) if magnitude else None,
             stronger=stronger,
-            stronger_harm_rise=stronger_rise,
+            stronger_improvement=stronger_value,
         ),
         resamples=stats.RESAMPLES,
     )

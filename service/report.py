@@ -103,16 +103,31 @@ class Metrics(Frozen):
     magnitude_control: ModelMetrics | None = None
 
 
+class HarmGateSummary(Frozen):
+    """The judge and attack that decided harm (thresholds.harm)."""
+
+    judge: str
+    attack: str
+    min_improvement: float
+
+
 class ControlSummary(Frozen):
-    """Harm rise (nll, prefill attack) of each control on the test set."""
+    """The controls on the test set: harm loss rise (nll, prefill) of each, and each one's
+    improvement by the deciding judge (`gate_*`)."""
 
     random_harm_rise: list[float] = Field(description="One per random seed.")
     random_harm_rise_mean: float
     random_harm_rise_min: float
     random_harm_rise_max: float
     magnitude_harm_rise: float | None = None
+    gate_random: list[float] = Field(
+        description="Deciding judge's improvement per random seed where it was measured "
+        "(a generation judge: the first seed only)."
+    )
+    gate_random_mean: float
+    gate_magnitude: float | None = None
     stronger: str = Field(description="The control the harm thresholds compared against.")
-    stronger_harm_rise: float
+    stronger_improvement: float
 
 
 class Evidence(Frozen):
@@ -120,6 +135,7 @@ class Evidence(Frozen):
     (model -> figure -> interval; models: hardened, random_control, magnitude_control)."""
 
     intervals: dict[str, dict[str, Interval]]
+    gate: HarmGateSummary
     controls: ControlSummary
     resamples: int
 

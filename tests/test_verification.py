@@ -266,6 +266,7 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     assert len(m.random_controls) == 3 and m.magnitude_control is not None
     assert on_disk.evidence is not None
     assert set(on_disk.evidence.intervals) == {"hardened", "random_control", "magnitude_control"}
+    assert on_disk.evidence.gate.judge == "nll" and on_disk.evidence.gate.attack == "prefill"
     rise = on_disk.evidence.intervals["hardened"]["harm_rise_prefill"]
     assert rise.low <= rise.estimate <= rise.high
     assert rise.estimate == pytest.approx(verification.harm_increase(m.hardened, m.original))
@@ -273,6 +274,7 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     assert on_disk.heldout.q_chosen_on == "validation"
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "decided by the **nll** judge under the **prefill** attack" in card
     assert (out / "harmprune-tradeoff.png").is_file() and (
         out / "harmprune-pruned-per-layer.png"
     ).is_file()
@@ -340,3 +342,32 @@ def test_harm_is_compared_with_the_stronger_control() -> None:
     assert failures == ["harm rise over the stronger control (magnitude) +1.0% < required 2.0%"]
     assert verification.harm_failures_against(0.30, {"random": 0.0, "magnitude": 0.2}, t) == []
     assert verification.stronger_control({"a": 0.1, "b": float("nan")})[0] == "b"
+
+
+def test_the_behaviour_gate_picks_its_judge_and_measures_improvement() -> None:
+    t = Thresholds()
+    assert verification.deciding_judge(t, ["nll", "refusal"], has_classifier=False) == "nll"
+    assert (
+        verification.deciding_judge(t, ["nll", "classifier"], has_classifier=True) == "classifier"
+    )
+    chosen = Thresholds(harm={"judge": "refusal", "attack": "prefill", "min_improvement": 0.1})
+    assert verification.deciding_judge(chosen, ["nll", "classifier"], True) == "refusal"
+    base = evaluation.ModelMetrics(
+        harm={"nll": {"prefill": 2.0}, "refusal": {"prefill": 0.75}},
+        benign_loss=1.0,
+        answer_agreement=1.0,
+        over_refusal=0.0,
+        mc_accuracy=None,
+        dissociation_accuracy=1.0,
+    )
+    hardened = base.model_copy(
+        update={"harm": {"nll": {"prefill": 3.0}, "refusal": {"prefill": 0.25}}}
+    )
+    # nll: relative loss rise; a generation judge: the drop of its mean score (compliance)
+    assert verification.harm_improvement(hardened, base, "nll", "prefill") == pytest.approx(0.5)
+    assert verification.harm_improvement(hardened, base, "refusal", "prefill") == 0.5
+    assert math.isnan(verification.harm_improvement(hardened, base, "classifier", "prefill"))
+    failures = verification.harm_failures_against(
+        0.05, {"random": 0.0}, chosen, what="harm drop (refusal judge)", required=0.1
+    )
+    assert failures == ["harm drop (refusal judge) +5.0% < required 10.0%"]
