@@ -9,7 +9,15 @@ from typing import Any
 
 import pytest
 from harmprune import card, data, evaluation, pipeline, stats, verification
-from harmprune.config import DomainSpec, Elicitation, EvalConfig, HardenConfig, Pair
+from harmprune.config import (
+    DomainSpec,
+    Elicitation,
+    EvalConfig,
+    HardenConfig,
+    Pair,
+    example_domains,
+    load_domain,
+)
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.report import Report, ReportInputs
 from harmprune.results import ModelSource
@@ -261,3 +269,11 @@ def test_the_card_names_the_base_model(
     report = Report.model_construct(inputs=ReportInputs.model_construct(model=source, domain="d"))
     meta = card.card_metadata(report, SimpleNamespace(_name_or_path=config_name))
     assert meta.get("base_model") == expected
+
+
+@pytest.mark.parametrize("name", example_domains())
+def test_every_shipped_domain_has_disjoint_sets(name: str) -> None:
+    sets = pipeline.split_sets(HardenConfig(model="m", domain=load_domain(name)))
+    assert sets.test_harmful and sets.test_benign
+    if load_domain(name).search.mode == "sweep":
+        assert sets.validation_harmful and sets.validation_benign
