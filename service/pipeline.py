@@ -20,6 +20,7 @@ Used in-process by the CLI (the embedded default) and by the Celery workers alik
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import random
@@ -670,11 +671,8 @@ def verify(
     for k, s in enumerate(seeds):
         indices = verification.random_control_indices(scores.params, counts, s)
         level = "full" if k == 0 else "search"  # extra seeds: teacher forced only
-        randoms.append(
-            verification.measure_control(
-                scores.params, mask, indices, lambda lv=level: ctx.measure(heldout, lv)
-            )
-        )
+        measure = functools.partial(ctx.measure, heldout, level)
+        randoms.append(verification.measure_control(scores.params, mask, indices, measure))
         ctx.progress("verify", 2 + k, steps)
     magnitude = None
     if controls.magnitude_matched:

@@ -331,8 +331,9 @@ def test_magnitude_matched_control_has_the_counts_and_magnitudes_of_the_selectio
         assert picked.numel() == idx.numel() == picked.unique().numel()
         assert not set(picked.tolist()) & set(idx.tolist())
         w = originals[name].abs()
-        assert w[idx].mean() > 1.5 * w.mean()  # the selection is far from uniform
-        assert abs(w[picked].mean() - w[idx].mean()) < 0.1 * w[idx].mean()
+        assert w[idx].mean() > 1.5 * w.mean()  # the selection is far from uniform ...
+        assert w[picked].mean() > 1.5 * w.mean()  # ... and so is the control
+        assert abs(w[picked].mean() - w[idx].mean()) < 0.2 * w[idx].mean()
 
 
 def test_harm_is_compared_with_the_stronger_control() -> None:
