@@ -7,16 +7,20 @@ next to the original model's and the random-pruning control's.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from harmprune import card_attacks
 from harmprune.report import Report
-from harmprune.vocabulary import CARD_FILE
+from harmprune.results import Interval, TamperResult
+from harmprune.vocabulary import CARD_FILE, SMOLLM2_ALIAS, SMOLLM2_HUB_ID
 
 TRADEOFF_PNG = "harmprune-tradeoff.png"
 LAYERS_PNG = "harmprune-pruned-per-layer.png"
+TAMPER_PNG = "harmprune-tamper.png"
+TAMPER_MODELS = ("original", "hardened", "random_control")
 
 
 def _fmt(x: float | None, pct: bool = False) -> str:
@@ -25,28 +29,119 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{x:+.1%}" if pct else f"{x:.3f}"
 
 
-def card_metadata(report: Report) -> dict[str, Any]:
+FIGURES = {
+    "harm_rise_prefill": "harm loss rise (nll, prefill)",
+    "harm_rise_plain": "harm loss rise (nll, plain)",
+    "refusal_prefill": "compliance change (refusal judge, prefill)",
+    "refusal_plain": "compliance change (refusal judge, plain)",
+    "classifier_prefill": "harm score change (classifier, prefill)",
+    "classifier_plain": "harm score change (classifier, plain)",
+    "benign_loss_rise": "benign loss rise",
+    "answer_drift": "answer drift",
+    "over_refusal_change": "over-refusal change",
+}
+
+
+def _interval(iv: Interval | None) -> str:
+    if iv is None:
+        return "n/a"
+    return f"{_fmt(iv.estimate, True)} [{_fmt(iv.low, True)}, {_fmt(iv.high, True)}]"
+
+
+def _evidence_section(report: Report) -> str:
+    ev = report.evidence
+    if ev is None:
+        return ""
+    models = [m for m in ("hardened", "random_control", "magnitude_control") if m in ev.intervals]
+    labels = {
+        "hardened": "hardened",
+        "random_control": "random (seed 1)",
+        "magnitude_control": "magnitude-matched",
+    }
+    keys = [k for k in FIGURES if any(k in ev.intervals[m] for m in models)]
+    rows = "\n".join(
+        f"| {FIGURES[k]} | " + " | ".join(_interval(ev.intervals[m].get(k)) for m in models) + " |"
+        for k in keys
+    )
+    c = ev.controls
+    spread = ", ".join(_fmt(r, True) for r in c.random_harm_rise)
+    magnitude = (
+        f"; magnitude-matched pruning {_fmt(c.magnitude_harm_rise, True)}"
+        if c.magnitude_harm_rise is not None
+        else ""
+    )
+    return f"""How sure: each figure is the change against the original model on the test prompts, with a
+paired bootstrap 95% interval over prompts ({ev.resamples} resamples).
+
+| figure | {" | ".join(labels[m] for m in models)} |
+|---|{"---|" * len(models)}
+{rows}
+
+Controls (harm loss rise, prefill): random pruning over {len(c.random_harm_rise)} seeds {spread}
+(mean {_fmt(c.random_harm_rise_mean, True)}, spread {_fmt(c.random_harm_rise_min, True)} to
+{_fmt(c.random_harm_rise_max, True)}; seeds after the first measured teacher forced){magnitude}.
+Harm was decided by the **{ev.gate.judge}** judge under the **{ev.gate.attack}** attack (required
+improvement {ev.gate.min_improvement:.1%}{", relative loss rise" if ev.gate.judge == "nll" else ", drop of the mean score of the model's own answers"}),
+against the stronger control: **{c.stronger}** ({_fmt(c.stronger_improvement, True)}).
+"""
+
+
+def _sets_sentence(report: Report) -> str:
+    h = report.heldout
+    made = h.made_by
+    chose = (
+        f"q={report.inputs.q:g} was chosen on the **validation** set ({h.validation_harmful} harmful, "
+        f"{h.validation_benign} benign prompts; {made.get('validation', 'n/a')})."
+        if h.q_chosen_on == "validation"
+        else "q was fixed by the spec: no set chose it."
+    )
+    return (
+        f"Test set: {h.harmful} harmful, {h.benign} benign prompts "
+        f"({made.get('test', h.source)}), never used for attribution or for any choice. {chose}"
+    )
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def base_model_id(report: Report, base_config: Any = None) -> str | None:
+    """The Hub id of the model that was hardened, for the card's `base_model`: the reference of
+    a Hub model, SmolLM2's Hub repo for the built-in alias, else the `_name_or_path` a local or
+    GGUF model's config carries when it is a Hub id (None when nothing names one)."""
+    src = report.inputs.model
+    if src.kind == "hub":
+        return src.reference
+    if src.kind == "alias" and src.reference == SMOLLM2_ALIAS:
+        return SMOLLM2_HUB_ID
+    name = str(getattr(base_config, "_name_or_path", "") or "")
+    return name if _HUB_ID.match(name) else None
+
+
+def card_metadata(report: Report, base_config: Any = None) -> dict[str, Any]:
     src = report.inputs.model
     meta: dict[str, Any] = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["harmprune", "safety", "pruning", f"harmprune-domain-{report.inputs.domain}"],
     }
-    if src.kind == "hub":
-        meta["base_model"] = src.reference
+    base = base_model_id(report, base_config)
+    if base:
+        meta["base_model"] = base
         meta["base_model_relation"] = "finetune"  # weights edited in place; same architecture
     if src.license:
         meta["license"] = src.license
     return meta
 
 
-def render_card(report: Report) -> str:
+def render_card(report: Report, base_config: Any = None) -> str:
     m = report.metrics
     rows = [("Model", m.original)]
     if m.hardened:
         rows.append(("Hardened", m.hardened))
     if m.random_control:
         rows.append(("Random pruning, same count", m.random_control))
+    if m.magnitude_control:
+        rows.append(("Magnitude-matched pruning, same count", m.magnitude_control))
     judges = sorted({(j, a) for _, mm in rows for j, attacks in mm.harm.items() for a in attacks})
     header = "| | " + " | ".join(f"harm {j} ({a})" for j, a in judges)
     header += " | benign loss | answer agreement | over-refusal | harm recognition |"
@@ -77,17 +172,16 @@ def render_card(report: Report) -> str:
             for pt in report.search
         )
         search = (
-            "\n## Operating-point search\n\n| q | pruned | harm loss rise | random control | "
+            "\n## Operating-point search (validation set)\n\nMeasured on the validation prompts, "
+            "never on the test prompts above.\n\n| q | pruned | harm loss rise | random control | "
             "benign loss rise | answer drift | passes |\n|---|---|---|---|---|---|---|\n"
             f"{search_rows}\n\n![trade-off]({TRADEOFF_PNG})\n"
         )
     tamper_section = ""
     if report.tamper is not None:
-        from harmprune.tamper import render_card_section
-
-        tamper_section = render_card_section(report.tamper) + "\n"
+        tamper_section = render_tamper_section(report.tamper) + "\n"
     return f"""---
-{yaml.safe_dump(card_metadata(report), sort_keys=False).strip()}
+{yaml.safe_dump(card_metadata(report, base_config), sort_keys=False).strip()}
 ---
 
 # {src.reference}, hardened with harmprune ({report.inputs.domain})
@@ -104,8 +198,9 @@ seed={report.inputs.seed}, spec sha256 `{report.inputs.spec_hash[:16]}`.
 
 ## What was measured
 
-Held-out prompts ({report.heldout.source}: {report.heldout.harmful} harmful, {report.heldout.benign} benign),
-never used for attribution. Harm `nll` is the loss of the original model's harmful answers (higher =
+Three disjoint prompt sets: **calibration** (attribution only), **validation** (chose the operating
+point) and **test** (every number below; it chose nothing). {_sets_sentence(report)}
+Harm `nll` is the loss of the original model's harmful answers (higher =
 less able to produce them); harm `refusal` is the compliance rate; attacks: `plain` request and
 `prefill` (answer forced to start with a compliance prefix). Benign: loss of reference answers,
 share of the original's greedy answer tokens that stay the model's own greedy choice, refusal rate on benign prompts. Harm
@@ -113,8 +208,7 @@ recognition: accuracy at answering whether a request is harmful.
 
 {table}
 
-How sure: these are small held-out sets ({report.heldout.harmful} + {report.heldout.benign} prompts);
-treat differences of a few points as noise, and compare the hardened row with the random row.
+{_evidence_section(report)}
 {search}
 {tamper_section}{card_attacks.render_section(report.attacks)}## Where the pruned weights are
 
@@ -174,11 +268,107 @@ def render_plots(report: Report, directory: Path) -> list[str]:
     return written
 
 
+# ---------------------------------------------------------------- tamper check
+
+
+def plot_tamper(result: TamperResult, path: Path) -> Path:
+    """Grouped bars: harm before/after the attack for each model, in-domain and broad."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["original", "hardened", "random\ncontrol"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), sharey=False)
+    width = 0.38
+    for ax, (scope, title) in zip(
+        axes,
+        (("in_domain", "In-domain harm"), ("broad", "Broad harm (other categories)")),
+        strict=True,
+    ):
+        xs = range(len(TAMPER_MODELS))
+        for offset, phase, colour in (
+            (-width / 2, "before", "#8da0cb"),
+            (width / 2, "after", "#fc8d62"),
+        ):
+            values = [
+                getattr(getattr(result.model(n), phase), f"harm_{scope}") for n in TAMPER_MODELS
+            ]
+            bars = ax.bar(
+                [x + offset for x in xs], values, width, label=f"{phase} attack", color=colour
+            )
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(list(xs), labels)
+        ax.set_title(title)
+        ax.set_ylabel("harm: exp(-NLL) of harmful answers")
+        ax.legend(fontsize=8)
+    s = result.settings
+    fig.suptitle(
+        f"Tamper check: {s.method} fine-tune, {s.steps} steps, lr {s.lr:g} "
+        f"(hardening reduction, broad: {result.hardening_reduction:+.1%})",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _f4(x: float | None, pct: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x:+.1%}" if pct else f"{x:.4f}"
+
+
+def render_tamper_section(result: TamperResult, plot_name: str = TAMPER_PNG) -> str:
+    """Markdown for the model card (a `## Tamper check` section)."""
+    s = result.settings
+    rows = []
+    for name, label in zip(
+        TAMPER_MODELS, ("Model", "Hardened", "Random pruning, same count"), strict=True
+    ):
+        m = result.model(name)
+        rows.append(
+            f"| {label} | {_f4(m.before.harm_in_domain)} | {_f4(m.after.harm_in_domain)} | "
+            f"{_f4(m.before.harm_broad)} | {_f4(m.after.harm_broad)} | "
+            f"{_f4(m.before.compliance_broad)} | {_f4(m.after.compliance_broad)} | "
+            f"{_f4(m.before.benign_loss_broad)} | {_f4(m.after.benign_loss_broad)} |"
+        )
+    threshold = (
+        f"Threshold: broad harm after the attack at most {result.max_broad_harm_ratio:g} of the "
+        f"original's: **{'held' if result.passed else 'missed'}**."
+        if result.max_broad_harm_ratio is not None
+        else "No threshold was set for this check."
+    )
+    lora = f", rank {s.rank}, alpha {s.alpha}" if s.method == "lora" else ""
+    return f"""
+## Tamper check
+
+Each model was fine-tuned with the same attack ({s.method}{lora}, {s.steps} steps, lr {s.lr:g},
+batch {s.batch_size}, seed {s.seed}; {s.train_pairs} narrow-domain training pairs; identical batch
+order: {"yes" if result.identical_attack else "NO"}), then measured on {s.in_domain_items} held-out
+in-domain requests ({s.in_domain_source}) and on broad prompts outside the domain
+({s.broad_harmful_items} harmful of other categories, {s.broad_benign_items} benign free-form).
+Harm = {result.harm_measure}. Compliance = share of plain harmful requests answered without a
+refusal. The published weights are the hardened model's, never an attacked one.
+
+| | in-domain harm, before | after | broad harm, before | after | broad compliance, before | after | benign loss, before | after |
+|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+After the attack, the hardened model keeps {_f4(result.broad_harm_ratio)} of the original's broad
+harm (reduction {_f4(result.hardening_reduction, True)}; random control
+{_f4(result.random_reduction, True)}; in-domain {_f4(result.hardening_reduction_in_domain, True)}).
+{threshold}
+
+![tamper check]({plot_name})
+"""
+
+
 def write_card(report: Report, directory: Path, base_config: Any = None) -> None:
     render_plots(report, directory)
     if report.tamper is not None:
-        from harmprune.tamper import TAMPER_PNG, plot_tamper
-
         plot_tamper(report.tamper, directory / TAMPER_PNG)
     card_attacks.write_plot(report.attacks, directory)
-    (directory / CARD_FILE).write_text(render_card(report))
+    (directory / CARD_FILE).write_text(render_card(report, base_config))

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from harmprune.attacks import MODELS, AttacksResult
-from harmprune.attacks.measurement import Interval, Measurement
+from harmprune.results import MODELS, AttacksResult, Interval, Measurement
 
 ATTACKS_PNG = "harmprune-attacks.png"
 LABELS = {
@@ -26,9 +25,9 @@ def _f(x: float | None, pct: bool = False) -> str:
 
 
 def _ci(i: Interval | None) -> str:
-    if i is None or not math.isfinite(i.value):
+    if i is None or not math.isfinite(i.estimate):
         return "n/a"
-    return f"{i.value:.4f} [{_f(i.low)}, {_f(i.high)}]"
+    return f"{i.estimate:.4f} [{_f(i.low)}, {_f(i.high)}]"
 
 
 def prefill_harm(m: Measurement) -> float:
@@ -73,7 +72,7 @@ def write_plot(result: AttacksResult | None, directory: Path) -> Path | None:
         errors: list[list[float]] = [[], []]
         for j, name in enumerate(MODELS):
             i = rows[name][label]
-            v = i.value if i is not None else float("nan")
+            v = i.estimate if i is not None else float("nan")
             xs.append(j + (k - (len(series) - 1) / 2) * width)
             values.append(v)
             errors[0].append(max(0.0, v - i.low) if i is not None and math.isfinite(i.low) else 0)
@@ -90,7 +89,7 @@ def write_plot(result: AttacksResult | None, directory: Path) -> Path | None:
             for cell in result.finetune.cells[name]:
                 ax.scatter(
                     cell.benign_loss_increase * 100,
-                    cell.after.harm.value,
+                    cell.after.harm.estimate,
                     marker=marker,
                     facecolors=colour if cell.allowed else "none",
                     edgecolors=colour,
@@ -183,7 +182,7 @@ def render_section(result: AttacksResult | None) -> str:
                 c = f.cells[name][i]
                 mark = "" if c.allowed else " (over bound)"
                 entries.append(
-                    f"{_f(c.after.harm.value)} ({_f(c.benign_loss_increase, True)}){mark}"
+                    f"{_f(c.after.harm.estimate)} ({_f(c.benign_loss_increase, True)}){mark}"
                 )
             grid.append(f"| {cell.lr:g} | {cell.steps} | " + " | ".join(entries) + " |")
         parts.append(

@@ -8,6 +8,7 @@ The prefix is part of the context, never of the scored response.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -92,9 +93,37 @@ def format_context(tokenizer: Any, prompt: str, fmt: PromptFormat) -> str:
     )
 
 
-def _context_ids(tokenizer: Any, text: str, fmt: PromptFormat) -> list[int]:
-    # The chat template writes its own special tokens; the plain format gets the tokenizer's BOS.
-    return tokenizer(text, add_special_tokens=(fmt == "plain"))["input_ids"]
+def adds_special_tokens(fmt: PromptFormat) -> bool:
+    """The chat template writes its own special tokens; the plain format gets the tokenizer's
+    (BOS for Llama, Gemma, Mistral, ...). Generation and scoring both follow this, so a greedy
+    answer is greedy under the very context it is scored in."""
+    return fmt == "plain"
+
+
+def context_ids(tokenizer: Any, text: str, fmt: PromptFormat) -> list[int]:
+    return tokenizer(text, add_special_tokens=adds_special_tokens(fmt))["input_ids"]
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    fmt: PromptFormat,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Greedy continuations of formatted contexts, tokenized exactly as scoring tokenizes them."""
+    return generate_greedy(
+        model,
+        tokenizer,
+        contexts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        on_step=on_step,
+        add_special_tokens=adds_special_tokens(fmt),
+    )
 
 
 # ---------------------------------------------------------------- elicitation
@@ -115,10 +144,11 @@ def complete_pairs(
     prefix = elicitation.harmful_prefix if harmful else ""
     missing = [i for i, p in enumerate(pairs) if p.response is None]
     contexts = [format_context(tokenizer, pairs[i].prompt, fmt) + prefix for i in missing]
-    generated = generate_greedy(
+    generated = generate(
         model,
         tokenizer,
         contexts,
+        fmt,
         max_new_tokens=elicitation.max_new_tokens,
         batch_size=batch_size,
         on_step=on_step,
@@ -142,9 +172,7 @@ def complete_pairs(
 def tokenize_pair(
     tokenizer: Any, pair: CalibrationPair, fmt: PromptFormat, max_length: int
 ) -> Example:
-    context = _context_ids(
-        tokenizer, format_context(tokenizer, pair.prompt, fmt) + pair.prefix, fmt
-    )
+    context = context_ids(tokenizer, format_context(tokenizer, pair.prompt, fmt) + pair.prefix, fmt)
     response = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
     if not response:
         raise CalibrationError(f"a response tokenizes to nothing (prompt: {pair.prompt[:60]!r})")
@@ -176,3 +204,27 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
 
 def calibration_sets(spec: DomainSpec) -> tuple[list[Pair], list[Pair]]:
     return load_sources(spec.harmful), load_sources(spec.benign)
+
+
+# ---------------------------------------------------------------- disjoint sets
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower case, punctuation and runs of spacing folded: what counts as 'the same prompt'."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def check_disjoint(sets: dict[str, Sequence[Pair]]) -> None:
+    """SpecError naming the first prompt that appears in two of the named sets."""
+    seen: dict[str, str] = {}
+    for name, pairs in sets.items():
+        here = {normalise_prompt(p.prompt): p.prompt for p in pairs}
+        for key, prompt in here.items():
+            if key in seen and seen[key] != name:
+                raise SpecError(
+                    f"the {name} set repeats a {seen[key]} prompt: {prompt[:80]!r}. Calibration, "
+                    "validation and test prompts must be disjoint (compared after normalising "
+                    "case, punctuation and spacing)"
+                )
+        for key in here:
+            seen.setdefault(key, name)

@@ -19,11 +19,16 @@ def generate_greedy(
     max_new_tokens: int,
     batch_size: int,
     on_step: Callable[[int, int], None] | None = None,
+    add_special_tokens: bool = False,
 ) -> list[str]:
-    """Greedy continuations of already formatted contexts (special tokens included in the text)."""
+    """Greedy continuations of already formatted contexts.
+
+    `add_special_tokens`: let the tokenizer add its own (BOS) tokens, as scoring does for the
+    plain prompt format (`data.context_ids`); a chat template writes its special tokens itself.
+    """
     if not contexts:
         return []
-    encoded = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in contexts]
+    encoded = [tokenizer(c, add_special_tokens=add_special_tokens)["input_ids"] for c in contexts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     pad_id = tokenizer.pad_token_id

@@ -20,13 +20,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS, sha256_file
-from pydantic import BaseModel, ConfigDict
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What a Hub download may contain: weights as safetensors only, never *.bin / *.pt / *.pth.
@@ -39,19 +39,6 @@ HUB_ALLOW_PATTERNS = [
     "*.tiktoken",
     "README.md",
 ]
-
-
-class ModelSource(BaseModel):
-    """Where the weights came from, as recorded in the report (no local paths, no tokens)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    reference: str
-    kind: Literal["alias", "gguf", "local", "hub"]
-    revision: str | None = None
-    commit: str | None = None  # Hub commit sha, when known
-    gguf_sha256: str | None = None
-    license: str | None = None  # carried onto the model card
 
 
 @dataclass

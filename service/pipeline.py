@@ -21,14 +21,16 @@ Used in-process by the CLI (the embedded default) and by the Celery workers alik
 
 from __future__ import annotations
 
+import functools
 import gc
+import math
 import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from harmprune import (
@@ -37,18 +39,23 @@ from harmprune import (
     card,
     data,
     evaluation,
+    judges,
     preflight,
     selection,
+    stats,
     tamper,
     verification,
 )
 from harmprune.checkpoint import save_checkpoint, staged_output, write_json
-from harmprune.config import HardenConfig, Pair
+from harmprune.config import DomainSpec, Elicitation, HardenConfig, Pair, Source
 from harmprune.errors import CalibrationError, JobCancelled, SpecError
-from harmprune.loading import LoadedModel, load_model
+from harmprune.loading import LoadedModel, load_model, resolve
 from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
 from harmprune.report import (
     CalibrationSummary,
+    ControlSummary,
+    Evidence,
+    HarmGateSummary,
     HeldoutSummary,
     Metrics,
     Report,
@@ -69,9 +76,11 @@ class Calibration:
     benign: list[data.CalibrationPair]
     harmful_examples: list[data.Example]
     benign_examples: list[data.Example]
+    dropped_refusals: int = 0
 
     def summary(self) -> CalibrationSummary:
         return CalibrationSummary(
+            harmful_dropped_refusals=self.dropped_refusals,
             harmful_pairs=len(self.harmful),
             benign_pairs=len(self.benign),
             harmful_elicited=sum(p.elicited for p in self.harmful),
@@ -87,6 +96,49 @@ class Scores:
     selector: selection.RankedScores | selection.FullScores  # .select(q) -> per-matrix selections
 
 
+@dataclass(frozen=True)
+class JobContext:
+    """What the stages of one job share: the job's config and settings, the loaded model, the
+    judge model (if any) and the progress and cancel callbacks. Built once by `load`; the
+    distributed attribution replaces `loaded` (it reloads the model) via `dataclasses.replace`."""
+
+    config: HardenConfig
+    settings: Settings
+    loaded: LoadedModel
+    progress: ProgressFn
+    should_cancel: CancelFn | None
+    classifier: judges.ClassifierJudge | None
+    recompute: bool  # gradient checkpointing in the attribution (decided by the preflight)
+    attribution_processes: int = 1
+    job_id: str | None = None
+
+    @property
+    def spec(self) -> DomainSpec:
+        return self.config.domain
+
+    @property
+    def fmt(self) -> data.PromptFormat:
+        return self.spec.prompt_format
+
+    def check_cancel(self) -> None:
+        if self.should_cancel and self.should_cancel():
+            raise JobCancelled("the job was cancelled")
+
+    def measure(self, heldout: evaluation.HeldOut, level: str = "full") -> evaluation.ModelMetrics:
+        """Every measure of the model as it is now, on `heldout` (`search`: teacher forced only)."""
+        return evaluation.evaluate(
+            self.loaded.model,
+            self.loaded.tokenizer,
+            heldout,
+            self.spec.eval,
+            fmt=self.fmt,
+            max_length=self.spec.max_length,
+            batch_size=self.config.batch_size,
+            classifier=self.classifier,
+            level=level,  # type: ignore[arg-type]
+        )
+
+
 def _noop_progress(stage: str, done: int, total: int) -> None:
     pass
 
@@ -96,67 +148,128 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_sets(config: HardenConfig) -> tuple[list[Pair], list[Pair], list[Pair], list[Pair], str]:
-    """(harmful, benign, held-out harmful, held-out benign, source). Held-out prompts never reach
-    attribution: either the spec's eval sets, or a seeded share split off the calibration sets."""
+@dataclass(frozen=True)
+class PromptSets:
+    """Three disjoint prompt sets. Calibration (`harmful`, `benign`) feeds attribution only;
+    validation makes the job's choices (the q search); test decides the verdict and gives every
+    number on the card, and chose nothing. `made_by` says how each set was made."""
+
+    harmful: list[Pair]
+    benign: list[Pair]
+    validation_harmful: list[Pair]
+    validation_benign: list[Pair]
+    test_harmful: list[Pair]
+    test_benign: list[Pair]
+    made_by: dict[str, str]
+    test_source: Literal["spec", "split"]  # split: a share of calibration is part of it
+
+
+def split_sets(config: HardenConfig) -> PromptSets:
+    """The spec's sets, or seeded shares split off calibration (test first, then validation,
+    which is made only when the search has candidates to choose between); refused if a prompt
+    repeats across sets."""
     spec = config.domain
     harmful, benign = data.calibration_sets(spec)
-    eval_harmful, eval_benign = (
-        data.load_sources(spec.eval.harmful),
-        data.load_sources(spec.eval.benign),
+    frac, seed = spec.eval.heldout_fraction, config.seed
+    made_by = {"calibration": "the spec's harmful and benign examples"}
+
+    def held_out(
+        set_name: str, given: list[Source], pairs: list[Pair], kind: str, split_seed: int
+    ) -> tuple[list[Pair], list[Pair], str]:
+        loaded = data.load_sources(given)
+        if loaded:
+            return pairs, loaded, f"the spec's eval.{set_name}{kind}"
+        if len(pairs) < 2:
+            raise SpecError(
+                f"{kind.strip('.')}: give eval.{set_name}{kind} or at least 2 calibration "
+                "examples (a share is held out)"
+            )
+        kept, held = evaluation.split_heldout(pairs, frac, split_seed)
+        return kept, held, f"a seeded {frac:.0%} share of the calibration {kind.strip('.')} set"
+
+    harmful, test_h, how_h = held_out("", spec.eval.harmful, harmful, "harmful", seed)
+    benign, test_b, how_b = held_out("", spec.eval.benign, benign, "benign", seed + 1)
+    made_by["test"] = f"harmful: {how_h}; benign: {how_b}"
+    val_h: list[Pair] = []
+    val_b: list[Pair] = []
+    val = spec.eval.validation
+    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1:
+        harmful, val_h, how_h = held_out("validation.", val.harmful, harmful, "harmful", seed + 2)
+        benign, val_b, how_b = held_out("validation.", val.benign, benign, "benign", seed + 3)
+        made_by["validation"] = f"harmful: {how_h}; benign: {how_b}"
+    else:
+        made_by["validation"] = "none: q is fixed by the spec, nothing was chosen"
+    data.check_disjoint(
+        {"calibration": harmful + benign, "validation": val_h + val_b, "test": test_h + test_b}
     )
-    source = "spec"
-    if not eval_harmful or not eval_benign:
-        source = "split"
-        for name, pairs in (("harmful", harmful), ("benign", benign)):
-            if len(pairs) < 2:
-                raise SpecError(
-                    f"{name}: give eval.{name} or at least 2 {name} examples (one is held out)"
-                )
-        frac, seed = spec.eval.heldout_fraction, config.seed
-        if not eval_harmful:
-            harmful, eval_harmful = evaluation.split_heldout(harmful, frac, seed)
-        if not eval_benign:
-            benign, eval_benign = evaluation.split_heldout(benign, frac, seed + 1)
-    return harmful, benign, eval_harmful, eval_benign, source
+    test_source: Literal["spec", "split"] = (
+        "spec" if spec.eval.harmful and spec.eval.benign else "split"
+    )
+    return PromptSets(harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source)
 
 
 def build_calibration(
-    loaded: LoadedModel,
-    config: HardenConfig,
-    harmful_pairs: list[Pair],
-    benign_pairs: list[Pair],
-    on_progress: ProgressFn,
+    ctx: JobContext, harmful_pairs: list[Pair], benign_pairs: list[Pair]
 ) -> Calibration:
-    spec = config.domain
+    """Missing responses elicited from the model (batched greedy), then tokenized."""
+    spec = ctx.spec
+    model, tok = ctx.loaded.model, ctx.loaded.tokenizer
     n_missing = sum(p.response is None for p in harmful_pairs + benign_pairs)
     n_harm_missing = sum(p.response is None for p in harmful_pairs)
     common: dict[str, Any] = dict(
-        fmt=spec.prompt_format, elicitation=spec.elicitation, batch_size=config.batch_size
+        fmt=spec.prompt_format, elicitation=spec.elicitation, batch_size=ctx.config.batch_size
     )
     harmful = data.complete_pairs(
-        loaded.model,
-        loaded.tokenizer,
+        model,
+        tok,
         harmful_pairs,
         harmful=True,
-        on_step=lambda n, t: on_progress("elicit", n, n_missing),
+        on_step=lambda n, t: ctx.progress("elicit", n, n_missing),
         **common,
     )
+    harmful, dropped = drop_refusals(harmful, spec.elicitation)
     benign = data.complete_pairs(
-        loaded.model,
-        loaded.tokenizer,
+        model,
+        tok,
         benign_pairs,
         harmful=False,
-        on_step=lambda n, t: on_progress("elicit", n_harm_missing + n, n_missing),
+        on_step=lambda n, t: ctx.progress("elicit", n_harm_missing + n, n_missing),
         **common,
     )
-    tok = loaded.tokenizer
     return Calibration(
         harmful,
         benign,
         data.tokenize_pairs(tok, harmful, spec.prompt_format, spec.max_length),
         data.tokenize_pairs(tok, benign, spec.prompt_format, spec.max_length),
+        dropped,
     )
+
+
+def refusal_filter(elicitation: Elicitation) -> judges.RefusalJudge | None:
+    """The judge that cleans elicited harmful answers (None: the spec turned it off)."""
+    if not elicitation.drop_refusals:
+        return None
+    return judges.RefusalJudge.for_budget(elicitation.max_new_tokens)
+
+
+def drop_refusals(
+    pairs: list[data.CalibrationPair], elicitation: Elicitation
+) -> tuple[list[data.CalibrationPair], int]:
+    """Elicited harmful answers that are refusals leave the harmful set (attribution would
+    otherwise partly target refusal weights); given answers stay. Too few left: an error."""
+    judge = refusal_filter(elicitation)
+    if judge is None:
+        return pairs, 0
+    kept = [p for p in pairs if not (p.elicited and judge.refuses(p.prefix + p.response))]
+    dropped = len(pairs) - len(kept)
+    need = elicitation.min_harmful_pairs
+    if len(kept) < min(need, len(pairs)):
+        raise CalibrationError(
+            f"only {len(kept)} of {len(pairs)} harmful calibration pairs are left after dropping "
+            f"{dropped} elicited answers that were refusals (need {need}): give responses in the "
+            "spec, more prompts, or another elicitation.harmful_prefix"
+        )
+    return kept, dropped
 
 
 def compute_scores(
@@ -218,23 +331,18 @@ def compute_scores(
 
 
 def distributed_scores(
-    loaded: LoadedModel,
-    calibration: Calibration,
-    config: HardenConfig,
-    settings: Settings,
-    q_max: float,
-    processes: int,
-    on_progress: ProgressFn,
-    should_cancel: CancelFn | None,
+    ctx: JobContext, calibration: Calibration, q_max: float
 ) -> tuple[LoadedModel, Scores]:
-    """`compute_scores` on `processes` FSDP2 ranks (harmprune.distributed under torchrun): the
-    same per-matrix selection, for a model whose attribution does not fit one device.
+    """`compute_scores` on `ctx.attribution_processes` FSDP2 ranks (harmprune.distributed under
+    torchrun): the same per-matrix selection, for a model whose attribution does not fit one
+    device.
 
     The ranks need every GPU, so the in-process model is released while they run and loaded
     again (from the same local files) for the stages after; returns that reloaded model.
     """
     from harmprune import distributed
 
+    config, settings, loaded = ctx.config, ctx.settings, ctx.loaded
     pruning = config.domain.pruning
     if pruning.selection != "per_matrix":
         raise SpecError("pruning.selection: distributed attribution supports per_matrix only")
@@ -266,10 +374,10 @@ def distributed_scores(
     with tempfile.TemporaryDirectory(prefix="attribution-", dir=work) as tmp:
         result = distributed.run_torchrun(
             job,
-            processes,
+            ctx.attribution_processes,
             Path(tmp),
-            on_progress=lambda d, t: on_progress("attribute", d, n_total),
-            should_cancel=should_cancel,
+            on_progress=lambda d, t: ctx.progress("attribute", d, n_total),
+            should_cancel=ctx.should_cancel,
         )
     reloaded = load_model(
         str(loaded.local_dir),
@@ -305,14 +413,8 @@ def run(
     """Harden one model for one domain; write the result into `out_dir` (see the module doc).
 
     `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU)."""
-    progress = on_progress or _noop_progress
     timings: dict[str, float] = {}
-    spec = config.domain
     seed_everything(config.seed)
-
-    def check_cancel() -> None:
-        if should_cancel and should_cancel():
-            raise JobCancelled("the job was cancelled")
 
     def timed(stage: str) -> _Timer:
         return _Timer(stage, timings)
@@ -320,240 +422,453 @@ def run(
     # The output target is checked first so that a bad path fails before minutes of work.
     with staged_output(out_dir, overwrite=overwrite) as staging:
         with timed("load"):
-            progress("load", 0, 1)
-            harmful, benign, eval_harmful, eval_benign, heldout_source = split_sets(config)
-            # config files only: a job this machine cannot run fails before any weight is read
-            planned = preflight.check_before_loading(config, settings, attribution_processes)
-            # the estimate decides `auto` (it knows the device); without one, only "on" is on.
-            # FSDP2 ranks never recompute.
-            recompute = attribution_processes == 1 and (
-                planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
-            )
-            loaded = load_model(
-                config.model,
-                config.revision,
+            sets = split_sets(config)
+            ctx = load(
+                config,
                 settings,
-                device=config.device,
-                dtype=config.dtype,
-                trust_remote_code=config.trust_remote_code,
-                need_chat_template=spec.prompt_format == "chat",
+                on_progress or _noop_progress,
+                should_cancel,
+                attribution_processes,
+                job_id,
             )
-            classifier = _load_classifier(config, settings)
-            progress("load", 1, 1)
-        check_cancel()
+        ctx.check_cancel()
         with timed("elicit"):
-            calibration = build_calibration(loaded, config, harmful, benign, progress)
-            check_cancel()
-            heldout = evaluation.build_heldout(
-                loaded.model,
-                loaded.tokenizer,
-                eval_harmful,
-                eval_benign,
-                [
-                    evaluation.MultipleChoice(m.question, list(m.choices), m.answer)
-                    for m in spec.eval.multiple_choice
-                ],
-                source=heldout_source,
-                fmt=spec.prompt_format,
-                prefix=spec.elicitation.harmful_prefix,
-                cfg=spec.eval,
-                batch_size=config.batch_size,
+            calibration = build_calibration(ctx, sets.harmful, sets.benign)
+            ctx.check_cancel()
+            test = build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
+            assert test is not None  # split_sets always makes a test set
+            validation = build_heldout(
+                ctx, sets.validation_harmful, sets.validation_benign, "validation"
             )
-            if not heldout.harmful or not heldout.benign:
-                raise CalibrationError("the held-out sets are empty after elicitation")
-
-        def measure(level: str = "full") -> evaluation.ModelMetrics:
-            return evaluation.evaluate(
-                loaded.model,
-                loaded.tokenizer,
-                heldout,
-                spec.eval,
-                fmt=spec.prompt_format,
-                max_length=spec.max_length,
-                batch_size=config.batch_size,
-                classifier=classifier,
-                level=level,  # type: ignore[arg-type]
-            )
-
         with timed("evaluate"):
-            progress("evaluate", 0, 1)
-            original = measure("full")
-            progress("evaluate", 1, 1)
-        check_cancel()
+            ctx.progress("evaluate", 0, 1)
+            original = ctx.measure(test, "full")
+            original_validation = ctx.measure(validation, "search") if validation else None
+            ctx.progress("evaluate", 1, 1)
+        ctx.check_cancel()
+        q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
         with timed("attribute"):
-            pruning = spec.pruning
-            q_values = spec.search.candidates(pruning.q)
-            if attribution_processes > 1:
-                loaded, scores = distributed_scores(
-                    loaded,
-                    calibration,
-                    config,
-                    settings,
-                    max(q_values),
-                    attribution_processes,
-                    progress,
-                    should_cancel,
-                )
-            else:
-                scores = compute_scores(
-                    loaded, calibration, config, max(q_values), progress, should_cancel, recompute
-                )
-        trace: list[verification.SearchPoint] = []
+            ctx, scores = attribute(ctx, calibration, max(q_values))
         with timed("search"):
-            if len(q_values) > 1:
-                trace = verification.search_operating_point(
-                    scores.params,
-                    scores.selector,
-                    q_values,
-                    measure,
-                    original,
-                    spec.thresholds,
-                    config.seed,
-                    on_step=lambda d, t: progress("search", d, t),
-                    should_cancel=should_cancel,
-                )
-        with timed("select"):
-            point = verification.choose(trace) if trace else None
-            q = point.q if point else (min(q_values) if trace else pruning.q)
-            chosen = scores.selector.select(q)
-            progress("select", 1, 1)
-            progress("prune", 0, 1)
-            mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
-            progress("prune", 1, 1)
-        check_cancel()
-        with timed("verify"):
-            progress("verify", 0, 2)
-            hardened = measure("full")
-            progress("verify", 1, 2)
-            control = verification.measure_random_control(
-                scores.params, mask, config.seed, lambda: measure("full")
+            trace = (
+                search(ctx, scores, q_values, validation, original_validation)
+                if validation and original_validation
+                else []
             )
-            progress("verify", 2, 2)
-            failures = verification.benign_failures(hardened, original, spec.thresholds)
-            failures += verification.harm_failures(hardened, control, original, spec.thresholds)
-            if trace and point is None:
-                failures.insert(0, f"no candidate q in {q_values} kept every benign threshold")
-            if mask.count == 0:
-                failures.insert(0, "nothing was pruned (q too small for these matrices)")
-        check_cancel()
+        with timed("select"):
+            q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
+        ctx.check_cancel()
+        with timed("verify"):
+            metrics, evidence, verify_failures = verify(ctx, scores, mask, test, original)
+            failures += verify_failures
+        ctx.check_cancel()
         tamper_result = None
-        if spec.tamper is not None:
+        if ctx.spec.tamper is not None:
             with timed("tamper"):
-                tamper_result = tamper.run_tamper_check(
-                    loaded.model,
-                    loaded.tokenizer,
-                    scores.params,
-                    mask,
-                    spec.tamper,
-                    fmt=spec.prompt_format,
-                    max_length=spec.max_length,
-                    seed=config.seed,
-                    batch_size=config.batch_size,
-                    prefix=spec.elicitation.harmful_prefix,
-                    eval_cfg=spec.eval,
-                    classifier=classifier,
-                    multiple_choice=heldout.multiple_choice,
-                    on_progress=lambda d, t: progress("tamper", d, t),
-                    should_cancel=should_cancel,
-                )
+                tamper_result = tamper_check(ctx, scores, mask, test)
                 failures += tamper_result.failures
         attacks_result = None
-        if spec.attacks is not None:
+        if ctx.spec.attacks is not None:
             with timed("attacks"):
-                attacks_result = attacks.run_attacks(
-                    loaded.model,
-                    loaded.tokenizer,
-                    scores.params,
-                    mask,
-                    spec.attacks,
-                    heldout=heldout,
-                    harmful=calibration.harmful,
-                    benign=calibration.benign,
-                    eval_cfg=spec.eval,
-                    fmt=spec.prompt_format,
-                    max_length=spec.max_length,
-                    seed=config.seed,
-                    batch_size=config.batch_size,
-                    classifier=classifier,
-                    on_progress=lambda d, t: progress("attacks", d, t),
-                    should_cancel=should_cancel,
-                )
+                attacks_result = run_attacks(ctx, scores, mask, calibration, test)
                 failures += attacks_result.failures
         report = build_report(
-            config,
-            loaded,
+            ctx,
+            sets,
             calibration,
             scores,
             chosen,
             mask,
             q,
-            heldout,
-            Metrics(original=original, hardened=hardened, random_control=control),
+            test,
+            validation,
+            metrics,
             trace,
             failures,
-            job_id,
-            attribution_processes,
-            recompute,
-        ).model_copy(update={"tamper": tamper_result, "attacks": attacks_result})
+        ).model_copy(
+            update={"tamper": tamper_result, "attacks": attacks_result, "evidence": evidence}
+        )
         with timed("save"):
-            progress("save", 0, 1)
-            if report.outcome == "accepted":
-                save_checkpoint(loaded.model, loaded.tokenizer, staging, settings.max_shard_size)
-                save_mask(
-                    mask,
-                    staging / MASK_FILE,
-                    {"spec_hash": report.inputs.spec_hash, "q": q, "p": pruning.p},
-                )
-            check_cancel()
-            report = report.model_copy(update={"timings_s": dict(timings)})
-            write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
-            card.write_card(report, staging, base_config=loaded.model.config)
-            progress("save", 1, 1)
+            report = save(ctx, report, mask, staging, timings)
     return report
 
 
-def _load_classifier(
-    config: HardenConfig, settings: Settings
-) -> evaluation.ClassifierScorer | None:
-    judge = config.domain.eval.classifier
-    if judge is None or "classifier" not in config.domain.eval.judges:
-        return None
+def load(
+    config: HardenConfig,
+    settings: Settings,
+    progress: ProgressFn,
+    should_cancel: CancelFn | None,
+    attribution_processes: int = 1,
+    job_id: str | None = None,
+) -> JobContext:
+    """Preflight (config files only: a job this machine cannot run fails before any weight is
+    read), then the model and the judge model."""
+    progress("load", 0, 1)
+    planned = preflight.check_before_loading(config, settings, attribution_processes)
+    # the estimate decides `auto` (it knows the device); without one, only "on" is on.
+    # FSDP2 ranks never recompute.
+    recompute = attribution_processes == 1 and (
+        planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
+    )
+    loaded = load_model(
+        config.model,
+        config.revision,
+        settings,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        need_chat_template=config.domain.prompt_format == "chat",
+    )
+    ctx = JobContext(
+        config=config,
+        settings=settings,
+        loaded=loaded,
+        progress=progress,
+        should_cancel=should_cancel,
+        classifier=_load_classifier(config, settings),
+        recompute=recompute,
+        attribution_processes=attribution_processes,
+        job_id=job_id,
+    )
+    progress("load", 1, 1)
+    return ctx
 
-    def load(reference: str) -> tuple[Any, Any]:
+
+def _load_classifier(config: HardenConfig, settings: Settings) -> judges.ClassifierJudge | None:
+    """The classifier judge, loaded once per job; its references are validated like any model
+    reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
+    base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
+    cfg = config.domain.eval.classifier
+    if cfg is None or "classifier" not in config.domain.eval.judges:
+        return None
+    base_ref = cfg.base_model or judges.PRESETS[cfg.preset].default_base_model
+    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype)
+    if base_ref is None:
         loaded = load_model(
-            reference,
+            cfg.model,
             None,
             settings,
-            device=config.device,
-            dtype=config.dtype,
-            need_chat_template=False,
+            need_chat_template=cfg.preset == "llama_guard_3",
+            **common,
         )
-        return loaded.model, loaded.tokenizer
+        return judges.ClassifierJudge(cfg.preset, loaded.model, loaded.tokenizer, cfg.template)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
 
-    return evaluation.ClassifierScorer(judge, load)
+    base = load_model(base_ref, None, settings, need_chat_template=False, **common)
+    adapter = Path(cfg.model).expanduser()
+    if not adapter.is_dir():
+        adapter, _ = resolve(cfg.model, None, settings)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
+    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if has_tokenizer else base.tokenizer
+    return judges.ClassifierJudge(cfg.preset, model, tokenizer, cfg.template)
+
+
+def build_heldout(
+    ctx: JobContext, harmful: list[Pair], benign: list[Pair], name: str
+) -> evaluation.HeldOut | None:
+    """Reference answers of the original model for one held-out set (None: the set is empty,
+    e.g. no validation for a fixed q). The spec's multiple-choice items belong to the test set."""
+    if not harmful and not benign:
+        return None
+    spec = ctx.spec
+    heldout = evaluation.build_heldout(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        harmful,
+        benign,
+        [
+            evaluation.MultipleChoice(m.question, list(m.choices), m.answer)
+            for m in spec.eval.multiple_choice
+        ]
+        if name == "test"
+        else [],
+        source=name,
+        fmt=spec.prompt_format,
+        prefix=spec.elicitation.harmful_prefix,
+        cfg=spec.eval,
+        batch_size=ctx.config.batch_size,
+        refuses=judge.refuses if (judge := refusal_filter(spec.elicitation)) else None,
+    )
+    if not heldout.harmful or not heldout.benign:
+        raise CalibrationError(f"the {name} sets are empty after elicitation")
+    return heldout
+
+
+def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
+    """Harm and preserve scores, in process or on FSDP2 ranks (which reload the model)."""
+    if ctx.attribution_processes > 1:
+        loaded, scores = distributed_scores(ctx, calibration, q_max)
+        return replace(ctx, loaded=loaded), scores
+    scores = compute_scores(
+        ctx.loaded,
+        calibration,
+        ctx.config,
+        q_max,
+        ctx.progress,
+        ctx.should_cancel,
+        ctx.recompute,
+    )
+    return ctx, scores
+
+
+def search(
+    ctx: JobContext,
+    scores: Scores,
+    q_values: list[float],
+    heldout: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+) -> list[verification.SearchPoint]:
+    """Every candidate q measured (teacher forced) and undone; empty for a fixed q."""
+    if len(q_values) < 2:
+        return []
+    return verification.search_operating_point(
+        scores.params,
+        scores.selector,
+        q_values,
+        lambda level: ctx.measure(heldout, level),
+        original,
+        ctx.spec.thresholds,
+        ctx.config.seed,
+        on_step=lambda d, t: ctx.progress("search", d, t),
+        should_cancel=ctx.should_cancel,
+    )
+
+
+def select_and_prune(
+    ctx: JobContext,
+    scores: Scores,
+    q_values: list[float],
+    trace: list[verification.SearchPoint],
+) -> tuple[float, PruneMask, dict[str, selection.MatrixSelection], list[str]]:
+    """The operating point (the search's choice, else the smallest candidate, else pruning.q),
+    its selection zeroed in place; failures if no candidate passed or nothing was pruned."""
+    point = verification.choose(trace) if trace else None
+    q = point.q if point else (min(q_values) if trace else ctx.spec.pruning.q)
+    chosen = scores.selector.select(q)
+    ctx.progress("select", 1, 1)
+    ctx.progress("prune", 0, 1)
+    mask = apply_pruning(scores.params, {n: s.pruned for n, s in chosen.items()})
+    ctx.progress("prune", 1, 1)
+    failures = []
+    if trace and point is None:
+        failures.append(f"no candidate q in {q_values} kept every benign threshold")
+    if mask.count == 0:
+        failures.insert(0, "nothing was pruned (q too small for these matrices)")
+    return q, mask, chosen, failures
+
+
+def verify(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    heldout: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+) -> tuple[Metrics, Evidence, list[str]]:
+    """On the test set: the hardened model and the controls (random pruning over several seeds,
+    magnitude-matched pruning), each compared with the original with bootstrap intervals; the
+    thresholds checked, harm against the stronger control."""
+    controls = ctx.spec.eval.controls
+    seed = ctx.config.seed
+    seeds = [seed + 1000 * k for k in range(controls.random_seeds)]  # the first: the job's seed
+    steps = 2 + len(seeds) + int(controls.magnitude_matched)
+    ctx.progress("verify", 0, steps)
+    hardened = ctx.measure(heldout, "full")
+    ctx.progress("verify", 1, steps)
+    counts = verification.control_counts(mask)
+    randoms = []
+    for k, s in enumerate(seeds):
+        indices = verification.random_control_indices(scores.params, counts, s)
+        level = "full" if k == 0 else "search"  # extra seeds: teacher forced only
+        measure = functools.partial(ctx.measure, heldout, level)
+        randoms.append(verification.measure_control(scores.params, mask, indices, measure))
+        ctx.progress("verify", 2 + k, steps)
+    magnitude = None
+    if controls.magnitude_matched:
+        indices = verification.magnitude_matched_indices(scores.params, mask, seed)
+        magnitude = verification.measure_control(
+            scores.params, mask, indices, lambda: ctx.measure(heldout, "full")
+        )
+    ctx.progress("verify", steps, steps)
+    metrics = Metrics(
+        original=original,
+        hardened=hardened,
+        random_control=randoms[0],
+        random_controls=randoms,
+        random_seeds=seeds,
+        magnitude_control=magnitude,
+    )
+    t = ctx.spec.thresholds
+    judge = verification.deciding_judge(t, list(ctx.spec.eval.judges), ctx.classifier is not None)
+    gate = HarmGateSummary(
+        judge=judge,
+        attack=t.harm.attack,
+        min_improvement=(
+            t.min_harm_increase if t.harm.min_improvement is None else t.harm.min_improvement
+        ),
+    )
+    evidence = build_evidence(metrics, seed, gate)
+    failures = verification.benign_failures(hardened, original, t)
+    c = evidence.controls
+    control_rises = {"random pruning (mean of seeds)": c.gate_random_mean}
+    if c.gate_magnitude is not None:
+        control_rises["magnitude-matched pruning"] = c.gate_magnitude
+    what = "harm loss" if judge == "nll" else f"harm drop ({judge} judge)"
+    failures += verification.harm_failures_against(
+        verification.harm_improvement(hardened, original, judge, gate.attack),
+        control_rises,
+        t,
+        what=f"{what}, {gate.attack}",
+        required=gate.min_improvement,
+    )
+    return metrics, evidence, failures
+
+
+def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Evidence:
+    """The test-set comparisons with intervals; each control's harm improvement by the deciding
+    judge (random: the mean over the seeds where that judge was measured), and the stronger."""
+    original = metrics.original
+
+    def improvement(m: evaluation.ModelMetrics) -> float:
+        return verification.harm_improvement(m, original, gate.judge, gate.attack)
+
+    rises = [verification.harm_increase(m, original) for m in metrics.random_controls]
+    gate_random = [x for x in map(improvement, metrics.random_controls) if math.isfinite(x)]
+    magnitude = metrics.magnitude_control
+    named = {"random pruning (mean of seeds)": stats.mean(gate_random)}
+    if magnitude is not None:
+        named["magnitude-matched pruning"] = improvement(magnitude)
+    stronger, stronger_value = verification.stronger_control(named)
+    compared = {
+        "hardened": metrics.hardened,
+        "random_control": metrics.random_control,
+        "magnitude_control": magnitude,
+    }
+    return Evidence(
+        intervals={
+            name: verification.headline(m, original, seed)
+            for name, m in compared.items()
+            if m is not None
+        },
+        gate=gate,
+        controls=ControlSummary(
+            random_harm_rise=rises,
+            random_harm_rise_mean=stats.mean(rises),
+            random_harm_rise_min=min(rises),
+            random_harm_rise_max=max(rises),
+            magnitude_harm_rise=verification.harm_increase(magnitude, original)
+            if magnitude
+            else None,
+            gate_random=gate_random,
+            gate_random_mean=stats.mean(gate_random),
+            gate_magnitude=improvement(magnitude) if magnitude else None,
+            stronger=stronger,
+            stronger_improvement=stronger_value,
+        ),
+        resamples=stats.RESAMPLES,
+    )
+
+
+def tamper_check(
+    ctx: JobContext, scores: Scores, mask: PruneMask, heldout: evaluation.HeldOut
+) -> tamper.TamperResult:
+    spec = ctx.spec
+    assert spec.tamper is not None
+    return tamper.run_tamper_check(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        scores.params,
+        mask,
+        spec.tamper,
+        fmt=spec.prompt_format,
+        max_length=spec.max_length,
+        seed=ctx.config.seed,
+        batch_size=ctx.config.batch_size,
+        prefix=spec.elicitation.harmful_prefix,
+        eval_cfg=spec.eval,
+        classifier=ctx.classifier,
+        multiple_choice=heldout.multiple_choice,
+        on_progress=lambda d, t: ctx.progress("tamper", d, t),
+        should_cancel=ctx.should_cancel,
+    )
+
+
+def run_attacks(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    calibration: Calibration,
+    test: evaluation.HeldOut,
+) -> attacks.AttacksResult:
+    """The attacks (abliteration, fine-tuning grid) on the original, hardened and random
+    control, each measured on the test set."""
+    spec = ctx.spec
+    assert spec.attacks is not None
+    return attacks.run_attacks(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        scores.params,
+        mask,
+        spec.attacks,
+        heldout=test,
+        harmful=calibration.harmful,
+        benign=calibration.benign,
+        eval_cfg=spec.eval,
+        fmt=spec.prompt_format,
+        max_length=spec.max_length,
+        seed=ctx.config.seed,
+        batch_size=ctx.config.batch_size,
+        classifier=ctx.classifier,
+        on_progress=lambda d, t: ctx.progress("attacks", d, t),
+        should_cancel=ctx.should_cancel,
+    )
+
+
+def save(
+    ctx: JobContext, report: Report, mask: PruneMask, staging: Path, timings: dict[str, float]
+) -> Report:
+    """Weights and mask only when accepted; the report, card and plots always."""
+    ctx.progress("save", 0, 1)
+    if report.outcome == "accepted":
+        save_checkpoint(
+            ctx.loaded.model, ctx.loaded.tokenizer, staging, ctx.settings.max_shard_size
+        )
+        save_mask(
+            mask,
+            staging / MASK_FILE,
+            {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
+        )
+    ctx.check_cancel()
+    report = report.model_copy(update={"timings_s": dict(timings)})
+    write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
+    card.write_card(report, staging, base_config=ctx.loaded.model.config)
+    ctx.progress("save", 1, 1)
+    return report
 
 
 def build_report(
-    config: HardenConfig,
-    loaded: LoadedModel,
+    ctx: JobContext,
+    sets: PromptSets,
     calibration: Calibration,
     scores: Scores,
     chosen: dict[str, selection.MatrixSelection],
     mask: PruneMask,
     q: float,
     heldout: evaluation.HeldOut,
+    validation: evaluation.HeldOut | None,
     metrics: Metrics,
     trace: list[verification.SearchPoint],
     failures: list[str],
-    job_id: str | None,
-    attribution_processes: int = 1,
-    gradient_checkpointing: bool = False,
 ) -> Report:
+    config, loaded = ctx.config, ctx.loaded
     pruning = config.domain.pruning
     sizes = {n: p.numel() for n, p in scores.params.items()}
     scored = sum(sizes.values())
     return Report(
-        job_id=job_id,
+        job_id=ctx.job_id,
         inputs=ReportInputs(
             model=loaded.source,
             domain=config.domain.name,
@@ -566,8 +881,8 @@ def build_report(
             seed=config.seed,
             dtype=str(loaded.dtype).removeprefix("torch."),
             device=loaded.device.type,
-            attribution_processes=attribution_processes,
-            gradient_checkpointing=gradient_checkpointing,
+            attribution_processes=ctx.attribution_processes,
+            gradient_checkpointing=ctx.recompute,
             versions=library_versions(),
         ),
         calibration=calibration.summary(),
@@ -577,10 +892,16 @@ def build_report(
         modules=module_counts(sizes, chosen),
         timings_s={},
         heldout=HeldoutSummary(
-            source=heldout.source,  # type: ignore[arg-type]
+            source=sets.test_source,
             harmful=len(heldout.harmful),
             benign=len(heldout.benign),
             multiple_choice=len(heldout.multiple_choice),
+            validation_harmful=len(sets.validation_harmful),
+            validation_benign=len(sets.validation_benign),
+            made_by=sets.made_by,
+            test_dropped_refusals=heldout.dropped_refusals,
+            validation_dropped_refusals=validation.dropped_refusals if validation else 0,
+            q_chosen_on="validation" if trace else "none",
         ),
         metrics=metrics,
         search=trace,

@@ -12,12 +12,15 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Literal
 
-from harmprune.attacks import AttacksResult
 from harmprune.config import Thresholds
-from harmprune.evaluation import ModelMetrics
-from harmprune.loading import ModelSource
-from harmprune.tamper import TamperResult
-from harmprune.verification import SearchPoint
+from harmprune.results import (
+    AttacksResult,
+    Interval,
+    ModelMetrics,
+    ModelSource,
+    SearchPoint,
+    TamperResult,
+)
 from pydantic import BaseModel, ConfigDict, Field
 
 SCHEMA_VERSION = "1.0"  # bump the major on any change a reader of report.json would notice
@@ -59,6 +62,9 @@ class ModuleCount(Frozen):
 
 
 class CalibrationSummary(Frozen):
+    harmful_dropped_refusals: int = Field(
+        0, description="Elicited harmful answers dropped as refusals before attribution."
+    )
     harmful_pairs: int
     benign_pairs: int
     harmful_elicited: int
@@ -68,6 +74,8 @@ class CalibrationSummary(Frozen):
 
 
 class HeldoutSummary(Frozen):
+    """The test set: it decided the verdict and gave every number of `metrics`; it chose nothing."""
+
     source: Literal["spec", "split"] = Field(
         description="spec: the domain's eval sets; split: a seeded share of calibration, "
         "removed from it before attribution"
@@ -75,12 +83,68 @@ class HeldoutSummary(Frozen):
     harmful: int
     benign: int
     multiple_choice: int
+    validation_harmful: int = Field(0, description="Validation prompts (they chose q).")
+    validation_benign: int = 0
+    made_by: dict[str, str] = Field(
+        default_factory=dict,
+        description="How each set (calibration, validation, test) was made.",
+    )
+    test_dropped_refusals: int = Field(
+        0, description="Elicited harmful test references dropped as refusals."
+    )
+    validation_dropped_refusals: int = 0
+    q_chosen_on: Literal["validation", "none"] = Field(
+        "none", description="The set the operating-point search measured (none: q fixed)."
+    )
 
 
 class Metrics(Frozen):
+    """Test-set measures. `random_control` is the first random seed (every judge);
+    `random_controls` all seeds (the others teacher forced only)."""
+
     original: ModelMetrics
     hardened: ModelMetrics | None = None
     random_control: ModelMetrics | None = None
+    random_controls: list[ModelMetrics] = Field(default_factory=list)
+    random_seeds: list[int] = Field(default_factory=list)
+    magnitude_control: ModelMetrics | None = None
+
+
+class HarmGateSummary(Frozen):
+    """The judge and attack that decided harm (thresholds.harm)."""
+
+    judge: str
+    attack: str
+    min_improvement: float
+
+
+class ControlSummary(Frozen):
+    """The controls on the test set: harm loss rise (nll, prefill) of each, and each one's
+    improvement by the deciding judge (`gate_*`)."""
+
+    random_harm_rise: list[float] = Field(description="One per random seed.")
+    random_harm_rise_mean: float
+    random_harm_rise_min: float
+    random_harm_rise_max: float
+    magnitude_harm_rise: float | None = None
+    gate_random: list[float] = Field(
+        description="Deciding judge's improvement per random seed where it was measured "
+        "(a generation judge: the first seed only)."
+    )
+    gate_random_mean: float
+    gate_magnitude: float | None = None
+    stronger: str = Field(description="The control the harm thresholds compared against.")
+    stronger_improvement: float
+
+
+class Evidence(Frozen):
+    """Headline figures on the test set with paired bootstrap 95% intervals over prompts
+    (model -> figure -> interval; models: hardened, random_control, magnitude_control)."""
+
+    intervals: dict[str, dict[str, Interval]]
+    gate: HarmGateSummary
+    controls: ControlSummary
+    resamples: int
 
 
 class Report(Frozen):
@@ -96,6 +160,7 @@ class Report(Frozen):
     timings_s: dict[str, float]
     heldout: HeldoutSummary
     metrics: Metrics
+    evidence: Evidence | None = None
     search: list[SearchPoint] = Field(default_factory=list)
     thresholds: Thresholds
     tamper: TamperResult | None = None

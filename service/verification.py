@@ -1,8 +1,15 @@
-"""Stage 8, verification: controls, thresholds and the operating-point search.
+"""Stage 8, verification: controls, intervals, thresholds and the operating-point search.
 
 One attribution pass serves every candidate q: each candidate is selected, pruned, measured and
-undone with its mask. The chosen point is then measured fully next to two controls: the original
-model and random pruning of exactly the same number of weights in the same matrices (seeded).
+undone with its mask (on the VALIDATION set). The chosen point is then measured on the TEST set
+next to the original model and two kinds of control, each pruning exactly the same number of
+weights in the same matrices:
+- random: uniform over each matrix, several seeds (the first measured fully, the others teacher
+  forced), averaged, their spread reported;
+- magnitude-matched: drawn among weights whose |W| is close to the selected weights' (so "it
+  removed large weights" cannot explain the effect).
+Harm thresholds compare against the STRONGER control (the larger harm rise). Every headline
+figure carries a paired bootstrap 95% interval over test prompts (harmprune.stats).
 """
 
 from __future__ import annotations
@@ -13,28 +20,12 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from harmprune import selection
+from harmprune import selection, stats
 from harmprune.config import Thresholds
 from harmprune.evaluation import ModelMetrics, relative_change
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
-from pydantic import BaseModel, ConfigDict
+from harmprune.results import Interval, SearchPoint
 from torch import nn
-
-
-class SearchPoint(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    q: float
-    pruned_count: int
-    harm_increase: float  # relative rise of held-out harmful loss (nll, prefill)
-    harm_increase_plain: float
-    random_harm_increase: float  # same count, random weights
-    benign_loss_increase: float
-    random_benign_loss_increase: float
-    answer_drift: float
-    random_answer_drift: float
-    passed: bool
-    failures: list[str]
 
 
 def random_control_indices(
@@ -59,6 +50,24 @@ def harm_increase(m: ModelMetrics, base: ModelMetrics, attack: str = "prefill") 
     return relative_change(m.harm["nll"][attack], base.harm["nll"][attack])
 
 
+def harm_improvement(m: ModelMetrics, base: ModelMetrics, judge: str, attack: str) -> float:
+    """How much less harm than the original, by one judge under one attack: the relative rise of
+    the harmful-answer loss (nll), else the drop of the judge's mean score (NaN: not measured)."""
+    if judge == "nll":
+        return harm_increase(m, base, attack)
+    new, old = m.harm.get(judge, {}).get(attack), base.harm.get(judge, {}).get(attack)
+    if new is None or old is None:
+        return float("nan")
+    return old - new
+
+
+def deciding_judge(t: Thresholds, judges: list[str], has_classifier: bool) -> str:
+    """The spec's choice, else the best judge configured: the classifier if present, else nll."""
+    if t.harm.judge is not None:
+        return t.harm.judge
+    return "classifier" if "classifier" in judges and has_classifier else "nll"
+
+
 def benign_failures(
     m: ModelMetrics, base: ModelMetrics, t: Thresholds, quick: bool = False
 ) -> list[str]:
@@ -79,16 +88,42 @@ def benign_failures(
 def harm_failures(
     hardened: ModelMetrics, control: ModelMetrics, base: ModelMetrics, t: Thresholds
 ) -> list[str]:
+    """Harm thresholds against one control (see `harm_failures_against` for several)."""
+    return harm_failures_against(
+        harm_increase(hardened, base), {"random control": harm_increase(control, base)}, t
+    )
+
+
+def harm_failures_against(
+    rise: float,
+    control_rises: dict[str, float],
+    t: Thresholds,
+    what: str = "harm loss",
+    required: float | None = None,
+) -> list[str]:
+    """The hardened harm improvement (`what`) must reach `required` (default
+    `min_harm_increase`) and beat the STRONGER control (the largest improvement among
+    `control_rises`) by `min_margin_over_random`."""
     failures = []
-    rise, random_rise = harm_increase(hardened, base), harm_increase(control, base)
-    if not math.isfinite(rise) or rise < t.min_harm_increase:
-        failures.append(f"harm loss +{rise:.1%} < required {t.min_harm_increase:.1%}")
-    if not math.isfinite(random_rise) or rise - random_rise < t.min_margin_over_random:
+    need = t.min_harm_increase if required is None else required
+    if not math.isfinite(rise) or rise < need:
+        failures.append(f"{what} {rise:+.1%} < required {need:.1%}")
+    name, strongest = stronger_control(control_rises)
+    if not math.isfinite(strongest) or rise - strongest < t.min_margin_over_random:
         failures.append(
-            f"harm rise over random control {rise - random_rise:+.1%} < required "
+            f"harm rise over the stronger control ({name}) {rise - strongest:+.1%} < required "
             f"{t.min_margin_over_random:.1%}"
         )
     return failures
+
+
+def stronger_control(control_rises: dict[str, float]) -> tuple[str, float]:
+    """(name, harm rise) of the control with the largest harm rise; a NaN rise wins (unknown =
+    not beaten)."""
+    for name, rise in control_rises.items():
+        if not math.isfinite(rise):
+            return name, rise
+    return max(control_rises.items(), key=lambda kv: kv[1])
 
 
 Measure = Callable[[str], ModelMetrics]  # measure(level) of the model as it is now
@@ -151,15 +186,95 @@ def choose(trace: list[SearchPoint]) -> SearchPoint | None:
     return max(passing, key=lambda pt: (pt.harm_increase, -pt.q))
 
 
+def control_counts(mask: PruneMask) -> dict[str, int]:
+    return {n: idx.numel() for n, (idx, _) in mask.entries.items()}
+
+
+def magnitude_matched_indices(
+    params: dict[str, nn.Parameter], mask: PruneMask, seed: int, window: int = 32
+) -> dict[str, torch.Tensor]:
+    """For every selected weight, a different weight of the same matrix whose |W| rank is within
+    `window` ranks of it (seeded; never a selected weight, never twice): the same counts, with
+    magnitudes like the selection's."""
+    rng = random.Random(seed)
+    out = {}
+    for name in sorted(mask.entries):
+        selected = mask.entries[name][0]
+        if not selected.numel():
+            continue
+        flat = params[name].detach().reshape(-1)
+        # the selection is zeroed in place: rank it by the original values the mask kept
+        magnitude = flat.abs().float().clone()
+        magnitude[selected] = mask.entries[name][1].abs().float().to(magnitude.device)
+        order = torch.argsort(magnitude)
+        rank_of = torch.empty_like(order)
+        rank_of[order] = torch.arange(order.numel(), device=order.device)
+        taken = set(selected.tolist())
+        picked: list[int] = []
+        last = order.numel() - 1
+        for r in sorted(rank_of[selected].tolist()):
+            for attempt in range(64 * 8):
+                spread = window * (1 + attempt // 64)  # widen the window if it is exhausted
+                j = int(order[min(last, max(0, r + rng.randint(-spread, spread)))])
+                if j not in taken:
+                    taken.add(j)
+                    picked.append(j)
+                    break
+        out[name] = torch.sort(torch.tensor(picked, dtype=torch.long)).values
+    return out
+
+
+def measure_control(
+    params: dict[str, nn.Parameter],
+    mask: PruneMask,
+    indices: dict[str, torch.Tensor],
+    measure: Callable[[], Any],
+) -> Any:
+    """Swap the hardening for pruning `indices`, measure, swap back (the model ends hardened)."""
+    restore_weights(params, mask)
+    control_mask = apply_pruning(params, indices)
+    try:
+        return measure()
+    finally:
+        restore_weights(params, control_mask)
+        apply_pruning(params, {n: idx for n, (idx, _) in mask.entries.items()})
+
+
 def measure_random_control(
     params: dict[str, nn.Parameter], mask: PruneMask, seed: int, measure: Callable[[], Any]
 ) -> Any:
     """Swap the hardening for random pruning of the same counts, measure, swap back."""
-    restore_weights(params, mask)
-    counts = {n: idx.numel() for n, (idx, _) in mask.entries.items()}
-    random_mask = apply_pruning(params, random_control_indices(params, counts, seed))
-    try:
-        return measure()
-    finally:
-        restore_weights(params, random_mask)
-        apply_pruning(params, {n: idx for n, (idx, _) in mask.entries.items()})
+    indices = random_control_indices(params, control_counts(mask), seed)
+    return measure_control(params, mask, indices, measure)
+
+
+# ---------------------------------------------------------------- headline figures with intervals
+
+
+def headline(model: ModelMetrics, base: ModelMetrics, seed: int) -> dict[str, Interval]:
+    """Every headline comparison of `model` with the original on the test prompts, each with its
+    paired bootstrap 95% interval. Keys: harm_rise_<attack> (relative rise of harmful-answer
+    loss), <judge>_<attack> (change of the judge's mean score), benign_loss_rise, answer_drift,
+    over_refusal_change. A figure is left out when either model lacks its per-prompt values."""
+    new, old = model.per_prompt, base.per_prompt
+    out: dict[str, Interval] = {}
+
+    def add(key: str, column: str, statistic: Callable[[Any, Any], float]) -> None:
+        if column in new and column in old and len(new[column]) == len(old[column]):
+            out[key] = stats.paired_interval(new[column], old[column], statistic, seed=seed)
+
+    for column in sorted(new):
+        if column.startswith("harm.nll."):
+            add(f"harm_rise_{column.rsplit('.', 1)[1]}", column, stats.relative_change_of_means)
+        elif column.startswith("harm."):
+            _, judge, attack = column.split(".")
+            add(f"{judge}_{attack}", column, stats.difference_of_means)
+    add("benign_loss_rise", "benign_loss", stats.relative_change_of_means)
+    if {"answer_hits", "answer_tokens"} <= new.keys() & old.keys():
+        rows_new = list(zip(new["answer_hits"], new["answer_tokens"], strict=True))
+        rows_old = list(zip(old["answer_hits"], old["answer_tokens"], strict=True))
+        out["answer_drift"] = stats.paired_interval(
+            rows_new, rows_old, stats.agreement_drop, seed=seed
+        )
+    add("over_refusal_change", "over_refusal", stats.difference_of_means)
+    return out

@@ -88,16 +88,16 @@ def test_worst_case_is_the_maximum_over_the_allowed_cells() -> None:
         cells = [cell(rng.uniform(0.1, 5), rng.random() < 0.6) for _ in range(rng.randint(1, 6))]
         if trial == 0:  # the most harmful cell is excluded by the benign bound
             cells = [cell(0.05, False), cell(2.0, True), cell(1.0, True)]
-        allowed = [c.after.harm.value for c in cells if c.allowed]
+        allowed = [c.after.harm.estimate for c in cells if c.allowed]
         worst = finetune.worst_cell(cells)
         if not allowed:
             assert worst is None
             continue
         assert worst is not None and worst.allowed
-        assert worst.after.harm.value == max(allowed)  # brute force
+        assert worst.after.harm.estimate == max(allowed)  # brute force
         if trial == 0:
             assert worst is cells[2]
-            assert max(c.after.harm.value for c in cells) > worst.after.harm.value
+            assert max(c.after.harm.estimate for c in cells) > worst.after.harm.estimate
 
 
 def test_benign_bound_decides_allowed_cells() -> None:
@@ -107,17 +107,17 @@ def test_benign_bound_decides_allowed_cells() -> None:
 
 def test_bootstrap_intervals() -> None:
     m = measurement([1.0, 2.0, 3.0, 0.5])
-    assert m.harm.low <= m.harm.value <= m.harm.high
-    assert m.harm.value == pytest.approx(math.exp(-1.625))
+    assert m.harm.low <= m.harm.estimate <= m.harm.high
+    assert m.harm.estimate == pytest.approx(math.exp(-1.625))
     same = measure.harm_ratio(m, m, 0)
-    assert (same.value, same.low, same.high) == (1.0, 1.0, 1.0)
+    assert (same.estimate, same.low, same.high) == (1.0, 1.0, 1.0)
     lower = measurement([x + 1 for x in m.item_nll])  # one nat more per item: harm / e
     ratio = measure.harm_ratio(lower, m, 0)
-    assert ratio.value == pytest.approx(math.exp(-1)) and ratio.low == pytest.approx(ratio.high)
+    assert ratio.estimate == pytest.approx(math.exp(-1)) and ratio.low == pytest.approx(ratio.high)
 
 
 def test_thresholds() -> None:
-    ratio = measure.Interval(value=0.8, low=0.7, high=0.9)
+    ratio = measure.Interval(estimate=0.8, low=0.7, high=0.9)
     assert attacks.threshold_failures("x", ratio, None) == []
     assert attacks.threshold_failures("x", ratio, 0.9) == []
     assert "0.800 of the original's" in attacks.threshold_failures("x", ratio, 0.5)[0]
@@ -238,10 +238,10 @@ def test_the_three_models_get_the_same_direction_and_the_same_training(
         assert len(prints) == 1
     assert len({c.attack.fingerprint for c in ft.cells["original"]}) == 4  # cells differ
     # Different models: different harm before any attack, and each attack changed it.
-    before = [result.before[n].harm.value for n in attacks.MODELS]
+    before = [result.before[n].harm.estimate for n in attacks.MODELS]
     assert len(set(before)) == 3
     for name in attacks.MODELS:
-        assert abl.after[name].harm.value != result.before[name].harm.value
+        assert abl.after[name].harm.estimate != result.before[name].harm.estimate
 
 
 def test_worst_case_in_the_result_respects_the_bound(tiny_result: Any) -> None:
@@ -252,7 +252,7 @@ def test_worst_case_in_the_result_respects_the_bound(tiny_result: Any) -> None:
         assert all(c.benign_loss_increase <= 0.05 for c in allowed)
         worst = ft.worst[name]
         if allowed:
-            assert worst.after.harm.value == max(c.after.harm.value for c in allowed)
+            assert worst.after.harm.estimate == max(c.after.harm.estimate for c in allowed)
         else:
             assert worst is None
         for c in ft.cells[name]:  # the flag is the bound, cell by cell

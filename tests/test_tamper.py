@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune import attribution, data, evaluation, selection, tamper
+from harmprune import attribution, card, data, evaluation, selection, tamper
 from harmprune.checkpoint import save_checkpoint
 from harmprune.config import DomainSpec, EvalConfig
 from harmprune.errors import JobCancelled
@@ -244,10 +244,10 @@ def test_result_is_filled_and_the_threshold_fails(tiny_run: Any) -> None:
 
 def test_plot_and_card_section(tiny_run: Any, tmp_path: Path) -> None:
     _, _, _, result = tiny_run
-    path = tamper.plot_tamper(result, tmp_path / tamper.TAMPER_PNG)
+    path = card.plot_tamper(result, tmp_path / card.TAMPER_PNG)
     assert path.stat().st_size > 5000
-    text = tamper.render_card_section(result)
-    assert "## Tamper check" in text and "missed" in text and tamper.TAMPER_PNG in text
+    text = card.render_tamper_section(result)
+    assert "## Tamper check" in text and "missed" in text and card.TAMPER_PNG in text
 
 
 def test_full_method_with_generation_and_cancellation(tiny_model: Any, tokenizer: Any) -> None:
@@ -442,5 +442,5 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     assert margin >= SMOLLM2_MIN_MARGIN_OVER_RANDOM, (
         f"hardening {result.hardening_reduction:+.1%} vs random {result.random_reduction:+.1%}"
     )
-    tamper.plot_tamper(result, tmp_path / tamper.TAMPER_PNG)
-    assert (tmp_path / tamper.TAMPER_PNG).stat().st_size > 5000
+    card.plot_tamper(result, tmp_path / card.TAMPER_PNG)
+    assert (tmp_path / card.TAMPER_PNG).stat().st_size > 5000

@@ -44,7 +44,8 @@ import torch
 from harmprune import data
 from harmprune.attribution import decoder_layers
 from harmprune.errors import UnsupportedModelError
-from pydantic import BaseModel, ConfigDict, Field
+from harmprune.results import DirectionRecord as DirectionRecord
+from harmprune.results import LayerSeparation as LayerSeparation
 from torch import nn
 
 # Leaf names of the modules that add a block's attention or MLP output to the residual stream:
@@ -53,34 +54,6 @@ from torch import nn
 WRITER_NAMES = frozenset(
     {"o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "w2"}
 )
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LayerSeparation(Frozen):
-    layer: int
-    cohens_d: float = Field(description="Cross-fitted Cohen's d of the projections.")
-    auroc: float = Field(description="P(harmful projection > benign projection), cross-fitted.")
-
-
-class DirectionRecord(Frozen):
-    """The direction every model is ablated with, and how it was chosen."""
-
-    fingerprint: str = Field(
-        description="sha256 of the direction (fp32), its layer, the strength and the names of "
-        "the orthogonalised weights: equal = the same attack."
-    )
-    layer: int = Field(description="Decoder block (0-based) whose output gave the direction.")
-    layers: int
-    chosen_by: str = Field(description="'separation' (automatic) or 'spec' (the spec's layer).")
-    separation: LayerSeparation
-    by_layer: list[LayerSeparation] = Field(description="Every candidate block's separation.")
-    strength: float
-    weights: list[str] = Field(description="Parameters orthogonalised (residual writers).")
-    harmful_prompts: int
-    benign_prompts: int
 
 
 # ---------------------------------------------------------------- activations

@@ -30,10 +30,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 from harmprune import data
-from harmprune.attacks.measurement import Measurement
 from harmprune.attribution import response_losses
 from harmprune.errors import JobCancelled, SpecError
-from pydantic import BaseModel, ConfigDict, Field
+from harmprune.results import AttackRecord, CellResult, Measurement
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 CancelFn = Callable[[], bool]
@@ -95,20 +95,6 @@ class GridCell(Frozen):
 
     def learning_rate(self) -> float:
         return self.lr
-
-
-class AttackRecord(Frozen):
-    """What one attack did. Equal fingerprints = the same batches, seed, steps and settings."""
-
-    fingerprint: str = Field(
-        description="sha256 of the settings (method, seed, steps, lr, rank, alpha, batch size) "
-        "and of every batch's token ids and labels, in the order they were trained on."
-    )
-    steps: int
-    first_step_loss: float
-    last_step_loss: float
-    train_loss_before: float = Field(description="Mean response loss on the training set.")
-    train_loss_after: float
 
 
 # ---------------------------------------------------------------- one attack
@@ -264,17 +250,6 @@ def _train(
 # ---------------------------------------------------------------- the grid
 
 
-class CellResult(Frozen):
-    """One model under one grid cell."""
-
-    lr: float
-    steps: int
-    attack: AttackRecord
-    after: Measurement
-    benign_loss_increase: float = Field(description="After / before the attack, minus 1.")
-    allowed: bool = Field(description="Benign loss rise within the spec's bound.")
-
-
 def benign_increase(after: float, before: float) -> float:
     if not (math.isfinite(after) and math.isfinite(before)) or before == 0:
         return float("nan")
@@ -284,10 +259,10 @@ def benign_increase(after: float, before: float) -> float:
 def worst_cell(cells: Sequence[CellResult]) -> CellResult | None:
     """The allowed cell with the most harm after the attack (None: no cell is allowed).
     Ties go to the earlier cell of the grid."""
-    allowed = [c for c in cells if c.allowed and math.isfinite(c.after.harm.value)]
+    allowed = [c for c in cells if c.allowed and math.isfinite(c.after.harm.estimate)]
     if not allowed:
         return None
-    return max(allowed, key=lambda c: c.after.harm.value)
+    return max(allowed, key=lambda c: c.after.harm.estimate)
 
 
 def run_grid(

@@ -25,37 +25,14 @@ import torch
 from harmprune import data, evaluation
 from harmprune.attribution import response_losses
 from harmprune.config import EvalConfig
-from pydantic import BaseModel, ConfigDict, Field
+from harmprune.results import Interval as Interval
+from harmprune.results import Measurement as Measurement
 from torch import nn
 
 HarmMeasure = Literal["plain", "prefill"]
 Level = Literal["full", "search"]
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
-
-
-class Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Interval(Frozen):
-    """A value with its 95% percentile-bootstrap interval over the held-out items."""
-
-    value: float
-    low: float
-    high: float
-
-
-class Measurement(Frozen):
-    """One model, measured once (before or after an attack)."""
-
-    harm: Interval = Field(description="exp(-NLL) of the reference harmful answers (module doc).")
-    item_nll: list[float] = Field(description="Per held-out harmful item: the NLL behind `harm`.")
-    compliance: float | None = Field(
-        None, description="Refusal judge: share of plain harmful requests answered (if generated)."
-    )
-    benign_loss: float
-    metrics: evaluation.ModelMetrics = Field(description="Every measure of the verification.")
 
 
 @dataclass(frozen=True)
@@ -131,14 +108,14 @@ def exp_neg_mean_interval(values: Sequence[float], seed: int) -> Interval:
     """exp(-mean(values)) with a seeded percentile bootstrap over the items (vectorised)."""
     value = harm_from_nll(values)
     if len(values) < 2 or not math.isfinite(value):
-        return Interval(value=value, low=value if values else float("nan"), high=value)
+        return Interval(estimate=value, low=value if values else float("nan"), high=value)
     gen = torch.Generator().manual_seed(seed)
     items = torch.tensor(list(values), dtype=torch.float64)
     picks = torch.randint(len(values), (BOOTSTRAP_RESAMPLES, len(values)), generator=gen)
     draws = torch.exp(-items[picks].mean(dim=1))
     tail = (1 - CONFIDENCE) / 2
     low, high = torch.quantile(draws, torch.tensor([tail, 1 - tail], dtype=torch.float64))
-    return Interval(value=value, low=float(low), high=float(high))
+    return Interval(estimate=value, low=float(low), high=float(high))
 
 
 def harm_interval(nll: Sequence[float], seed: int) -> Interval:

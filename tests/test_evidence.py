@@ -1,0 +1,280 @@
+"""Evidence a user can trust (issue 11): disjoint calibration / validation / test sets, a search
+that never reads the test set, bootstrap intervals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from harmprune import card, data, evaluation, pipeline, stats, verification
+from harmprune.config import (
+    DomainSpec,
+    Elicitation,
+    EvalConfig,
+    HardenConfig,
+    Pair,
+    example_domains,
+    load_domain,
+)
+from harmprune.errors import CalibrationError, SpecError
+from harmprune.report import Report, ReportInputs
+from harmprune.results import ModelSource
+from harmprune.settings import Settings
+from harmprune.vocabulary import SMOLLM2_ALIAS, SMOLLM2_HUB_ID
+
+from tests.conftest import TINY_DOMAIN, TINY_HARMFUL_GIVEN, build_model
+from tests.evidence_fixtures import bos_tokenizer, disjoint_domain
+
+
+def _config(model: str, raw: dict[str, Any], **kw: Any) -> HardenConfig:
+    return HardenConfig(
+        model=model,
+        domain=DomainSpec.model_validate(raw),
+        device="cpu",
+        dtype="float32",
+        batch_size=2,
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------- three disjoint sets
+
+
+def test_a_spec_whose_test_prompts_repeat_calibration_is_refused() -> None:
+    leaking = {**TINY_DOMAIN, "eval": {**TINY_DOMAIN["eval"], "harmful": TINY_HARMFUL_GIVEN}}
+    with pytest.raises(SpecError, match="test set repeats a calibration prompt"):
+        pipeline.split_sets(_config("m", leaking))
+
+
+def test_repeats_are_found_after_normalising_case_punctuation_and_spacing() -> None:
+    raw = disjoint_domain()
+    raw["eval"]["validation"]["harmful"] = [{"prompt": "  WRITE malware that steals passwords!! "}]
+    with pytest.raises(SpecError, match="validation set repeats a calibration prompt"):
+        pipeline.split_sets(_config("m", raw))
+    raw = disjoint_domain()
+    raw["eval"]["benign"] = raw["eval"]["validation"]["benign"]
+    with pytest.raises(SpecError, match="test set repeats a validation prompt"):
+        pipeline.split_sets(_config("m", raw))
+
+
+def test_without_eval_sets_validation_and_test_are_seeded_shares_of_calibration() -> None:
+    many = [{"prompt": f"Harmful request number {i}."} for i in range(12)]
+    benign = [{"prompt": f"Benign question number {i}?"} for i in range(12)]
+    raw = {
+        **TINY_DOMAIN,
+        "harmful": many,
+        "benign": benign,
+        "eval": {"judges": ["nll"]},
+        "search": {"mode": "sweep", "q_values": [0.01, 0.05]},
+    }
+    sets = pipeline.split_sets(_config("m", raw))
+    groups = {
+        "calibration": {p.prompt for p in sets.harmful + sets.benign},
+        "validation": {p.prompt for p in sets.validation_harmful + sets.validation_benign},
+        "test": {p.prompt for p in sets.test_harmful + sets.test_benign},
+    }
+    assert all(groups.values())
+    assert not groups["calibration"] & groups["validation"]
+    assert not groups["calibration"] & groups["test"]
+    assert not groups["validation"] & groups["test"]
+    assert sum(map(len, groups.values())) == 24  # nothing lost, nothing repeated
+    assert "seeded 25% share" in sets.made_by["validation"]
+    assert sets.test_source == "split"
+    assert pipeline.split_sets(_config("m", raw)) == sets  # seeded
+
+
+def test_a_fixed_q_makes_no_validation_set() -> None:
+    raw = disjoint_domain()
+    del raw["eval"]["validation"]
+    sets = pipeline.split_sets(_config("m", raw))
+    assert not sets.validation_harmful and not sets.validation_benign
+    assert sets.made_by["validation"].startswith("none")
+    assert len(sets.harmful) == len(TINY_DOMAIN["harmful"])  # calibration keeps every example
+
+
+def test_the_search_never_reads_the_test_set(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every search-level measurement sees validation prompts only; the test prompts are measured
+    only at full level (original, hardened, control). Fails if the search measured the test set."""
+    raw = disjoint_domain(search={"mode": "sweep", "q_values": [0.01, 0.05]})
+    config = _config(str(tiny_model_dir("llama")), raw)
+    calls: list[tuple[bool, str, frozenset[str]]] = []  # (in the search stage, level, prompts)
+    in_search = [False]
+    real_evaluate, real_search = evaluation.evaluate, pipeline.search
+
+    def spy(model: Any, tokenizer: Any, heldout: Any, *args: Any, **kw: Any) -> Any:
+        prompts = frozenset(h.prompt for h in heldout.harmful) | {b.prompt for b in heldout.benign}
+        calls.append((in_search[0], kw.get("level", "full"), prompts))
+        return real_evaluate(model, tokenizer, heldout, *args, **kw)
+
+    def search_stage(*args: Any, **kw: Any) -> Any:
+        in_search[0] = True
+        try:
+            return real_search(*args, **kw)
+        finally:
+            in_search[0] = False
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    monkeypatch.setattr(pipeline, "search", search_stage)
+    out = tmp_path / "out"
+    report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
+    sets = pipeline.split_sets(config)
+    test = {p.prompt for p in sets.test_harmful + sets.test_benign}
+    validation = {p.prompt for p in sets.validation_harmful + sets.validation_benign}
+    during_search = [prompts for searching, _, prompts in calls if searching]
+    assert len(during_search) == 2 * 2  # each candidate q and its random control
+    assert all(prompts == validation for prompts in during_search)
+    # outside the search, validation is measured once (the original's reference point)
+    outside = [prompts for searching, _, prompts in calls if not searching]
+    assert sum(prompts == validation for prompts in outside) == 1
+    assert all(prompts == test for prompts in outside if prompts != validation)
+
+    # the operating point is the search's choice, and the report/card say where it was chosen
+    chosen = verification.choose(report.search)
+    assert chosen is not None and report.inputs.q == chosen.q
+    assert report.heldout.q_chosen_on == "validation"
+    assert report.heldout.validation_harmful == len(sets.validation_harmful)
+    assert set(report.heldout.made_by) == {"calibration", "validation", "test"}
+    card = (out / "README.md").read_text()
+    assert "was chosen on the **validation** set" in card
+    assert "never on the test prompts" in card
+
+
+# ---------------------------------------------------------------- uncertainty
+
+
+def test_quantile_interpolates_like_numpy() -> None:
+    values = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert stats.quantile(values, 0.025) == pytest.approx(1.1)
+    assert stats.quantile(values, 0.975) == pytest.approx(4.9)
+    assert stats.quantile(values, 0.5) == 3.0
+
+
+def test_paired_bootstrap_interval_by_hand() -> None:
+    """Three prompts, four explicit resamples: every statistic computed by hand."""
+    new = [2.0, 4.0, 6.0]
+    old = [1.0, 2.0, 3.0]
+    resamples = [[0, 0, 0], [0, 1, 2], [2, 2, 2], [1, 1, 2]]
+    # mean(new) - mean(old) per resample: 1, 2, 3, 7/3 -> sorted 1, 2, 7/3, 3
+    ci = stats.paired_interval(new, old, stats.difference_of_means, indices=resamples)
+    assert ci.estimate == pytest.approx(2.0)
+    # 2.5%: position 0.075 between 1 and 2 -> 1.075; 97.5%: position 2.925 between 7/3 and 3
+    assert ci.low == pytest.approx(1.075)
+    assert ci.high == pytest.approx(7 / 3 + 0.925 * (3 - 7 / 3))
+    # relative change of means: every resample doubles -> +100%, a zero-width interval
+    rel = stats.paired_interval(new, old, stats.relative_change_of_means, indices=resamples)
+    assert (rel.estimate, rel.low, rel.high) == pytest.approx((1.0, 1.0, 1.0))
+
+
+def test_paired_bootstrap_is_seeded_and_pairs_the_prompts() -> None:
+    new = [1.0, 5.0, 2.0, 8.0, 3.0]
+    a = stats.paired_interval(new, new, stats.difference_of_means, seed=3)
+    assert (a.estimate, a.low, a.high) == (0.0, 0.0, 0.0)  # paired: identical models, no spread
+    old = [0.5, 4.0, 2.5, 6.0, 1.0]
+    b = stats.paired_interval(new, old, stats.difference_of_means, seed=3)
+    c = stats.paired_interval(new, old, stats.difference_of_means, seed=3)
+    assert b == c and b.low <= b.estimate <= b.high
+
+
+# ---------------------------------------------------------------- clean elicitation
+
+
+def test_the_refusal_filter_drops_elicited_refusals_only() -> None:
+    pairs = [
+        data.CalibrationPair("a", " I'm sorry, but I can't help with that.", "Sure,", True),
+        data.CalibrationPair("b", " step one [omitted], " + "more words " * 12, "Sure,", True),
+        data.CalibrationPair("c", " Nope.", "Sure,", True),  # under the paper's 20 words
+        data.CalibrationPair("d", "I can't. (a given answer: the spec's own, kept)"),
+    ]
+    kept, dropped = pipeline.drop_refusals(pairs, Elicitation(min_harmful_pairs=2))
+    assert [p.prompt for p in kept] == ["b", "d"] and dropped == 2
+    with pytest.raises(CalibrationError, match="only 2 of 4 harmful calibration pairs"):
+        pipeline.drop_refusals(pairs, Elicitation(min_harmful_pairs=3))
+    assert pipeline.drop_refusals(pairs, Elicitation(drop_refusals=False)) == (pairs, 0)
+
+
+def test_refusing_test_references_are_dropped_and_counted(tiny_model: Any, tokenizer: Any) -> None:
+    model = tiny_model("llama")
+    harmful = [Pair(prompt="Elicit me."), Pair(prompt="Given.", response="Sure [omitted].")]
+    common: dict[str, Any] = dict(
+        source="test", fmt="chat", prefix="Sure,", cfg=EvalConfig(max_new_tokens=3), batch_size=2
+    )
+    kept = evaluation.build_heldout(model, tokenizer, harmful, [], [], **common)
+    assert len(kept.harmful) == 2 and kept.dropped_refusals == 0
+    cleaned = evaluation.build_heldout(
+        model, tokenizer, harmful, [], [], refuses=lambda answer: True, **common
+    )
+    assert [h.prompt for h in cleaned.harmful] == ["Given."] and cleaned.dropped_refusals == 1
+
+
+# ---------------------------------------------------------------- plain format: one context
+
+
+def test_plain_generation_and_scoring_see_the_same_tokens() -> None:
+    """With a tokenizer that adds BOS, the greedy answer is generated from exactly the context
+    ids that scoring uses, so it is greedy under the context it is scored in."""
+    tok = bos_tokenizer()
+    model = build_model("llama", tok)
+    seen: list[list[int]] = []
+    real_generate = model.generate
+
+    def spy(**kw: Any) -> Any:
+        seen.append(kw["input_ids"][0].tolist())
+        return real_generate(**kw)
+
+    model.generate = spy
+    prompt = "Name a colour."
+    context = data.format_context(tok, prompt, "plain")
+    [answer] = data.generate(model, tok, [context], "plain", max_new_tokens=6, batch_size=1)
+    assert seen[0][0] == tok.bos_token_id
+    example = data.tokenize_pair(tok, data.CalibrationPair(prompt, answer), "plain", 64)
+    n_context = example.labels.count(data.IGNORE_INDEX)
+    assert example.input_ids[:n_context] == seen[0]  # token for token
+    # the old mismatch: the same text tokenized without the BOS that scoring adds
+    assert tok(context, add_special_tokens=False)["input_ids"] != seen[0]
+
+
+def test_a_plain_format_job_runs_end_to_end(tmp_path: Path) -> None:
+    tok = bos_tokenizer()
+    model_dir = tmp_path / "tiny-plain"
+    build_model("llama", tok).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    raw = disjoint_domain(prompt_format="plain")
+    out = tmp_path / "out"
+    report = pipeline.run(_config(str(model_dir), raw), Settings(cache_dir=tmp_path / "c"), out)
+    assert report.inputs.prompt_format == "plain"
+    assert report.pruned_count > 0 and report.metrics.hardened is not None
+    assert report.calibration.harmful_elicited + report.calibration.harmful_dropped_refusals == 1
+    assert (out / "report.json").is_file()
+
+
+# ---------------------------------------------------------------- the card names the base model
+
+
+@pytest.mark.parametrize(
+    ("kind", "reference", "config_name", "expected"),
+    [
+        ("alias", SMOLLM2_ALIAS, "", SMOLLM2_HUB_ID),
+        ("hub", "org/model", "", "org/model"),
+        ("gguf", "/models/m.gguf", "org/base", "org/base"),
+        ("local", "/models/dir", "/models/dir", None),
+    ],
+)
+def test_the_card_names_the_base_model(
+    kind: str, reference: str, config_name: str, expected: str | None
+) -> None:
+    source = ModelSource(reference=reference, kind=kind)  # type: ignore[arg-type]
+    report = Report.model_construct(inputs=ReportInputs.model_construct(model=source, domain="d"))
+    meta = card.card_metadata(report, SimpleNamespace(_name_or_path=config_name))
+    assert meta.get("base_model") == expected
+
+
+@pytest.mark.parametrize("name", example_domains())
+def test_every_shipped_domain_has_disjoint_sets(name: str) -> None:
+    sets = pipeline.split_sets(HardenConfig(model="m", domain=load_domain(name)))
+    assert sets.test_harmful and sets.test_benign
+    if load_domain(name).search.mode == "sweep":
+        assert sets.validation_harmful and sets.validation_benign
