@@ -86,6 +86,35 @@ against the stronger control: **{c.stronger}** ({_fmt(c.stronger_improvement, Tr
 """
 
 
+def _general_benign_section(report: Report) -> str:
+    g = report.general_benign
+    if g is None:
+        return (
+            "\n## General benign set\n\nNot measured: the spec opted out "
+            "(`eval.general_benign: false`). The benign figures above speak only for the spec's "
+            "own benign prompts.\n"
+        )
+    rows = "\n".join(
+        f"| {FIGURES[k]} | {_interval(g.intervals['hardened'].get(k))} | "
+        f"{_interval(g.intervals['random_control'].get(k))} |"
+        for k in ("benign_loss_rise", "answer_drift", "over_refusal_change")
+        if k in g.intervals["hardened"]
+    )
+    verdict = "missed: " + "; ".join(g.failures) if g.failures else "held"
+    return f"""
+## General benign set
+
+harmprune's own everyday requests (cooking, science, writing, code, maths, advice, ...), so that a
+narrow spec cannot hide general damage: {g.prompts.get("calibration", 0)} joined benign calibration,
+{g.prompts.get("validation", 0)} the validation set, and these {g.prompts.get("test", 0)} test
+prompts chose nothing. The spec's benign thresholds apply to them too: **{verdict}**.
+
+| figure | hardened | random (seed 1) |
+|---|---|---|
+{rows}
+"""
+
+
 def _sets_sentence(report: Report) -> str:
     h = report.heldout
     made = h.made_by
@@ -208,7 +237,7 @@ recognition: accuracy at answering whether a request is harmful.
 
 {table}
 
-{_evidence_section(report)}
+{_evidence_section(report)}{_general_benign_section(report)}
 {search}
 {tamper_section}{card_attacks.render_section(report.attacks)}## Where the pruned weights are
 

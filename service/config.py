@@ -125,6 +125,27 @@ class ControlsConfig(Strict):
     )
 
 
+class GeneralBenignConfig(Strict):
+    """harmprune's own everyday requests (harmprune.general_benign: 195 prompts in 13
+    categories, written for the project), split by the job's seed, stratified by category, into
+    three parts: one joins the benign calibration pairs (the preserve score then protects general
+    skill), one the validation set (when there is one), one is measured on the test side next to
+    the spec's benign prompts and gated by the same benign thresholds. A prompt the spec itself
+    uses is left out of every part."""
+
+    enabled: bool = Field(True, description="false: opt out (the report and card say so).")
+    sizes: (
+        tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)], Annotated[int, Field(ge=2)]]
+        | None
+    ) = Field(None, description="(calibration, validation, test) prompts; default: equal thirds.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_shorthand(cls, value: Any) -> Any:
+        # `general_benign: false` in a spec means opting out.
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class EvalConfig(Strict):
     """Held-out sets (never used for attribution) and how to judge them.
 
@@ -140,6 +161,7 @@ class EvalConfig(Strict):
     benign: list[Source] = Field(default_factory=list, description="Test benign prompts.")
     validation: ValidationSets = Field(default_factory=ValidationSets)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    general_benign: GeneralBenignConfig = Field(default_factory=GeneralBenignConfig)
     multiple_choice: list[MultipleChoiceItem] = Field(default_factory=list)
     judges: list[JudgeName] = Field(default_factory=_default_judges, min_length=1)
     classifier: ClassifierJudge | None = None

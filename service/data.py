@@ -8,7 +8,6 @@ The prefix is part of the context, never of the scored response.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,6 +16,7 @@ import torch
 from harmprune.config import DomainSpec, Elicitation, HubDataset, Pair, Source
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.generation import generate_greedy
+from harmprune.vocabulary import normalise_prompt
 
 PromptFormat = Literal["chat", "plain"]
 IGNORE_INDEX = -100
@@ -207,11 +207,6 @@ def calibration_sets(spec: DomainSpec) -> tuple[list[Pair], list[Pair]]:
 
 
 # ---------------------------------------------------------------- disjoint sets
-
-
-def normalise_prompt(text: str) -> str:
-    """Lower case, punctuation and runs of spacing folded: what counts as 'the same prompt'."""
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
 
 
 def check_disjoint(sets: dict[str, Sequence[Pair]]) -> None:

@@ -12,8 +12,6 @@ Torch-free and pure: no global random state, nothing cached.
 from __future__ import annotations
 
 import random
-import re
-import string
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,9 +20,6 @@ import yaml
 from harmprune.errors import SpecError
 
 RESOURCE = "general_benign.yaml"
-
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-_SPACES = re.compile(r"\s+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +35,6 @@ class GeneralBenignSplit:
     calibration: list[GeneralPrompt] = field(default_factory=list)
     validation: list[GeneralPrompt] = field(default_factory=list)
     test: list[GeneralPrompt] = field(default_factory=list)
-
-
-def normalise_prompt(text: str) -> str:
-    """Lower case, ASCII punctuation removed, runs of white space collapsed to one space."""
-    return _SPACES.sub(" ", text.lower().translate(_PUNCTUATION)).strip()
 
 
 def parse_general_benign(data: object, source: str = RESOURCE) -> list[GeneralPrompt]:

@@ -28,7 +28,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +39,7 @@ from harmprune import (
     card,
     data,
     evaluation,
+    general_benign,
     judges,
     preflight,
     selection,
@@ -47,7 +48,14 @@ from harmprune import (
     verification,
 )
 from harmprune.checkpoint import save_checkpoint, staged_output, write_json
-from harmprune.config import DomainSpec, Elicitation, HardenConfig, Pair, Source
+from harmprune.config import (
+    DomainSpec,
+    Elicitation,
+    GeneralBenignConfig,
+    HardenConfig,
+    Pair,
+    Source,
+)
 from harmprune.errors import CalibrationError, JobCancelled, SpecError
 from harmprune.loading import LoadedModel, load_model, resolve
 from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
@@ -55,6 +63,7 @@ from harmprune.report import (
     CalibrationSummary,
     ControlSummary,
     Evidence,
+    GeneralBenignResult,
     HarmGateSummary,
     HeldoutSummary,
     Metrics,
@@ -64,7 +73,7 @@ from harmprune.report import (
     module_counts,
 )
 from harmprune.settings import Settings
-from harmprune.vocabulary import REPORT_FILE
+from harmprune.vocabulary import REPORT_FILE, normalise_prompt
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -162,6 +171,10 @@ class PromptSets:
     test_benign: list[Pair]
     made_by: dict[str, str]
     test_source: Literal["spec", "split"]  # split: a share of calibration is part of it
+    # harmprune's general benign set: its calibration and validation parts are already in
+    # `benign` / `validation_benign`; its test part is measured apart (empty: opted out).
+    general_test: list[Pair] = field(default_factory=list)
+    general_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def split_sets(config: HardenConfig) -> PromptSets:
@@ -205,7 +218,58 @@ def split_sets(config: HardenConfig) -> PromptSets:
     test_source: Literal["spec", "split"] = (
         "spec" if spec.eval.harmful and spec.eval.benign else "split"
     )
-    return PromptSets(harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source)
+    taken = {normalise_prompt(p.prompt) for p in harmful + benign + val_h + val_b + test_h + test_b}
+    general = general_benign_parts(spec.eval.general_benign, seed, taken)
+    if general is None:
+        made_by["general_benign"] = "none: the spec opted out (eval.general_benign: false)"
+        return PromptSets(harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source)
+    with_validation = "validation" in made_by and not made_by["validation"].startswith("none")
+    made_by["general_benign"] = (
+        f"harmprune's general benign set, split by the job's seed (stratified by category): "
+        f"{len(general.calibration)} prompts joined benign calibration, "
+        + (
+            f"{len(general.validation)} the validation set, "
+            if with_validation
+            else "none the validation set (there is none), "
+        )
+        + f"{len(general.test)} are its test part"
+    )
+
+    def as_pairs(part: list[general_benign.GeneralPrompt]) -> list[Pair]:
+        return [Pair(prompt=g.prompt) for g in part]
+
+    return PromptSets(
+        harmful,
+        benign + as_pairs(general.calibration),
+        val_h,
+        val_b + (as_pairs(general.validation) if with_validation else []),
+        test_h,
+        test_b,
+        made_by,
+        test_source,
+        general_test=as_pairs(general.test),
+        general_sizes={
+            "calibration": len(general.calibration),
+            "validation": len(general.validation) if with_validation else 0,
+            "test": len(general.test),
+        },
+    )
+
+
+def general_benign_parts(
+    cfg: GeneralBenignConfig, seed: int, taken: set[str]
+) -> general_benign.GeneralBenignSplit | None:
+    """The general benign set's three parts (None: opted out); prompts the spec uses are left
+    out, so the sets stay disjoint."""
+    if not cfg.enabled:
+        return None
+    prompts = [
+        p for p in general_benign.load_general_benign() if normalise_prompt(p.prompt) not in taken
+    ]
+    try:
+        return general_benign.split_general_benign(prompts, seed, cfg.sizes)
+    except ValueError as exc:
+        raise SpecError(f"eval.general_benign.sizes: {exc}") from exc
 
 
 def build_calibration(
@@ -440,10 +504,12 @@ def run(
             validation = build_heldout(
                 ctx, sets.validation_harmful, sets.validation_benign, "validation"
             )
+            general = build_general(ctx, sets.general_test)
         with timed("evaluate"):
             ctx.progress("evaluate", 0, 1)
             original = ctx.measure(test, "full")
             original_validation = ctx.measure(validation, "search") if validation else None
+            original_general = ctx.measure(general, "full") if general else None
             ctx.progress("evaluate", 1, 1)
         ctx.check_cancel()
         q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
@@ -461,6 +527,12 @@ def run(
         with timed("verify"):
             metrics, evidence, verify_failures = verify(ctx, scores, mask, test, original)
             failures += verify_failures
+            general_result = None
+            if general is not None and original_general is not None:
+                general_result = verify_general(
+                    ctx, scores, mask, general, original_general, sets.general_sizes
+                )
+                failures += general_result.failures
         ctx.check_cancel()
         tamper_result = None
         if ctx.spec.tamper is not None:
@@ -486,7 +558,12 @@ def run(
             trace,
             failures,
         ).model_copy(
-            update={"tamper": tamper_result, "attacks": attacks_result, "evidence": evidence}
+            update={
+                "tamper": tamper_result,
+                "attacks": attacks_result,
+                "evidence": evidence,
+                "general_benign": general_result,
+            }
         )
         with timed("save"):
             report = save(ctx, report, mask, staging, timings)
@@ -596,6 +673,29 @@ def build_heldout(
     if not heldout.harmful or not heldout.benign:
         raise CalibrationError(f"the {name} sets are empty after elicitation")
     return heldout
+
+
+def build_general(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | None:
+    """The general benign test part with the original's greedy answers as references (None:
+    the spec opted out)."""
+    if not prompts:
+        return None
+    spec = ctx.spec
+    general = evaluation.build_heldout(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        [],
+        prompts,
+        [],
+        source="general",
+        fmt=spec.prompt_format,
+        prefix=spec.elicitation.harmful_prefix,
+        cfg=spec.eval,
+        batch_size=ctx.config.batch_size,
+    )
+    if not general.benign:
+        raise CalibrationError("the general benign test part is empty after elicitation")
+    return general
 
 
 def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
@@ -725,6 +825,39 @@ def verify(
         required=gate.min_improvement,
     )
     return metrics, evidence, failures
+
+
+def verify_general(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    general: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sizes: dict[str, int],
+) -> GeneralBenignResult:
+    """The general benign test part: the hardened model (every measure) and the first random
+    control (teacher forced) against the original, with intervals; the spec's benign thresholds
+    apply to it too, so a narrow spec cannot hide general damage."""
+    seed = ctx.config.seed
+    hardened = ctx.measure(general, "full")
+    indices = verification.random_control_indices(
+        scores.params, verification.control_counts(mask), seed
+    )
+    random_control = verification.measure_control(
+        scores.params, mask, indices, functools.partial(ctx.measure, general, "search")
+    )
+    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds)
+    return GeneralBenignResult(
+        prompts=sizes,
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        intervals={
+            "hardened": verification.headline(hardened, original, seed),
+            "random_control": verification.headline(random_control, original, seed),
+        },
+        failures=[f"general benign set: {f}" for f in failures],
+    )
 
 
 def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Evidence:

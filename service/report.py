@@ -147,6 +147,23 @@ class Evidence(Frozen):
     resamples: int
 
 
+class GeneralBenignResult(Frozen):
+    """harmprune's general benign set (everyday requests, harmprune.general_benign) on its test
+    part: measured in every job next to the spec's benign prompts, gated by the same thresholds."""
+
+    prompts: dict[str, int] = Field(
+        description="Prompts of the set in each part: calibration, validation, test."
+    )
+    original: ModelMetrics
+    hardened: ModelMetrics
+    random_control: ModelMetrics = Field(description="The first random seed, teacher forced.")
+    intervals: dict[str, dict[str, Interval]] = Field(
+        description="Per model: benign_loss_rise, answer_drift (and over_refusal_change for the "
+        "hardened model) vs the original, with paired bootstrap 95% intervals."
+    )
+    failures: list[str]
+
+
 class Report(Frozen):
     schema_version: str = SCHEMA_VERSION
     job_id: str | None = None
@@ -165,6 +182,9 @@ class Report(Frozen):
     thresholds: Thresholds
     tamper: TamperResult | None = None
     attacks: AttacksResult | None = None
+    general_benign: GeneralBenignResult | None = Field(
+        None, description="None: the spec opted out (eval.general_benign: false)."
+    )
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -260,7 +260,7 @@ def headline(model: ModelMetrics, base: ModelMetrics, seed: int) -> dict[str, In
     out: dict[str, Interval] = {}
 
     def add(key: str, column: str, statistic: Callable[[Any, Any], float]) -> None:
-        if column in new and column in old and len(new[column]) == len(old[column]):
+        if column in new and column in old and len(new[column]) == len(old[column]) > 0:
             out[key] = stats.paired_interval(new[column], old[column], statistic, seed=seed)
 
     for column in sorted(new):

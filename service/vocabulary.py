@@ -63,3 +63,9 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def normalise_prompt(text: str) -> str:
+    """Lower case, punctuation and runs of spacing folded: what counts as 'the same prompt'
+    (the disjointness of a job's prompt sets, the general benign set's distinctness)."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())

@@ -106,6 +106,8 @@ TINY_DOMAIN: dict[str, Any] = {
         "benign": [{**p, "prompt": p["prompt"] + " (test)"} for p in TINY_BENIGN_GIVEN],
         "judges": ["nll"],
         "max_new_tokens": 4,
+        # The general benign set is on in every job; a few of its prompts keep tiny jobs fast.
+        "general_benign": {"sizes": [4, 4, 4]},
     },
     # A random tiny model has no capability to keep: thresholds that accept any hardening.
     "thresholds": {

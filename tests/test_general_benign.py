@@ -22,10 +22,10 @@ from harmprune.general_benign import (
     GeneralBenignSplit,
     GeneralPrompt,
     load_general_benign,
-    normalise_prompt,
     parse_general_benign,
     split_general_benign,
 )
+from harmprune.vocabulary import normalise_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 CATEGORIES = {
@@ -109,8 +109,8 @@ def test_no_prompt_repeats_an_example_domain_or_test_prompt(prompts: list[Genera
 
 
 def test_normalise_prompt() -> None:
-    assert normalise_prompt("  What's   the\tTIME?! ") == "whats the time"
-    assert normalise_prompt("a-b, c.") == "ab c"
+    assert normalise_prompt("  What's   the\tTIME?! ") == "what s the time"
+    assert normalise_prompt("a-b, c.") == "a b c"
 
 
 def test_the_split_is_disjoint_covers_everything_and_is_stratified(
@@ -193,3 +193,103 @@ def test_the_built_wheel_ships_the_file(tmp_path: Path) -> None:
         assert "harmprune/general_benign.py" in names
         shipped = archive.read("harmprune/examples/general_benign.yaml").decode()
     assert shipped == (ROOT / "examples" / "general_benign.yaml").read_text()
+
+
+# ---------------------------------------------------------------- in a job
+
+
+def _job(model: str, raw: dict[str, Any]) -> Any:
+    from harmprune.config import DomainSpec, HardenConfig
+
+    return HardenConfig(
+        model=model, domain=DomainSpec.model_validate(raw), device="cpu", dtype="float32"
+    )
+
+
+def test_a_job_splits_the_general_set_into_its_three_sets() -> None:
+    from harmprune import pipeline
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["general_benign"] = {"sizes": [5, 6, 7]}
+    sets = pipeline.split_sets(_job("m", raw))
+    general = {normalise_prompt(p.prompt) for p in load_general_benign()}
+    in_general = lambda pairs: [p for p in pairs if normalise_prompt(p.prompt) in general]  # noqa: E731
+    assert len(in_general(sets.benign)) == 5
+    assert len(in_general(sets.validation_benign)) == 6
+    assert len(sets.general_test) == 7 and len(in_general(sets.general_test)) == 7
+    assert sets.general_sizes == {"calibration": 5, "validation": 6, "test": 7}
+    assert not in_general(sets.test_benign + sets.harmful + sets.test_harmful)
+    assert "general benign set" in sets.made_by["general_benign"]
+
+
+def test_a_spec_prompt_that_is_also_a_general_prompt_stays_the_specs() -> None:
+    from harmprune import pipeline
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    shared = load_general_benign()[0].prompt
+    raw = disjoint_domain()
+    raw["eval"]["benign"] = [*raw["eval"]["benign"], {"prompt": shared.upper()}]
+    raw["eval"]["general_benign"] = {"sizes": [60, 60, 60]}
+    sets = pipeline.split_sets(_job("m", raw))  # no disjointness error: left out of the parts
+    everywhere = sets.benign + sets.validation_benign + sets.general_test
+    assert shared not in {p.prompt for p in everywhere}
+
+
+def test_sizes_beyond_the_set_are_a_spec_error() -> None:
+    from harmprune import pipeline
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["general_benign"] = {"sizes": [100, 100, 100]}
+    with pytest.raises(SpecError, match=r"eval\.general_benign\.sizes"):
+        pipeline.split_sets(_job("m", raw))
+
+
+def test_opting_out_leaves_the_spec_alone_and_the_card_says_so(
+    tmp_path: Path, tiny_model_dir: Any
+) -> None:
+    from harmprune import card, pipeline
+    from harmprune.settings import Settings
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["general_benign"] = False
+    model = str(tiny_model_dir("llama"))
+    sets = pipeline.split_sets(_job(model, raw))
+    assert sets.general_test == [] and "opted out" in sets.made_by["general_benign"]
+    report = pipeline.run(_job(model, raw), Settings(cache_dir=tmp_path / "c"), tmp_path / "o")
+    assert report.general_benign is None
+    assert "the spec opted out" in card.render_card(report)
+
+
+def test_a_job_measures_and_gates_the_general_test_part(
+    tmp_path: Path, tiny_model_dir: Any
+) -> None:
+    from harmprune import card, pipeline
+    from harmprune.evaluation import relative_change
+    from harmprune.settings import Settings
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["general_benign"] = {"sizes": [3, 0, 6]}
+    # Any benign loss rise on the general prompts fails the job; the spec's own benign prompts
+    # get the same threshold, so the outcome is checked against both measured rises.
+    raw["thresholds"] = {**raw["thresholds"], "max_benign_loss_increase": 0.0}
+    model = str(tiny_model_dir("llama"))
+    report = pipeline.run(_job(model, raw), Settings(cache_dir=tmp_path / "c"), tmp_path / "o")
+    g = report.general_benign
+    assert g is not None and g.prompts["test"] == 6
+    assert len(g.original.per_prompt["benign_loss"]) == 6
+    rise = relative_change(g.hardened.benign_loss, g.original.benign_loss)
+    assert g.intervals["hardened"]["benign_loss_rise"].estimate == pytest.approx(rise)
+    assert bool(g.failures) == (rise > 0)
+    assert all(f.startswith("general benign set: ") for f in g.failures)
+    if g.failures:
+        assert report.outcome == "rejected" and "general benign set" in report.outcome_reason
+    assert "## General benign set" in card.render_card(report)
