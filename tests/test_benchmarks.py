@@ -1,0 +1,192 @@
+"""Utility benchmarks with lm-evaluation-harness (harmprune.benchmarks): real lm-eval on a tiny
+random Llama, checked against a direct computation of what lm-eval defines as accuracy."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from harmprune.benchmarks import (
+    BenchmarkResult,
+    BenchmarksConfig,
+    compare_benchmarks,
+    local_tasks,
+    run_benchmarks,
+)
+from harmprune.errors import SpecError
+from pydantic import ValidationError
+
+from tests.tiny_models import build_model, make_tokenizer
+
+LOCAL = ("harmprune_everyday_mc", "harmprune_yesno")
+
+
+def _items(task: str) -> list[tuple[str, list[str], int]]:
+    """(context, choices, gold) of the task's test split, formatted as its YAML says."""
+    folder = local_tasks()[task].parent
+    if task == "harmprune_everyday_mc":
+        rows = [json.loads(line) for line in (folder / "everyday_mc.test.jsonl").open()]
+        return [(f"Question: {r['question']}\nAnswer:", r["choices"], r["answer"]) for r in rows]
+    rows = [json.loads(line) for line in (folder / "yesno.test.jsonl").open()]
+    return [
+        (f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], r["label"])
+        for r in rows
+    ]
+
+
+def _loglikelihood(model: Any, tokenizer: Any, context: str, continuation: str) -> float:
+    """lm-eval's loglikelihood for a causal model: encode context and context+continuation, the
+    continuation's tokens are the tail of the whole beyond the context's; sum their log-probs."""
+    context_ids = tokenizer.encode(context)
+    whole = tokenizer.encode(context + continuation)
+    continuation_ids = whole[len(context_ids) :]
+    assert continuation_ids
+    ids = torch.tensor([context_ids + continuation_ids])
+    with torch.no_grad():
+        logits = model(ids[:, :-1]).logits[0, len(context_ids) - 1 :]
+    logprobs = torch.log_softmax(logits.double(), dim=-1)
+    return float(logprobs.gather(1, torch.tensor(continuation_ids)[:, None]).sum())
+
+
+def _direct(
+    model: Any, tokenizer: Any, task: str, n: int, *, chat: bool = False
+) -> dict[str, float]:
+    correct = correct_norm = 0
+    for context, choices, gold in _items(task)[:n]:
+        if chat:  # the prompt as one user turn; lm-eval then drops the " " before the choice
+            context = tokenizer.apply_chat_template(
+                [{"role": "user", "content": context}], tokenize=False, add_generation_prompt=True
+            )
+        delimiter = "" if chat else " "
+        lls = [_loglikelihood(model, tokenizer, context, delimiter + c) for c in choices]
+        pred = max(range(len(choices)), key=lambda i: lls[i])
+        pred_norm = max(range(len(choices)), key=lambda i: lls[i] / len(choices[i]))
+        correct += pred == gold
+        correct_norm += pred_norm == gold
+    return {"acc": correct / n, "acc_norm": correct_norm / n}
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[Any, Any]:
+    """Seed 2: its answers vary on both tasks (seed 1234 answers "no" to every yes/no item), and
+    scoring without lm-eval's " " before each choice gives other accuracies (0.475 and 0.2
+    instead of 0.35 and 0.25), so the comparison below can fail."""
+    tokenizer = make_tokenizer()
+    return build_model("llama", tokenizer, seed=2), tokenizer
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No socket may connect, and the working directory is an empty folder to watch."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _by_key(results: list[BenchmarkResult]) -> dict[tuple[str, str], BenchmarkResult]:
+    return {(r.task, r.metric): r for r in results}
+
+
+def test_local_tasks_score_as_the_direct_computation(llama: tuple[Any, Any], offline: Path) -> None:
+    model, tokenizer = llama
+    model.train()  # the caller's mode comes back
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    started = time.perf_counter()
+    results = run_benchmarks(model, tokenizer, BenchmarksConfig(tasks=list(LOCAL)))
+    print(f"run_benchmarks, 2 tasks x 40 items: {time.perf_counter() - started:.1f} s")
+    assert model.training
+    model.eval()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert list(offline.iterdir()) == []  # nothing written into the working directory
+
+    got = _by_key(results)
+    assert set(got) == {
+        ("harmprune_everyday_mc", "acc"),
+        ("harmprune_everyday_mc", "acc_norm"),
+        ("harmprune_yesno", "acc"),
+    }
+    for task in LOCAL:
+        want = _direct(model, tokenizer, task, 40)
+        for (name, metric), result in got.items():
+            if name == task:
+                assert result.value == pytest.approx(want[metric], abs=1e-9), (task, metric)
+                assert result.n == 40
+                assert result.num_fewshot == 0
+                assert result.chat_template is False
+                assert result.stderr is not None and result.stderr > 0
+
+
+def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
+    model, tokenizer = llama
+    config = BenchmarksConfig(tasks=list(LOCAL), limit=7, apply_chat_template=True)
+    results = run_benchmarks(model, tokenizer, config)
+    assert {r.n for r in results} == {7}
+    assert all(r.chat_template for r in results)
+    for result in results:
+        want = _direct(model, tokenizer, result.task, 7, chat=True)
+        assert result.value == pytest.approx(want[result.metric], abs=1e-9), result
+
+    shots = BenchmarksConfig(
+        tasks=["harmprune_everyday_mc"], limit=3, num_fewshot=2, apply_chat_template=True
+    )
+    few = run_benchmarks(model, tokenizer, shots)
+    assert {(r.n, r.num_fewshot, r.chat_template) for r in few} == {(3, 2, True)}
+
+    drops = compare_benchmarks(results, results)
+    assert len(drops) == 3 and all(d.drop == 0 for d in drops)
+    with pytest.raises(ValueError, match="different setups"):
+        compare_benchmarks(few, results)
+
+
+def test_the_module_imports_neither_torch_nor_lm_eval(tmp_path: Path) -> None:
+    code = (
+        "import sys, harmprune.benchmarks\n"
+        "bad = [m for m in ('torch', 'lm_eval', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
+
+
+def test_an_unknown_task_is_a_spec_error_naming_it(llama: tuple[Any, Any], offline: Path) -> None:
+    model, tokenizer = llama
+    config = BenchmarksConfig(tasks=["harmprune_yesno", "no_such_benchmark_xyz"], limit=2)
+    started = time.perf_counter()
+    with pytest.raises(SpecError, match="no_such_benchmark_xyz") as raised:
+        run_benchmarks(model, tokenizer, config)
+    assert "harmprune_everyday_mc" in str(raised.value)  # the local names are listed
+    assert time.perf_counter() - started < 20  # no full parse of lm-eval's 14,000 task files
+
+    plain = make_tokenizer(chat_template=False)
+    chat = BenchmarksConfig(tasks=["harmprune_yesno"], apply_chat_template=True)
+    with pytest.raises(SpecError, match="no chat template"):
+        run_benchmarks(model, plain, chat)
+
+
+def test_the_config_is_strict() -> None:
+    assert BenchmarksConfig().tasks == []
+    assert run_benchmarks(None, None, BenchmarksConfig()) == []
+    for bad in (
+        {"limit": 0},
+        {"num_fewshot": -1},
+        {"batch_size": 0},
+        {"task": ["boolq"]},
+        {"tasks": ["boolq", "boolq"]},
+        {"tasks": [" boolq"]},
+    ):
+        with pytest.raises(ValidationError):
+            BenchmarksConfig.model_validate(bad)
+    assert set(local_tasks()) == set(LOCAL)
