@@ -4,11 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.harmprune-installed
 # The editable install is a tree of links named as the installed package (harmprune/...), which
 # mypy and every tool can follow; a new or removed module re-links it (no dependency changes).
-<<<<<<< HEAD
-SOURCES := $(sort $(wildcard service/*.py service/*/*.py jobs/*.py cli/*.py api/*.py api/*/*.py workers/*.py examples/*.py examples/*.yaml examples/domains/*.yaml))
-=======
-SOURCES := $(sort $(wildcard service/*.py service/*/*.py jobs/*.py cli/*.py api/*.py api/*/*.py workers/*.py examples/*.py examples/domains/*.yaml examples/benchmarks/*))
->>>>>>> lmeval
+SOURCES := $(sort $(wildcard service/*.py service/*/*.py jobs/*.py cli/*.py api/*.py api/*/*.py workers/*.py examples/*.py examples/*.yaml examples/domains/*.yaml examples/benchmarks/*))
 TREE := $(VENV)/.harmprune-tree
 
 .PHONY: install demo test lint bench
