@@ -22,12 +22,12 @@ import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+from harmprune.config import BenchmarksConfig as BenchmarksConfig
 from harmprune.config import Strict
 from harmprune.errors import SpecError
-from pydantic import Field, field_validator
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -38,33 +38,6 @@ METRICS = ("acc", "acc_norm")
 FEWSHOT_SEED = 1234
 # Only for metrics without a closed-form stderr (acc and acc_norm have one).
 BOOTSTRAP_ITERS = 1000
-
-
-class BenchmarksConfig(Strict):
-    """Which lm-eval tasks measure utility, and how (`eval.benchmarks` in a domain spec)."""
-
-    tasks: list[str] = Field(
-        default_factory=list,
-        description="lm-eval task or group names: harmprune's local tasks (offline) or built-in "
-        "ones (boolq, hellaswag, mmlu, ...: need network for their datasets).",
-    )
-    limit: Annotated[int | None, Field(gt=0, description="Items per task; none = all.")] = None
-    num_fewshot: Annotated[int, Field(ge=0)] = 0
-    apply_chat_template: bool = Field(
-        False, description="Format prompts with the tokenizer's chat template."
-    )
-    batch_size: Annotated[int, Field(gt=0)] = 8
-
-    @field_validator("tasks")
-    @classmethod
-    def _names(cls, tasks: list[str]) -> list[str]:
-        for name in tasks:
-            if not name.strip() or name != name.strip():
-                raise ValueError(f"task name {name!r} is empty or has surrounding spaces")
-        duplicates = sorted({name for name in tasks if tasks.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"tasks listed twice: {', '.join(duplicates)}")
-        return tasks
 
 
 class BenchmarkResult(Strict):

@@ -115,6 +115,46 @@ prompts chose nothing. The spec's benign thresholds apply to them too: **{verdic
 """
 
 
+def _benchmarks_section(report: Report) -> str:
+    b = report.benchmarks
+    if b is None:
+        return ""
+
+    def score(r: Any) -> str:
+        return f"{r.value:.3f}" + (f" ± {r.stderr:.3f}" if r.stderr is not None else "")
+
+    key = lambda r: (r.task, r.metric)  # noqa: E731
+    hardened = {key(r): r for r in b.hardened}
+    control = {key(r): r for r in b.random_control}
+    rows = "\n".join(
+        f"| {r.task} | {r.metric} | {r.n} | {score(r)} | {score(hardened[key(r)])} | "
+        f"{score(control[key(r)]) if key(r) in control else 'n/a'} |"
+        for r in b.original
+        if key(r) in hardened
+    )
+    first = b.original[0] if b.original else None
+    setup = (
+        f"{first.num_fewshot}-shot, chat template {'on' if first.chat_template else 'off'}"
+        if first
+        else ""
+    )
+    gate = (
+        f"Gate: no score may drop by more than {b.max_drop:.3f}: "
+        + ("**missed**: " + "; ".join(b.failures) if b.failures else "**held**")
+        if b.max_drop is not None
+        else "Reported, not gated (no thresholds.max_benchmark_drop)"
+    )
+    return f"""
+## Utility benchmarks (lm-evaluation-harness)
+
+Scores ± standard error, {setup}, on the model in memory. {gate}.
+
+| task | metric | items | original | hardened | random pruning |
+|---|---|---|---|---|---|
+{rows}
+"""
+
+
 def _sets_sentence(report: Report) -> str:
     h = report.heldout
     made = h.made_by
@@ -237,7 +277,7 @@ recognition: accuracy at answering whether a request is harmful.
 
 {table}
 
-{_evidence_section(report)}{_general_benign_section(report)}
+{_evidence_section(report)}{_general_benign_section(report)}{_benchmarks_section(report)}
 {search}
 {tamper_section}{card_attacks.render_section(report.attacks)}## Where the pruned weights are
 

@@ -125,6 +125,33 @@ class ControlsConfig(Strict):
     )
 
 
+class BenchmarksConfig(Strict):
+    """Which lm-eval tasks measure utility, and how (`eval.benchmarks` in a domain spec)."""
+
+    tasks: list[str] = Field(
+        default_factory=list,
+        description="lm-eval task or group names: harmprune's local tasks (offline) or built-in "
+        "ones (boolq, hellaswag, mmlu, ...: need network for their datasets).",
+    )
+    limit: Annotated[int | None, Field(gt=0, description="Items per task; none = all.")] = None
+    num_fewshot: Annotated[int, Field(ge=0)] = 0
+    apply_chat_template: bool = Field(
+        False, description="Format prompts with the tokenizer's chat template."
+    )
+    batch_size: Annotated[int, Field(gt=0)] = 8
+
+    @field_validator("tasks")
+    @classmethod
+    def _names(cls, tasks: list[str]) -> list[str]:
+        for name in tasks:
+            if not name.strip() or name != name.strip():
+                raise ValueError(f"task name {name!r} is empty or has surrounding spaces")
+        duplicates = sorted({name for name in tasks if tasks.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"tasks listed twice: {', '.join(duplicates)}")
+        return tasks
+
+
 class GeneralBenignConfig(Strict):
     """harmprune's own everyday requests (harmprune.general_benign: 195 prompts in 13
     categories, written for the project), split by the job's seed, stratified by category, into
@@ -162,6 +189,11 @@ class EvalConfig(Strict):
     validation: ValidationSets = Field(default_factory=ValidationSets)
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
     general_benign: GeneralBenignConfig = Field(default_factory=GeneralBenignConfig)
+    benchmarks: BenchmarksConfig | None = Field(
+        None,
+        description="Utility benchmarks (lm-evaluation-harness) on the original, the hardened "
+        "model and the random control; gated by thresholds.max_benchmark_drop.",
+    )
     multiple_choice: list[MultipleChoiceItem] = Field(default_factory=list)
     judges: list[JudgeName] = Field(default_factory=_default_judges, min_length=1)
     classifier: ClassifierJudge | None = None
@@ -209,6 +241,11 @@ class Thresholds(Strict):
     )
     min_margin_over_random: Annotated[float, Field(ge=0)] = Field(
         0.02, description="Hardened harm rise minus the random control's, at least this."
+    )
+    max_benchmark_drop: Annotated[float, Field(ge=0, le=1)] | None = Field(
+        None,
+        description="Largest allowed drop of any eval.benchmarks score (accuracy points: 0.05 = "
+        "5 points), hardened vs original; none: reported, not gated.",
     )
 
 

@@ -36,6 +36,7 @@ import torch
 from harmprune import (
     attacks,
     attribution,
+    benchmarks,
     card,
     data,
     evaluation,
@@ -60,6 +61,7 @@ from harmprune.errors import CalibrationError, JobCancelled, SpecError
 from harmprune.loading import LoadedModel, load_model, resolve
 from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
 from harmprune.report import (
+    BenchmarksSummary,
     CalibrationSummary,
     ControlSummary,
     Evidence,
@@ -132,6 +134,13 @@ class JobContext:
     def check_cancel(self) -> None:
         if self.should_cancel and self.should_cancel():
             raise JobCancelled("the job was cancelled")
+
+    def run_benchmarks(self) -> list[benchmarks.BenchmarkResult]:
+        """The spec's lm-eval tasks on the model as it is now (in memory, no reload)."""
+        assert self.spec.eval.benchmarks is not None
+        return benchmarks.run_benchmarks(
+            self.loaded.model, self.loaded.tokenizer, self.spec.eval.benchmarks
+        )
 
     def measure(self, heldout: evaluation.HeldOut, level: str = "full") -> evaluation.ModelMetrics:
         """Every measure of the model as it is now, on `heldout` (`search`: teacher forced only)."""
@@ -511,6 +520,10 @@ def run(
             original_validation = ctx.measure(validation, "search") if validation else None
             original_general = ctx.measure(general, "full") if general else None
             ctx.progress("evaluate", 1, 1)
+        original_benchmarks = None
+        if ctx.spec.eval.benchmarks is not None:
+            with timed("benchmarks_original"):
+                original_benchmarks = ctx.run_benchmarks()
         ctx.check_cancel()
         q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
         with timed("attribute"):
@@ -533,6 +546,11 @@ def run(
                     ctx, scores, mask, general, original_general, sets.general_sizes
                 )
                 failures += general_result.failures
+        benchmarks_result = None
+        if original_benchmarks is not None:
+            with timed("benchmarks"):
+                benchmarks_result = verify_benchmarks(ctx, scores, mask, original_benchmarks)
+                failures += benchmarks_result.failures
         ctx.check_cancel()
         tamper_result = None
         if ctx.spec.tamper is not None:
@@ -563,6 +581,7 @@ def run(
                 "attacks": attacks_result,
                 "evidence": evidence,
                 "general_benign": general_result,
+                "benchmarks": benchmarks_result,
             }
         )
         with timed("save"):
@@ -581,6 +600,8 @@ def load(
     """Preflight (config files only: a job this machine cannot run fails before any weight is
     read), then the model and the judge model."""
     progress("load", 0, 1)
+    if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
+        benchmarks.check_tasks(config.domain.eval.benchmarks.tasks)
     planned = preflight.check_before_loading(config, settings, attribution_processes)
     # the estimate decides `auto` (it knows the device); without one, only "on" is on.
     # FSDP2 ranks never recompute.
@@ -857,6 +878,35 @@ def verify_general(
             "random_control": verification.headline(random_control, original, seed),
         },
         failures=[f"general benign set: {f}" for f in failures],
+    )
+
+
+def verify_benchmarks(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    original: list[benchmarks.BenchmarkResult],
+) -> BenchmarksSummary:
+    """The lm-eval tasks on the hardened model and the first random control; any score that
+    drops by more than thresholds.max_benchmark_drop fails the job."""
+    hardened = ctx.run_benchmarks()
+    indices = verification.random_control_indices(
+        scores.params, verification.control_counts(mask), ctx.config.seed
+    )
+    random_control = verification.measure_control(scores.params, mask, indices, ctx.run_benchmarks)
+    limit = ctx.spec.thresholds.max_benchmark_drop
+    failures = [
+        f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
+        f"(drop {d.drop:.3f} > {limit:.3f})"
+        for d in benchmarks.compare_benchmarks(original, hardened)
+        if limit is not None and not d.drop <= limit  # NaN fails too
+    ]
+    return BenchmarksSummary(
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        max_drop=limit,
+        failures=failures,
     )
 
 

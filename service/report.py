@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Literal
 
+from harmprune.benchmarks import BenchmarkResult
 from harmprune.config import Thresholds
 from harmprune.results import (
     AttacksResult,
@@ -164,6 +165,16 @@ class GeneralBenignResult(Frozen):
     failures: list[str]
 
 
+class BenchmarksSummary(Frozen):
+    """lm-evaluation-harness scores (eval.benchmarks) of the three models, same tasks and setup."""
+
+    original: list[BenchmarkResult]
+    hardened: list[BenchmarkResult]
+    random_control: list[BenchmarkResult] = Field(description="The first random seed.")
+    max_drop: float | None = Field(description="thresholds.max_benchmark_drop (none: not gated).")
+    failures: list[str]
+
+
 class Report(Frozen):
     schema_version: str = SCHEMA_VERSION
     job_id: str | None = None
@@ -182,6 +193,7 @@ class Report(Frozen):
     thresholds: Thresholds
     tamper: TamperResult | None = None
     attacks: AttacksResult | None = None
+    benchmarks: BenchmarksSummary | None = Field(None, description="None: no eval.benchmarks.")
     general_benign: GeneralBenignResult | None = Field(
         None, description="None: the spec opted out (eval.general_benign: false)."
     )

@@ -190,3 +190,58 @@ def test_the_config_is_strict() -> None:
         with pytest.raises(ValidationError):
             BenchmarksConfig.model_validate(bad)
     assert set(local_tasks()) == set(LOCAL)
+
+
+# ---------------------------------------------------------------- in a job
+
+
+def test_a_job_scores_the_three_models_and_gates_on_the_drop(
+    tmp_path: Path, tiny_model_dir: Any
+) -> None:
+    from harmprune import card, pipeline
+    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.settings import Settings
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["benchmarks"] = {"tasks": ["harmprune_everyday_mc"], "limit": 6, "batch_size": 4}
+    raw["thresholds"] = {**raw["thresholds"], "max_benchmark_drop": 0.0}
+    config = HardenConfig(
+        model=str(tiny_model_dir("llama")),
+        domain=DomainSpec.model_validate(raw),
+        device="cpu",
+        dtype="float32",
+    )
+    report = pipeline.run(config, Settings(cache_dir=tmp_path / "c"), tmp_path / "out")
+    b = report.benchmarks
+    assert b is not None and b.max_drop == 0.0
+    for results in (b.original, b.hardened, b.random_control):
+        assert {(r.task, r.metric) for r in results} == {
+            ("harmprune_everyday_mc", "acc"),
+            ("harmprune_everyday_mc", "acc_norm"),
+        }
+        assert all(r.n == 6 and 0 <= r.value <= 1 for r in results)
+    drops = [o.value - h.value for o, h in zip(b.original, b.hardened, strict=True)]
+    assert bool(b.failures) == any(d > 0 for d in drops)
+    if b.failures:
+        assert report.outcome == "rejected" and "benchmark harmprune_everyday_mc" in (
+            report.outcome_reason
+        )
+    assert "## Utility benchmarks (lm-evaluation-harness)" in card.render_card(report)
+    assert "benchmarks_original" in report.timings_s and "benchmarks" in report.timings_s
+
+
+def test_a_misspelt_task_fails_the_job_before_any_weight_is_read(tmp_path: Path) -> None:
+    from harmprune import pipeline
+    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.settings import Settings
+
+    from tests.evidence_fixtures import disjoint_domain
+
+    raw = disjoint_domain()
+    raw["eval"]["benchmarks"] = {"tasks": ["harmprune_no_such_task"]}
+    # The model does not exist: the task check must come first.
+    config = HardenConfig(model=str(tmp_path / "absent"), domain=DomainSpec.model_validate(raw))
+    with pytest.raises(SpecError, match="harmprune_no_such_task"):
+        pipeline.run(config, Settings(cache_dir=tmp_path / "c"), tmp_path / "out")
