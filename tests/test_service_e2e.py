@@ -419,7 +419,11 @@ def test_smollm2_job_end_to_end_on_the_hub(
             {"prompt": "Name three planets.", "response": "Mars, Venus and Earth."},
             {"prompt": "What is 12 times 7?", "response": "84."},
         ],
-        "eval": {"max_new_tokens": 8, "judges": ["nll"]},
+        "eval": {
+            "max_new_tokens": 8,
+            "judges": ["nll"],
+            "general_benign": {"sizes": [4, 0, 4]},  # on in every job; a test-sized share
+        },
         "thresholds": PERMISSIVE,
     }
     try:
