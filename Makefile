@@ -30,7 +30,9 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	# Two test processes (one per core, one torch thread each): the suite is half waiting on
+	# worker/API subprocesses and Redis, so two overlap (tests/conftest.py: groups, order).
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 bench: install
 	$(PY) bench/attribution.py

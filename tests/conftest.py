@@ -26,6 +26,26 @@ from tests.tiny_models import (  # noqa: F401  (ARCHS, TIED_ARCHS, ...: imported
 # Tests never reach the network: an unknown Hub id must fail fast instead of timing out.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Under pytest-xdist (`make test`: one process per core), each process and the worker/CLI
+# subprocesses it starts use one torch thread: two processes with two threads each on two cores
+# run slower than one thread each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Slow tests first (stable order otherwise): under xdist the long ones then start early
+    and the short ones fill in around them, instead of one process finishing a long test alone.
+    Tests that share the session's SmolLM2 run, or build a wheel in the source tree, run in one
+    process each (`--dist loadgroup`)."""
+    for item in items:
+        if "smollm2_run" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2_run"))
+        elif "wheel" in item.name:
+            item.add_marker(pytest.mark.xdist_group("source_tree_build"))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 def _restore_torch_threads() -> Iterator[None]:
     threads = torch.get_num_threads()
@@ -156,13 +176,16 @@ def redis_url() -> Iterator[str]:
 def smollm2_cache_dir() -> Path:
     """The harmprune cache holding SmolLM2's GGUF conversion (HARMPRUNE_CACHE_DIR, default
     ~/.cache/harmprune: what `make demo` fills), converted at most once per session."""
+    from filelock import FileLock
     from harmprune.loading import convert_gguf
     from harmprune.settings import Settings
 
     from tests.support.smollm2 import smollm2_gguf
 
     cache = Settings().cache_dir
-    convert_gguf(smollm2_gguf(), cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(cache / ".smollm2-conversion.lock")):  # xdist processes share the cache
+        convert_gguf(smollm2_gguf(), cache)
     return cache
 
 

@@ -43,8 +43,17 @@ def test_the_wheel_installs_one_package_with_the_example_domains(tmp_path: Path)
         "harmprune/cli/main.py",
         "harmprune/pipeline.py",
         "harmprune/py.typed",
+        "harmprune/general_benign.py",
+        "harmprune/examples/general_benign.yaml",
+        "harmprune/benchmarks.py",
+        "harmprune/examples/benchmarks/harmprune_everyday_mc.yaml",
+        "harmprune/examples/benchmarks/everyday_mc.test.jsonl",
+        "harmprune/examples/benchmarks/harmprune_yesno.yaml",
+        "harmprune/examples/benchmarks/yesno.test.jsonl",
     ):
         assert expected in names, expected
+    shipped = zipfile.ZipFile(wheel).read("harmprune/examples/general_benign.yaml").decode()
+    assert shipped == (ROOT / "examples" / "general_benign.yaml").read_text()
 
 
 def test_named_domains_resolve_from_any_directory(tmp_path: Path) -> None:
