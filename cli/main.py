@@ -172,7 +172,7 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from harmprune.config import HardenConfig, format_validation_error, load_domain
+    from harmprune.config import format_validation_error, harden_config, load_domain
     from harmprune.errors import SpecError
     from pydantic import ValidationError
 
@@ -195,17 +195,17 @@ def build_config(args: argparse.Namespace) -> Any:
         if overrides:
             pruning = spec.pruning.model_validate({**spec.pruning.model_dump(), **overrides})
             spec = spec.model_copy(update={"pruning": pruning})
-        return HardenConfig(
-            model=args.model,
+        return harden_config(
+            args.model,
+            spec,
             revision=args.revision,
-            domain=spec,
-            seed=args.seed,
             device=args.device,
+            seed=args.seed,
             dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
             batch_size=args.batch_size,
-            max_backward_tokens=args.max_backward_tokens or None,  # 0: no cap
             gradient_checkpointing=args.gradient_checkpointing,
+            max_backward_tokens=args.max_backward_tokens or None,  # 0: no cap
         )
     except ValidationError as err:
         raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None

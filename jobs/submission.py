@@ -22,7 +22,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from harmprune.config import DomainSpec, HardenConfig, example_domain_path, load_domain
+from harmprune.config import (
+    RUN_OPTIONS,
+    DomainSpec,
+    HardenConfig,
+    example_domain_path,
+    harden_config,
+    load_domain,
+)
 from harmprune.errors import QuotaExceeded, RequestRefused, ServiceUnavailable
 from harmprune.jobs.planning import (
     Plan,
@@ -164,16 +171,6 @@ class JobRequest(BaseModel):
         return v
 
 
-RUN_OPTIONS = (
-    "seed",
-    "batch_size",
-    "dtype",
-    "trust_remote_code",
-    "max_backward_tokens",
-    "gradient_checkpointing",
-)
-
-
 def check_model_reference(model: str, settings: Settings, field: str = "model") -> None:
     """Only references a tenant may name: the SmolLM2 alias, a Hub id, or an absolute path under
     a directory the operator allows. Never another path on the worker."""
@@ -206,10 +203,10 @@ def build_config(request: JobRequest, settings: Settings) -> HardenConfig:
         raise RequestRefused("trust_remote_code", "the operator does not allow remote code")
     hardware = request.hardware or settings.default_hardware
     try:
-        return HardenConfig(
-            model=request.model,
+        return harden_config(
+            request.model,
+            request.domain,
             revision=request.revision,
-            domain=request.domain,
             device="cpu" if hardware == "cpu" else None,
             **{name: getattr(request, name) for name in RUN_OPTIONS},
         )

@@ -542,6 +542,33 @@ class HardenConfig(Strict):
     )
 
 
+# The run options a request may set (CLI flags, `harmprune submit`, the API body's fields).
+RUN_OPTIONS = (
+    "seed",
+    "batch_size",
+    "dtype",
+    "trust_remote_code",
+    "max_backward_tokens",
+    "gradient_checkpointing",
+)
+
+
+def harden_config(
+    model: str,
+    domain: DomainSpec,
+    revision: str | None = None,
+    device: str | None = None,
+    **options: Any,
+) -> HardenConfig:
+    """The one place a request becomes a HardenConfig, for the CLI, `harmprune submit` and the
+    API: only RUN_OPTIONS may be set, an option not given takes the engine's default. Raises
+    pydantic's ValidationError (each caller names the field its own way)."""
+    unknown = sorted(set(options) - set(RUN_OPTIONS))
+    if unknown:
+        raise TypeError(f"not run options: {', '.join(unknown)}")
+    return HardenConfig(model=model, revision=revision, domain=domain, device=device, **options)
+
+
 def format_validation_error(err: ValidationError) -> str:
     """One `field.path: message` line per problem, for CLI and API messages."""
     lines = []
