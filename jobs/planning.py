@@ -28,7 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from harmprune.config import ClassifierJudge, HardenConfig, HubDataset
+from harmprune.config import ClassifierJudge, DomainSpec, HardenConfig, HubDataset
 from harmprune.errors import HarmpruneError, ModelLoadError, NotPermitted, ServiceUnavailable
 from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import (
@@ -138,7 +138,11 @@ def check_referenced_access(config: HardenConfig, policy: TenantPolicy, settings
 
 def referenced_repos(config: HardenConfig) -> list[tuple[str, str, str | None, str]]:
     """(field, repo id, revision, repo type) of the judge and every Hub dataset of a job."""
-    spec = config.domain
+    return domain_repos(config.domain)
+
+
+def domain_repos(spec: DomainSpec) -> list[tuple[str, str, str | None, str]]:
+    """(field, repo id, revision, repo type) of the judge and every Hub dataset of a domain."""
     out: list[tuple[str, str, str | None, str]] = []
     classifier: ClassifierJudge | None = spec.eval.classifier
     if classifier is not None:

@@ -13,6 +13,9 @@ Keys (all under the deployment's `key_prefix`):
 
 Index entries of expired records are removed when a listing meets them (and by the sweep).
 
+A submission is one round trip: `admit` (a Lua script) checks the Idempotency-Key and the
+tenant's concurrent and daily quotas and stores the record with its index entries, atomically.
+
 Every state change is one optimistic transaction (WATCH/MULTI) that moves the record and its
 index entries together, so a re-delivered task reads the record and decides: `queued` -> run;
 `running` with a live owner -> duplicate delivery, drop it; `running` with a dead owner (lease
@@ -213,6 +216,46 @@ class IdempotencyConflict(Exception):
         self.job_id = job_id
 
 
+class QuotaRefusal(Exception):
+    """`JobStore.admit` refused a job: `kind` is the quota (`concurrent` with the tenant's
+    active jobs, or `daily`)."""
+
+    def __init__(self, kind: Literal["concurrent", "daily"], active: int = 0) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.active = active
+
+
+# One round trip for a submission (JobStore.admit): the idempotency key, the concurrent and
+# daily quotas and the new record with its index entries, atomically.
+#   KEYS: job, tenant index, tenant queued, tenant running, state queued, daily counter, idem
+#   ARGV: record JSON, job id, score, concurrent limit, daily limit, daily TTL, idem entry JSON
+#         ("" without an Idempotency-Key), job key prefix (`{p}:job:`)
+_ADMIT = """
+if ARGV[7] ~= '' then
+  local seen = redis.call('GET', KEYS[7])
+  if seen then
+    local earlier = redis.call('GET', ARGV[8] .. cjson.decode(seen)['job_id'])
+    if earlier then return {'seen', seen, earlier} end
+  end
+end
+local active = redis.call('ZCARD', KEYS[3]) + redis.call('ZCARD', KEYS[4])
+if active >= tonumber(ARGV[4]) then return {'concurrent', tostring(active)} end
+local count = redis.call('INCR', KEYS[6])
+redis.call('EXPIRE', KEYS[6], ARGV[6])
+if count > tonumber(ARGV[5]) then
+  redis.call('DECR', KEYS[6])
+  return {'daily'}
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[2])
+if ARGV[7] ~= '' then redis.call('SET', KEYS[7], ARGV[7]) end
+return {'created'}
+"""
+
+
 class NotCancellable(Exception):
     def __init__(self, state: JobState) -> None:
         super().__init__(state)
@@ -247,6 +290,7 @@ class JobStore:
         self.r = client
         self.p = prefix
         self.record_ttl_s = record_ttl_s
+        self._admit = client.register_script(_ADMIT)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobStore:
@@ -358,10 +402,13 @@ class JobStore:
                 pipe.zcard(self._tenant_state(tenant, state))
             return sum(pipe.execute())
 
+    def _daily(self, tenant: str) -> str:
+        return f"{self.p}:quota:{tenant}:jobs:{time.strftime('%Y%m%d', time.gmtime())}"
+
     def take_daily_job(self, tenant: str, limit: int) -> bool:
         """Count one job against the tenant's jobs of this UTC day; False (and not counted)
         once `limit` is reached."""
-        key = f"{self.p}:quota:{tenant}:jobs:{time.strftime('%Y%m%d', time.gmtime())}"
+        key = self._daily(tenant)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.incr(key)
             pipe.expire(key, 2 * 86400)
@@ -450,6 +497,60 @@ class JobStore:
 
         self.r.transaction(txn, idem)
         return outcome[0]
+
+    def admit(
+        self,
+        record: JobRecord,
+        *,
+        concurrent_jobs: int,
+        jobs_per_day: int,
+        idempotency_key: str | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """`create` within the tenant's quotas, in one round trip (a Lua script, atomic).
+
+        With an Idempotency-Key already used for the same request: the earlier job and False
+        (no quota taken); for a different request IdempotencyConflict. Then QuotaRefusal when
+        the tenant has `concurrent_jobs` queued or running, or has submitted `jobs_per_day`
+        today (UTC; not counted then). Else the record is stored with its index entries, one
+        job is counted for the day, and (record, True) returned."""
+        assert record.state == JobState.queued
+        idem_key, entry = "", ""
+        if idempotency_key is not None:
+            key_hash = self.hash_key(idempotency_key)
+            record = record.model_copy(update={"idempotency_key": key_hash})
+            idem_key = self._idem(record.tenant, key_hash)
+            entry = json.dumps({"job_id": record.id, "fingerprint": record.fingerprint})
+        keys = [
+            self._job(record.id),
+            self._tenant_index(record.tenant),
+            self._tenant_state(record.tenant, JobState.queued),
+            self._tenant_state(record.tenant, JobState.running),
+            self._state(JobState.queued),
+            self._daily(record.tenant),
+            idem_key or self._idem(record.tenant, "-"),  # declared, unused without a key
+        ]
+        args: list[str | int] = [
+            record.model_dump_json(),
+            record.id,
+            repr(record.created_at),
+            concurrent_jobs,
+            jobs_per_day,
+            2 * 86400,
+            entry,
+            f"{self.p}:job:",
+        ]
+        answer = self._admit(keys=keys, args=args)
+        kind = answer[0]
+        if kind == "created":
+            return record, True
+        if kind == "seen":
+            seen, earlier = json.loads(answer[1]), JobRecord.model_validate_json(answer[2])
+            if seen["fingerprint"] != record.fingerprint:
+                raise IdempotencyConflict(earlier.id)
+            return earlier, False
+        if kind == "concurrent":
+            raise QuotaRefusal("concurrent", int(answer[1]))
+        raise QuotaRefusal("daily")
 
     def _update(self, job_id: str, mutate: _Mutation, extra: Callable[[Any], None] | None = None):
         """Read-modify-write one record atomically. `mutate` returns the new record or None

@@ -36,7 +36,7 @@ from harmprune.jobs.planning import (
     Planner,
     check_job_access,
     check_referenced_access,
-    referenced_repos,
+    domain_repos,
 )
 from harmprune.jobs.store import (
     IdempotencyConflict,
@@ -45,6 +45,7 @@ from harmprune.jobs.store import (
     JobState,
     JobStore,
     PublishTarget,
+    QuotaRefusal,
     fingerprint,
     new_job_id,
 )
@@ -217,8 +218,7 @@ def build_config(request: JobRequest, settings: Settings) -> HardenConfig:
 
 
 def referenced_repos_of(domain: DomainSpec) -> list[tuple[str, str, str | None, str]]:
-    probe = HardenConfig(model=SMOLLM2_ALIAS, domain=domain)
-    return referenced_repos(probe)
+    return domain_repos(domain)
 
 
 def request_from_cli(
@@ -260,22 +260,21 @@ class Submitted:
     created: bool  # False: an idempotent replay of an earlier request
 
 
-def check_quotas(store: JobStore, policy: TenantPolicy) -> None:
+def quota_exceeded(refusal: QuotaRefusal, policy: TenantPolicy) -> QuotaExceeded:
+    """The 429 for a quota `JobStore.admit` refused."""
     quotas = policy.quotas
-    active = store.active_count(policy.name)
-    if active >= quotas.concurrent_jobs:
-        raise QuotaExceeded(
+    if refusal.kind == "concurrent":
+        return QuotaExceeded(
             "(quota)",
-            f"{active} jobs are queued or running for this API key (at most "
+            f"{refusal.active} jobs are queued or running for this API key (at most "
             f"{quotas.concurrent_jobs}); wait for one to end",
             retry_after_s=30,
         )
-    if not store.take_daily_job(policy.name, quotas.jobs_per_day):
-        raise QuotaExceeded(
-            "(quota)",
-            f"this API key has submitted {quotas.jobs_per_day} jobs today (UTC)",
-            retry_after_s=max(1, int(86400 - time.time() % 86400)),
-        )
+    return QuotaExceeded(
+        "(quota)",
+        f"this API key has submitted {quotas.jobs_per_day} jobs today (UTC)",
+        retry_after_s=max(1, int(86400 - time.time() % 86400)),
+    )
 
 
 def submit(
@@ -290,10 +289,10 @@ def submit(
     config = build_config(request, settings)
     policy.check_publish(request.publish.repo_id)
     hardware = request.hardware or settings.default_hardware
-    request_json = request.model_dump(mode="json")
+    request_fingerprint = fingerprint(request.model_dump(mode="json"))
     replay = store.find_idempotent(policy.name, idempotency_key) if idempotency_key else None
     if replay is not None:
-        if replay.fingerprint != fingerprint(request_json):
+        if replay.fingerprint != request_fingerprint:
             raise _idempotency_conflict(replay.id)
         return Submitted(replay, False)
     plan: Plan | None = None
@@ -302,7 +301,6 @@ def submit(
         check_referenced_access(config, policy, settings)
     else:
         check_job_access(config, policy, settings)
-    check_quotas(store, policy)
     now = time.time()
     record = JobRecord(
         id=new_job_id(),
@@ -316,12 +314,19 @@ def submit(
         publish=PublishTarget(**request.publish.model_dump()),
         spec_hash=config.domain.spec_hash(),
         domain=config.domain.name,
-        fingerprint=fingerprint(request_json),
+        fingerprint=request_fingerprint,
     )
-    try:
-        record, created = store.create(record, idempotency_key)
+    try:  # quotas, idempotency key and record: one atomic round trip
+        record, created = store.admit(
+            record,
+            concurrent_jobs=policy.quotas.concurrent_jobs,
+            jobs_per_day=policy.quotas.jobs_per_day,
+            idempotency_key=idempotency_key,
+        )
     except IdempotencyConflict as err:
         raise _idempotency_conflict(err.job_id) from None
+    except QuotaRefusal as refusal:
+        raise quota_exceeded(refusal, policy) from None
     if created:
         try:
             services.enqueue(record)

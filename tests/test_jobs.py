@@ -22,6 +22,7 @@ from harmprune.jobs.store import (
     JobStore,
     NotCancellable,
     Owner,
+    QuotaRefusal,
     ReportSummary,
     fingerprint,
     new_job_id,
@@ -99,6 +100,33 @@ def test_idempotency_same_body_same_job_other_body_conflict(store: JobStore) -> 
     other_tenant, created_other = store.create(make_record("beta", body={"a": 1}), "key-1")
     assert created_other and other_tenant.id != first.id  # keys are per tenant
     assert store.get(first.id).idempotency_key != "key-1"  # only its hash is stored
+
+
+def test_admit_is_create_within_the_quotas_in_one_round_trip(store: JobStore) -> None:
+    limits = {"concurrent_jobs": 2, "jobs_per_day": 3}
+    first, created = store.admit(make_record(body={"a": 1}), **limits, idempotency_key="k")
+    assert created and store.get(first.id) == first
+    assert store.active_count("alpha") == 1 and store.list_jobs("alpha")[1] == 1
+    # A replay of the same key and body: the same job, no quota taken; another body: refused.
+    again, created_again = store.admit(make_record(body={"a": 1}), **limits, idempotency_key="k")
+    assert (again.id, created_again) == (first.id, False)
+    with pytest.raises(IdempotencyConflict) as conflict:
+        store.admit(make_record(body={"a": 2}), **limits, idempotency_key="k")
+    assert conflict.value.job_id == first.id
+    second, _ = store.admit(make_record(), **limits)
+    with pytest.raises(QuotaRefusal) as busy:  # two active: the concurrent quota
+        store.admit(make_record(), **limits)
+    assert (busy.value.kind, busy.value.active) == ("concurrent", 2)
+    assert store.active_count("alpha") == 2  # nothing stored for the refused one
+    store.request_cancel(first.id, "alpha")
+    store.admit(make_record(), **limits)  # job 3 of the day
+    store.request_cancel(second.id, "alpha")
+    with pytest.raises(QuotaRefusal) as daily:
+        store.admit(make_record(), **limits)
+    assert daily.value.kind == "daily"
+    assert store.take_daily_job("alpha", 4)  # the refused one was not counted: 3, now 4
+    assert not store.take_daily_job("alpha", 4)
+    assert store.admit(make_record("beta"), **limits)[1]  # quotas are per tenant
 
 
 def test_idempotency_under_concurrency_creates_one_job(store: JobStore) -> None:
