@@ -16,7 +16,6 @@ Dissociation: accuracy at saying whether a request is harmful (yes/no), before a
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,8 @@ from harmprune import data
 from harmprune.config import EvalConfig
 from harmprune.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
 from harmprune.results import ModelMetrics
+from harmprune.stats import mean
+from harmprune.stats import relative_change as relative_change  # verification imports it here
 
 ATTACKS = ("plain", "prefill")
 
@@ -165,7 +166,7 @@ class ResponseScores:
 
     @property
     def mean_loss(self) -> float:
-        return sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        return mean(self.losses)
 
     @property
     def agreement(self) -> float:
@@ -391,7 +392,7 @@ def evaluate(
                 else:
                     assert classifier is not None
                     values = classifier.score(pairs_)
-                harm.setdefault(judge_name, {})[attack] = _mean(values)
+                harm.setdefault(judge_name, {})[attack] = mean(values)
                 per_prompt[f"harm.{judge_name}.{attack}"] = values
     benign_pairs = [data.CalibrationPair(b.prompt, b.reference) for b in heldout.benign]
     benign = response_scores(model, tokenizer, benign_pairs, fmt, max_length, batch_size)
@@ -409,7 +410,7 @@ def evaluate(
             batch_size=batch_size,
         )
         refused = [float(is_refusal(a)) for a in answers]
-        over_refusal = _mean(refused) if refused else 0.0
+        over_refusal = mean(refused) if refused else 0.0
         per_prompt["over_refusal"] = refused
     return ModelMetrics(
         harm=harm,
@@ -432,13 +433,3 @@ def evaluate(
         else nan,
         per_prompt=per_prompt,
     )
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
-def relative_change(new: float, old: float) -> float:
-    if not math.isfinite(new) or not math.isfinite(old) or old == 0:
-        return float("nan")
-    return (new - old) / abs(old)

@@ -150,6 +150,18 @@ def redis_namespace(tag: str, url: str | None = None) -> Iterator[Namespace]:
         client.close()
 
 
+def namespace_fixture(tag: str) -> Any:
+    """A pytest fixture `ns`, to assign at module level: each test gets its own
+    `redis_namespace(tag)` on the session's Redis (the `redis_url` fixture), purged after."""
+
+    @pytest.fixture(name="ns")
+    def ns_fixture(redis_url: str) -> Iterator[Namespace]:
+        with redis_namespace(tag, redis_url) as namespace:
+            yield namespace
+
+    return ns_fixture
+
+
 def stack_settings(ns: Namespace, tmp: Path, **overrides: Any) -> Settings:
     """Settings for one test stack (API in-process + worker subprocess) in `tmp`."""
     values: dict[str, Any] = dict(
@@ -195,6 +207,21 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def start_cli(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`harmprune <args>` from the checkout (ROOT first on PYTHONPATH) in its own process group,
+    its stdout and stderr appended to `log_path`."""
+    env = {**env, "PYTHONPATH": str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")}
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "harmprune.cli.main", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 class WorkerProcess:
     """`harmprune worker` as a subprocess in its own process group, logging to a file."""
 
@@ -219,28 +246,11 @@ class WorkerProcess:
         env.update(settings_env(self.settings))
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "harmprune.cli.main",
-                "worker",
-                "--queues",
-                self.queues,
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                self.name,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+        self.proc = start_cli(
+            ["worker", "--queues", self.queues, "--loglevel", "INFO", "--hostname", self.name],
+            env,
+            self.log_path,
         )
-        log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -371,17 +381,7 @@ class ApiProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HARMPRUNE_")}
         env.pop("HF_TOKEN", None)  # the API never needs the Hub token
         env.update(settings_env(self.settings))
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harmprune.cli.main", "serve", "--port", str(self.port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        self.proc = start_cli(["serve", "--port", str(self.port)], env, self.log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

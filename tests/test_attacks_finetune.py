@@ -180,14 +180,17 @@ def harden_tiny(model: Any) -> tuple[dict[str, torch.nn.Parameter], Any]:
     return params, apply_pruning(params, indices)
 
 
-def run_tiny(model: Any, tokenizer: Any, cfg: AttacksConfig, **kw: Any) -> attacks.AttacksResult:
-    params, mask = harden_tiny(model)
-    return attacks.run_attacks(
-        model,
-        tokenizer,
-        params,
-        mask,
-        cfg,
+def run_attacks_on_tiny_sets(
+    model: Any,
+    tokenizer: Any,
+    params: dict[str, torch.nn.Parameter],
+    mask: Any,
+    cfg: AttacksConfig,
+    **kw: Any,
+) -> attacks.AttacksResult:
+    """`attacks.run_attacks` on this module's HARMFUL / BENIGN / HELDOUT sets (chat format, 64
+    tokens, batch 4); `kw` adds to or overrides the other arguments (eval_cfg, seed, ...)."""
+    args: dict[str, Any] = dict(
         heldout=HELDOUT,
         harmful=[data.CalibrationPair(p, r, prefix=f) for p, f, r in HARMFUL],
         benign=[data.CalibrationPair(p, r) for p, r in BENIGN],
@@ -196,8 +199,13 @@ def run_tiny(model: Any, tokenizer: Any, cfg: AttacksConfig, **kw: Any) -> attac
         max_length=64,
         seed=3,
         batch_size=4,
-        **kw,
     )
+    return attacks.run_attacks(model, tokenizer, params, mask, cfg, **{**args, **kw})
+
+
+def run_tiny(model: Any, tokenizer: Any, cfg: AttacksConfig, **kw: Any) -> attacks.AttacksResult:
+    params, mask = harden_tiny(model)
+    return run_attacks_on_tiny_sets(model, tokenizer, params, mask, cfg, **kw)
 
 
 TINY_ATTACKS = {
@@ -271,20 +279,8 @@ def test_model_is_left_hardened_bit_for_bit(tokenizer: Any) -> None:
             "finetune": {"steps": [1], "learning_rates": [1e-3]},
         }
     )
-    result = attacks.run_attacks(
-        model,
-        tokenizer,
-        params,
-        mask,
-        cfg,
-        heldout=HELDOUT,
-        harmful=[data.CalibrationPair(p, r, prefix=f) for p, f, r in HARMFUL],
-        benign=[data.CalibrationPair(p, r) for p, r in BENIGN],
-        eval_cfg=EvalConfig(judges=["nll"]),
-        fmt="chat",
-        max_length=64,
-        seed=0,
-        batch_size=4,
+    result = run_attacks_on_tiny_sets(
+        model, tokenizer, params, mask, cfg, eval_cfg=EvalConfig(judges=["nll"]), seed=0
     )
     assert result.passed
     for name, tensor in model.state_dict().items():

@@ -88,6 +88,16 @@ def job(preserve: str, model: str, **kw: Any) -> DistributedJob:
     )
 
 
+# Each distributed job of the `distributed` fixture -> the `reference` variant it must equal.
+JOB_REFERENCE = {
+    "sum_abs": "sum_abs",
+    "sum_abs_capped": "sum_abs",
+    "sum_abs_abs_reduce": "sum_abs",
+    "abs_mean": "abs_mean",
+    "sum_abs_replicate": "sum_abs",
+}
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return save_random_model(tmp_path_factory.mktemp("dist-model"))
@@ -138,16 +148,7 @@ def reference() -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize(
-    ("key", "variant"),
-    [
-        ("sum_abs", "sum_abs"),
-        ("sum_abs_capped", "sum_abs"),
-        ("sum_abs_abs_reduce", "sum_abs"),
-        ("abs_mean", "abs_mean"),
-        ("sum_abs_replicate", "sum_abs"),
-    ],
-)
+@pytest.mark.parametrize(("key", "variant"), JOB_REFERENCE.items())
 def test_distributed_masks_equal_single_process(
     distributed: dict[str, Any], reference: dict[str, Any], key: str, variant: str
 ) -> None:
@@ -166,16 +167,7 @@ def test_distributed_masks_equal_single_process(
     assert sum(s.protected_candidates for s in ref.values()) > 0
 
 
-@pytest.mark.parametrize(
-    ("key", "variant"),
-    [
-        ("sum_abs", "sum_abs"),
-        ("sum_abs_capped", "sum_abs"),
-        ("sum_abs_abs_reduce", "sum_abs"),
-        ("abs_mean", "abs_mean"),
-        ("sum_abs_replicate", "sum_abs"),
-    ],
-)
+@pytest.mark.parametrize(("key", "variant"), JOB_REFERENCE.items())
 def test_distributed_score_values_equal_single_process(
     distributed: dict[str, Any], reference: dict[str, Any], key: str, variant: str
 ) -> None:

@@ -86,17 +86,22 @@ def _commit_calls(server: HubServer) -> int:
 # -- Hub --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def publisher(hub_server: HubServer) -> HubPublisher:  # noqa: F811
+    """A HubPublisher holding the test Hub's write token."""
+    return HubPublisher(token=hub_server.token)
+
+
 def test_publish_then_load_back_through_the_hub(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
     tiny_checkpoint: tuple[Path, dict[str, Any]],
 ) -> None:
     from huggingface_hub import HfApi, snapshot_download
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = HubPublisher(token=hub_server.token).publish(
-        model_dir, REPO, private=False, job_id="job-1"
-    )
+    result = publisher.publish(model_dir, REPO, private=False, job_id="job-1")
 
     assert isinstance(result, PublishResult)
     assert not result.reused
@@ -136,9 +141,9 @@ def test_publish_then_load_back_through_the_hub(
 
 def test_republishing_the_same_job_reuses_the_commit(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
 ) -> None:
-    publisher = HubPublisher(token=hub_server.token)
     first = publisher.publish(model_dir, REPO, private=False, job_id="12")
     n_commits = len(hub_server.commits(REPO))
     n_commit_calls = _commit_calls(hub_server)
@@ -161,14 +166,13 @@ def test_republishing_the_same_job_reuses_the_commit(
 
 def test_private_repo_is_invisible_without_a_token(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
 ) -> None:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    result = HubPublisher(token=hub_server.token).publish(
-        model_dir, REPO, private=True, job_id="job-private"
-    )
+    result = publisher.publish(model_dir, REPO, private=True, job_id="job-private")
     assert hub_server.is_private(REPO)
 
     with pytest.raises(RepositoryNotFoundError):
@@ -230,10 +234,10 @@ def test_read_only_token_is_a_permanent_error(model_dir: Path, tmp_path: Path) -
 @pytest.mark.parametrize("status", [500, 503, 429])
 def test_failed_commit_is_transient_and_leaves_the_repo_unchanged(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
     status: int,
 ) -> None:
-    publisher = HubPublisher(token=hub_server.token)
     publisher.publish(model_dir, REPO, private=False, job_id="job-1")
     commits_before = hub_server.commits(REPO)
     files_before = hub_server.files(REPO)
@@ -270,9 +274,9 @@ def test_connection_error_is_transient(
 
 def test_publish_with_retries_retries_transient_errors_only(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
 ) -> None:
-    publisher = HubPublisher(token=hub_server.token)
     sleeps: list[float] = []
     hub_server.fail_next_commits(2, status=503)
     result = publish_with_retries(
@@ -419,12 +423,12 @@ def test_publish_error_keeps_transient_through_pickle() -> None:
 
 def test_republish_removes_stale_files_and_fixes_visibility(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
 ) -> None:
     """An earlier publish's files that the new checkpoint lacks are deleted in the same commit
     (an old single-file model beside new shards would win at load time); the repo ends with the
     visibility the new job asked for."""
-    publisher = HubPublisher(token=hub_server.token)
     (model_dir / "model-old-extra.safetensors").write_bytes(b"stale weights")
     publisher.publish(model_dir, REPO, private=False, job_id="first")
     assert "model-old-extra.safetensors" in hub_server.files(REPO)
@@ -443,12 +447,12 @@ def test_republish_removes_stale_files_and_fixes_visibility(
 
 def test_a_cancel_before_the_commit_publishes_nothing(
     hub_server: HubServer,  # noqa: F811
+    publisher: HubPublisher,
     model_dir: Path,
     tmp_path: Path,
 ) -> None:
     from harmprune.errors import JobCancelled
 
-    publisher = HubPublisher(token=hub_server.token)
     with pytest.raises(JobCancelled):
         publisher.publish(
             model_dir, REPO, private=True, job_id="cancelled", should_cancel=lambda: True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import pytest
@@ -201,9 +202,15 @@ QP = [
 SHAPES = [[(4, 8), (16, 4), (3, 5)], [(1, 1), (2, 7)], [(32, 32), (64, 32), (32, 64)]]
 
 
-@pytest.mark.parametrize(("q", "p"), QP)
-@pytest.mark.parametrize("shapes", SHAPES)
-@pytest.mark.parametrize("ties", [False, True])
+def over_selection_grid(test: Callable[..., None]) -> Callable[..., None]:
+    """Run `test(q, p, shapes, ties)` on every (q, p) of QP, matrix shapes of SHAPES, with and
+    without tied scores."""
+    test = pytest.mark.parametrize("ties", [False, True])(test)
+    test = pytest.mark.parametrize("shapes", SHAPES)(test)
+    return pytest.mark.parametrize(("q", "p"), QP)(test)
+
+
+@over_selection_grid
 def test_select_per_matrix_matches_brute_force(
     q: float, p: float, shapes: list[tuple[int, ...]], ties: bool
 ) -> None:
@@ -216,9 +223,7 @@ def test_select_per_matrix_matches_brute_force(
         assert all(torch.equal(s.pruned, s.candidates) for s in got.values())
 
 
-@pytest.mark.parametrize(("q", "p"), QP)
-@pytest.mark.parametrize("shapes", SHAPES)
-@pytest.mark.parametrize("ties", [False, True])
+@over_selection_grid
 def test_select_global_matches_brute_force(
     q: float, p: float, shapes: list[tuple[int, ...]], ties: bool
 ) -> None:

@@ -22,7 +22,7 @@ import yaml
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
 from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR
-from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.pruning import MASK_FILE
 from harmprune.publishing import commit_title
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
@@ -38,43 +38,13 @@ from tests.service_stack import (
     wait_for,
 )
 from tests.support.fixtures import hub_server  # noqa: F401
+from tests.support.hardening import assert_hardened_weights
 from tests.support.hub_server import HubServer
-from tests.workers.conftest import REJECT_DOMAIN, SLOW_DOMAIN
+from tests.workers.conftest import FAST_DOMAIN, PERMISSIVE, REJECT_DOMAIN, SLOW_DOMAIN
 
 pytestmark = pytest.mark.services
 
-PERMISSIVE = {
-    "max_benign_loss_increase": 100,
-    "max_answer_drift": 1,
-    "max_over_refusal_increase": 1,
-    "min_harm_increase": 0,
-    "min_margin_over_random": 0,
-}
-TINY_DOMAIN = {
-    "name": "e2e-tiny",
-    "pruning": {"q": 0.05, "p": 0.05},
-    "max_length": 48,
-    "harmful": [
-        {"prompt": f"Harmful request {i}", "response": "Sure, here is [omitted]."} for i in range(4)
-    ],
-    "benign": [
-        {"prompt": f"Benign question {i}", "response": "A helpful answer."} for i in range(4)
-    ],
-    "eval": {"max_new_tokens": 4, "judges": ["nll"]},
-    "thresholds": PERMISSIVE,
-}
-
-
-def assert_hardened(original: Any, hardened: Any, mask_dir: Path, pruned: int) -> None:
-    mask = load_mask(mask_dir / MASK_FILE)
-    assert mask.count == pruned > 0
-    apply_pruning(
-        dict(original.named_parameters()), {n: idx for n, (idx, _) in mask.entries.items()}
-    )
-    expected, got = original.state_dict(), hardened.state_dict()
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(got[name], tensor.to(got[name].dtype)), name
+TINY_DOMAIN = {**FAST_DOMAIN, "name": "e2e-tiny"}
 
 
 def cli(
@@ -179,7 +149,7 @@ def test_served_api_cli_and_hub_end_to_end(
         snapshot = Path(snapshot_download("alpha/tiny-hardened", revision=result["commit_sha"]))
         hardened = AutoModelForCausalLM.from_pretrained("alpha/tiny-hardened", dtype=torch.float32)
         original = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
-        assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])
+        assert_hardened_weights(original, hardened, snapshot, result["report"]["pruned_count"])
         card = (snapshot / "README.md").read_text()
         assert "library_name: transformers" in card
         assert str(tmp_path.parent) not in card  # no local paths in what is published
@@ -373,7 +343,7 @@ def test_job_downloads_a_pinned_revision_and_publishes_through_lfs(
         (snapshot / name).write_bytes(data)
     hardened = AutoModelForCausalLM.from_pretrained(snapshot, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    assert_hardened(original, hardened, snapshot, final["result"]["report"]["pruned_count"])
+    assert_hardened_weights(original, hardened, snapshot, final["result"]["report"]["pruned_count"])
 
 
 # The job's own limit (SMOLLM2_JOB_S) fails first, with the job's state and the worker's log;
@@ -462,6 +432,6 @@ def test_smollm2_job_end_to_end_on_the_hub(
             "alpha/smollm2-hardened", dtype=torch.float32
         )
         original = AutoModelForCausalLM.from_pretrained(smollm2_original, dtype=torch.float32)
-        assert_hardened(original, hardened, snapshot, result["report"]["pruned_count"])
+        assert_hardened_weights(original, hardened, snapshot, result["report"]["pruned_count"])
     finally:
         stack.close()

@@ -13,7 +13,7 @@ from harmprune.api.main import create_app
 from harmprune.jobs.store import JobStore
 from harmprune.settings import Settings
 
-from tests.service_stack import Namespace, redis_namespace, stack_settings
+from tests.service_stack import Namespace, namespace_fixture, stack_settings
 from tests.support.tenancy import write_tenants_file
 
 TINY_SPEC: dict[str, Any] = {
@@ -33,10 +33,7 @@ def job_body(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-@pytest.fixture
-def ns(redis_url: str) -> Iterator[Namespace]:
-    with redis_namespace("api", redis_url) as namespace:
-        yield namespace
+ns = namespace_fixture("api")
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from tests.support.hub_server import HubServer, _HubHandler
@@ -22,18 +21,5 @@ class GatedHubServer(HubServer):
         super().__init__(*args, **kwargs)
         self.gated: set[str] = set()
 
-    def start(self) -> GatedHubServer:
-        import threading
-
-        if self._httpd is not None:
-            return self
-        handler = type("_BoundGatedHandler", (_GatedHandler,), {"hub": self})
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        httpd.daemon_threads = True
-        httpd.block_on_close = False
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
+    def _handler_class(self) -> type[_HubHandler]:
+        return _GatedHandler

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
@@ -206,10 +206,16 @@ class HubServer:
             raise RuntimeError("server not started")
         return f"http://127.0.0.1:{self._httpd.server_address[1]}"
 
-    def start(self) -> HubServer:
+    def _handler_class(self) -> type[_HubHandler]:
+        """The request handler this server binds to itself; a subclass serving other metadata
+        returns its own `_HubHandler` subclass."""
+        return _HubHandler
+
+    def start(self) -> Self:
         if self._httpd is not None:
             return self
-        handler = type("_BoundHubHandler", (_HubHandler,), {"hub": self})
+        base = self._handler_class()
+        handler = type(f"_Bound{base.__name__.lstrip('_')}", (base,), {"hub": self})
         httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         httpd.daemon_threads = True
         httpd.block_on_close = False
@@ -229,7 +235,7 @@ class HubServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> HubServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

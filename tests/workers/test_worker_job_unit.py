@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerpri
 from harmprune.publishing import LocalPublisher, PublishResult
 from harmprune.settings import Settings
 
-from tests.service_stack import Namespace, redis_namespace, stack_settings
+from tests.service_stack import Namespace, namespace_fixture, stack_settings
 
 pytestmark = pytest.mark.services
 
@@ -76,10 +75,7 @@ class FlakyPublisher:
         )
 
 
-@pytest.fixture
-def ns(redis_url: str) -> Iterator[Namespace]:
-    with redis_namespace("wjob", redis_url) as namespace:
-        yield namespace
+ns = namespace_fixture("wjob")
 
 
 @pytest.fixture

@@ -13,11 +13,12 @@ from typing import Any
 import pytest
 import torch
 from harmprune.jobs.store import JobState
-from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.pruning import MASK_FILE
 from harmprune.publishing import JOB_MARKER
 from transformers import AutoModelForCausalLM
 
 from tests.service_stack import bearer
+from tests.support.hardening import assert_hardened_weights
 from tests.workers.conftest import FAST_DOMAIN, REJECT_DOMAIN, SLOW_DOMAIN, Stack, poll
 
 pytestmark = pytest.mark.services
@@ -37,15 +38,7 @@ def assert_hardened(original_dir: Path, published: Any, expected_pruned: int) ->
     """The published weights are exactly the original with the mask's weights zeroed."""
     original = AutoModelForCausalLM.from_pretrained(original_dir, dtype=torch.float32)
     hardened = AutoModelForCausalLM.from_pretrained(published, dtype=torch.float32)
-    mask = load_mask(Path(published) / MASK_FILE)
-    assert mask.count == expected_pruned > 0
-    apply_pruning(
-        dict(original.named_parameters()), {n: idx for n, (idx, _) in mask.entries.items()}
-    )
-    expected, got = original.state_dict(), hardened.state_dict()
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(got[name], tensor), name
+    assert_hardened_weights(original, hardened, Path(published), expected_pruned)
 
 
 def scratch_of(stack: Stack, job_id: str) -> Path:
