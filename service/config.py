@@ -121,7 +121,9 @@ class ControlsConfig(Strict):
         "the others teacher forced (harm and benign losses, answer agreement).",
     )
     magnitude_matched: bool = Field(
-        True, description="Also prune weights of |W| similar to the selected ones."
+        True,
+        description="Also prune weights of |W| similar to the selected ones (measured with "
+        "every judge when the deciding judge generates, else teacher forced).",
     )
 
 

@@ -809,9 +809,16 @@ def verify(
         ctx.progress("verify", 2 + k, steps)
     magnitude = None
     if controls.magnitude_matched:
+        # Measured as far as the harm gate needs: with every judge when the deciding judge
+        # generates (refusal, classifier), teacher forced when it is nll.
+        t = ctx.spec.thresholds
+        gate_judge = verification.deciding_judge(
+            t, list(ctx.spec.eval.judges), ctx.classifier is not None
+        )
+        level = "search" if gate_judge == "nll" else "full"
         indices = verification.magnitude_matched_indices(scores.params, mask, seed)
         magnitude = verification.measure_control(
-            scores.params, mask, indices, lambda: ctx.measure(heldout, "full")
+            scores.params, mask, indices, functools.partial(ctx.measure, heldout, level)
         )
     ctx.progress("verify", steps, steps)
     metrics = Metrics(
