@@ -31,8 +31,9 @@ test: install
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 	# Two test processes (one per core, one torch thread each): the suite is half waiting on
-	# worker/API subprocesses and Redis, so two overlap (tests/conftest.py: groups, order).
-	$(PY) -m pytest -n 2 --dist loadgroup
+	# worker/API subprocesses and Redis, so two overlap. A module's tests share a process (its
+	# module fixtures, e.g. the SmolLM2 session run's readers, are made once); slow ones first.
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: install
 	$(PY) bench/attribution.py

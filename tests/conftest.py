@@ -35,15 +35,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests first (stable order otherwise): under xdist the long ones then start early
-    and the short ones fill in around them, instead of one process finishing a long test alone.
-    Tests that share the session's SmolLM2 run, or build a wheel in the source tree, run in one
-    process each (`--dist loadgroup`)."""
-    for item in items:
-        if "smollm2_run" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("smollm2_run"))
-        elif "wheel" in item.name:
-            item.add_marker(pytest.mark.xdist_group("source_tree_build"))
+    """Slow tests first (stable order otherwise): under xdist (`make test`, --dist loadfile) the
+    modules with long tests then start early and the short ones fill in around them, instead of
+    one process finishing a long test alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

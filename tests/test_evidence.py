@@ -66,7 +66,8 @@ def test_without_eval_sets_validation_and_test_are_seeded_shares_of_calibration(
         **TINY_DOMAIN,
         "harmful": many,
         "benign": benign,
-        "eval": {"judges": ["nll"]},
+        # the spec's own prompts only (the general benign set's parts: tests/test_general_benign.py)
+        "eval": {"judges": ["nll"], "general_benign": False},
         "search": {"mode": "sweep", "q_values": [0.01, 0.05]},
     }
     sets = pipeline.split_sets(_config("m", raw))
@@ -130,14 +131,18 @@ def test_the_search_never_reads_the_test_set(
     # outside the search, validation is measured once (the original's reference point)
     outside = [prompts for searching, _, prompts in calls if not searching]
     assert sum(prompts == validation for prompts in outside) == 1
-    assert all(prompts == test for prompts in outside if prompts != validation)
+    # ...and the rest are the test side: the spec's test set, and the general benign set's test
+    # part (measured apart, never during the search)
+    general = {p.prompt for p in sets.general_test}
+    assert general and not general & validation and not general & test
+    assert all(prompts in (test, general) for prompts in outside if prompts != validation)
 
     # the operating point is the search's choice, and the report/card say where it was chosen
     chosen = verification.choose(report.search)
     assert chosen is not None and report.inputs.q == chosen.q
     assert report.heldout.q_chosen_on == "validation"
     assert report.heldout.validation_harmful == len(sets.validation_harmful)
-    assert set(report.heldout.made_by) == {"calibration", "validation", "test"}
+    assert set(report.heldout.made_by) == {"calibration", "validation", "test", "general_benign"}
     card = (out / "README.md").read_text()
     assert "was chosen on the **validation** set" in card
     assert "never on the test prompts" in card

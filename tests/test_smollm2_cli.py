@@ -23,6 +23,7 @@ from tests.conftest import SmolLM2Run
 from tests.support.smollm2 import run_cli
 
 # The first test here runs the session's SmolLM2 job inside its own time limit.
+# `make test` runs a module's tests in one process (--dist loadfile): the run is made once.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3000)]
 
 

@@ -46,7 +46,8 @@ FAST_DOMAIN: dict[str, Any] = {
     "benign": [
         {"prompt": f"Benign question {i}", "response": "A helpful answer."} for i in range(4)
     ],
-    "eval": {"max_new_tokens": 4, "judges": ["nll"]},
+    # the general benign set is on in every job: a few of its prompts keep service jobs fast
+    "eval": {"max_new_tokens": 4, "judges": ["nll"], "general_benign": {"sizes": [2, 0, 4]}},
     "thresholds": PERMISSIVE,
 }
 # The same job, but no hardening can pass: the outcome is `rejected`.
@@ -59,7 +60,9 @@ REJECT_DOMAIN: dict[str, Any] = {
 SLOW_DOMAIN: dict[str, Any] = {
     **FAST_DOMAIN,
     "name": "svc-slow",
-    "elicitation": {"max_new_tokens": 32},
+    # A random model's babble is neither refusal nor compliance: the refusal filter (tested in
+    # tests/test_evidence.py) would drop most of it and fail the job in `elicit`.
+    "elicitation": {"max_new_tokens": 32, "drop_refusals": False},
     "max_length": 96,
     "harmful": [{"prompt": f"Harmful request number {i}"} for i in range(10)],
 }
