@@ -33,7 +33,8 @@ test: install
 	# Two test processes (one per core, one torch thread each): the suite is half waiting on
 	# worker/API subprocesses and Redis, so two overlap. A module's tests share a process (its
 	# module fixtures, e.g. the SmolLM2 session run's readers, are made once); slow ones first.
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist loadfile -m "not serial"
+	$(PY) -m pytest -m serial
 
 bench: install
 	$(PY) bench/attribution.py

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.service_stack import Namespace, bearer, purge, session_redis, stack_settings
 
-pytestmark = pytest.mark.services
+pytestmark = [pytest.mark.services, pytest.mark.serial]
 
 CHECKS = [
     not_a_server_error,
