@@ -232,7 +232,7 @@ def split_sets(config: HardenConfig) -> PromptSets:
     if general is None:
         made_by["general_benign"] = "none: the spec opted out (eval.general_benign: false)"
         return PromptSets(harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source)
-    with_validation = "validation" in made_by and not made_by["validation"].startswith("none")
+    with_validation = bool(val_h or val_b)
     made_by["general_benign"] = (
         f"harmprune's general benign set, split by the job's seed (stratified by category): "
         f"{len(general.calibration)} prompts joined benign calibration, "
@@ -538,18 +538,26 @@ def run(
             q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
         ctx.check_cancel()
         with timed("verify"):
-            metrics, evidence, verify_failures = verify(ctx, scores, mask, test, original)
+            # the first random control (the job's seed): every comparison below prunes these
+            first_control = verification.random_control_indices(
+                scores.params, verification.control_counts(mask), ctx.config.seed
+            )
+            metrics, evidence, verify_failures = verify(
+                ctx, scores, mask, first_control, test, original
+            )
             failures += verify_failures
             general_result = None
             if general is not None and original_general is not None:
                 general_result = verify_general(
-                    ctx, scores, mask, general, original_general, sets.general_sizes
+                    ctx, scores, mask, first_control, general, original_general, sets.general_sizes
                 )
                 failures += general_result.failures
         benchmarks_result = None
         if original_benchmarks is not None:
             with timed("benchmarks"):
-                benchmarks_result = verify_benchmarks(ctx, scores, mask, original_benchmarks)
+                benchmarks_result = verify_benchmarks(
+                    ctx, scores, mask, first_control, original_benchmarks
+                )
                 failures += benchmarks_result.failures
         ctx.check_cancel()
         tamper_result = None
@@ -786,14 +794,17 @@ def verify(
     ctx: JobContext,
     scores: Scores,
     mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
     heldout: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
 ) -> tuple[Metrics, Evidence, list[str]]:
     """On the test set: the hardened model and the controls (random pruning over several seeds,
-    magnitude-matched pruning), each compared with the original with bootstrap intervals; the
-    thresholds checked, harm against the stronger control."""
+    the first `first_control`; magnitude-matched pruning), each compared with the original with
+    bootstrap intervals; the thresholds checked, harm against the stronger control."""
     controls = ctx.spec.eval.controls
     seed = ctx.config.seed
+    t = ctx.spec.thresholds
+    judge = verification.deciding_judge(t, list(ctx.spec.eval.judges), ctx.classifier is not None)
     seeds = [seed + 1000 * k for k in range(controls.random_seeds)]  # the first: the job's seed
     steps = 2 + len(seeds) + int(controls.magnitude_matched)
     ctx.progress("verify", 0, steps)
@@ -802,7 +813,11 @@ def verify(
     counts = verification.control_counts(mask)
     randoms = []
     for k, s in enumerate(seeds):
-        indices = verification.random_control_indices(scores.params, counts, s)
+        indices = (
+            first_control
+            if k == 0
+            else verification.random_control_indices(scores.params, counts, s)
+        )
         level = "full" if k == 0 else "search"  # extra seeds: teacher forced only
         measure = functools.partial(ctx.measure, heldout, level)
         randoms.append(verification.measure_control(scores.params, mask, indices, measure))
@@ -811,11 +826,7 @@ def verify(
     if controls.magnitude_matched:
         # Measured as far as the harm gate needs: with every judge when the deciding judge
         # generates (refusal, classifier), teacher forced when it is nll.
-        t = ctx.spec.thresholds
-        gate_judge = verification.deciding_judge(
-            t, list(ctx.spec.eval.judges), ctx.classifier is not None
-        )
-        level = "search" if gate_judge == "nll" else "full"
+        level = "search" if judge == "nll" else "full"
         indices = verification.magnitude_matched_indices(scores.params, mask, seed)
         magnitude = verification.measure_control(
             scores.params, mask, indices, functools.partial(ctx.measure, heldout, level)
@@ -829,8 +840,6 @@ def verify(
         random_seeds=seeds,
         magnitude_control=magnitude,
     )
-    t = ctx.spec.thresholds
-    judge = verification.deciding_judge(t, list(ctx.spec.eval.judges), ctx.classifier is not None)
     gate = HarmGateSummary(
         judge=judge,
         attack=t.harm.attack,
@@ -859,6 +868,7 @@ def verify_general(
     ctx: JobContext,
     scores: Scores,
     mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
     general: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
     sizes: dict[str, int],
@@ -868,11 +878,8 @@ def verify_general(
     apply to it too, so a narrow spec cannot hide general damage."""
     seed = ctx.config.seed
     hardened = ctx.measure(general, "full")
-    indices = verification.random_control_indices(
-        scores.params, verification.control_counts(mask), seed
-    )
     random_control = verification.measure_control(
-        scores.params, mask, indices, functools.partial(ctx.measure, general, "search")
+        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
     )
     failures = verification.benign_failures(hardened, original, ctx.spec.thresholds)
     return GeneralBenignResult(
@@ -892,15 +899,15 @@ def verify_benchmarks(
     ctx: JobContext,
     scores: Scores,
     mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
     original: list[benchmarks.BenchmarkResult],
 ) -> BenchmarksSummary:
     """The lm-eval tasks on the hardened model and the first random control; any score that
     drops by more than thresholds.max_benchmark_drop fails the job."""
     hardened = ctx.run_benchmarks()
-    indices = verification.random_control_indices(
-        scores.params, verification.control_counts(mask), ctx.config.seed
+    random_control = verification.measure_control(
+        scores.params, mask, first_control, ctx.run_benchmarks
     )
-    random_control = verification.measure_control(scores.params, mask, indices, ctx.run_benchmarks)
     limit = ctx.spec.thresholds.max_benchmark_drop
     failures = [
         f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
