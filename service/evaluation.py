@@ -217,19 +217,6 @@ def response_scores(
     return out
 
 
-def response_stats(
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[data.CalibrationPair],
-    fmt: data.PromptFormat,
-    max_length: int,
-    batch_size: int,
-) -> tuple[float, float]:
-    """(mean response loss, top-1 agreement), teacher forced."""
-    scores = response_scores(model, tokenizer, pairs, fmt, max_length, batch_size)
-    return scores.mean_loss, scores.agreement
-
-
 def mean_response_loss(
     model: Any,
     tokenizer: Any,
