@@ -273,13 +273,13 @@ def test_ignored_positions_have_zero_output_gradients(
     batch = collate(harmful_examples, tokenizer.pad_token_id)
     seen: list[torch.Tensor] = []
 
-    def record(name: str, transposed: bool) -> attribution.PerSampleFold:
+    def record(name: str, transposed: bool) -> attribution.LayerFold:
         return lambda x, grad_y: seen.append(grad_y.detach().clone())  # type: ignore[func-returns-value]
 
     with (
         attribution.only_these_require_grad(model, list(params.values())),
         torch.enable_grad(),
-        attribution.per_sample_abs_gradients(model, params, record),
+        attribution.layer_gradients_folded(model, params, record),
     ):
         attribution.response_losses(model, batch).sum().backward()
     assert len(seen) == len(params)

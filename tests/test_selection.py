@@ -8,8 +8,10 @@ from fractions import Fraction
 
 import pytest
 import torch
+from harmprune import selection
 from harmprune.selection import (
     count_for,
+    indices_that_can_rank,
     select,
     select_global,
     select_per_matrix,
@@ -159,6 +161,40 @@ def test_top_k_random(seed: int, ties: bool) -> None:
         got = top_k_indices(scores, k)
         assert got.dtype == torch.long
         assert got.tolist() == bf_top_k(scores, k), (k, scores)
+
+
+def sorted_top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """bf_top_k for large tensors: a stable sort by -score keeps lower indices first on ties."""
+    order = torch.sort(-scores.reshape(-1), stable=True).indices[: max(k, 0)]
+    return sorted(order.tolist())
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros"])
+def test_top_k_large_uses_a_sampled_bound_and_stays_exact(kind: str) -> None:
+    g = torch.Generator().manual_seed(7)
+    n = 200_000  # above the size where a sample bounds the k-th score
+    scores = {
+        "normal": torch.randn(n, generator=g),
+        "ties": torch.randint(-2, 3, (n,), generator=g).float(),  # the k-th value tied ~40k times
+        "zeros": torch.where(torch.rand(n, generator=g) < 0.9, 0.0, torch.rand(n, generator=g)),
+    }[kind]
+    assert sorted_top_k(scores[:50], 9) == bf_top_k(scores[:50], 9)
+    for k in (1, 20, 6_000, 30_000, 100_000, n - 1):
+        got = top_k_indices(scores, k)
+        assert got.tolist() == sorted_top_k(scores, k), k
+        if kind == "normal" and k <= 30_000:  # the sample did its job: far fewer than n ranked
+            assert indices_that_can_rank(scores, k).numel() < n // 4
+
+
+def test_top_k_large_falls_back_when_the_sample_misleads() -> None:
+    # Put the largest scores exactly where the (fixed-seed) sample looks: the bound it gives is
+    # far too high, fewer than k scores pass it, and everything is ranked instead.
+    n, k = 200_000, 5_000
+    picks = torch.randint(n, (selection._SAMPLE,), generator=torch.Generator().manual_seed(0))
+    scores = torch.zeros(n)
+    scores[picks] = 1.0 + torch.arange(picks.numel(), dtype=torch.float32)
+    assert indices_that_can_rank(scores, k).numel() == n
+    assert top_k_indices(scores, k).tolist() == sorted_top_k(scores, k)
 
 
 def test_top_k_2d_gives_flat_indices() -> None:

@@ -26,7 +26,7 @@ as `harmprune.attribution` does on one device.
   g_a + g_b would give |g_a + g_b|. Modes (`DistributedJob.sum_abs_mode`):
   "batched" (default): each rank back-propagates its own batch; every scored layer forms the
   per-sample gradients of the rank's samples from its inputs and output gradients
-  (`attribution.per_sample_abs_gradients`) and hands autograd sum_i |g_i| as the weight's
+  (`attribution.layer_gradients_folded`) and hands autograd sum_i |g_i| as the weight's
   gradient, so the plain SUM reduce-scatter adds non-negative per-rank sums: exact.
   "abs_reduce": each rank back-propagates ONE sample per step and the reduce-scatter input (the
   flat concatenation of this block's unsharded per-sample gradients) is replaced by its

@@ -193,7 +193,7 @@ def accumulate_sharded(
 
     sum_abs, by `sum_abs_mode`: "batched": each rank back-propagates its batch and every scored
     layer hands autograd, as its weight's gradient, sum_i |g_i| over the rank's samples
-    (`attribution.per_sample_abs_gradients`), which the SUM reduce-scatter adds across ranks;
+    (`attribution.layer_gradients_folded`), which the SUM reduce-scatter adds across ranks;
     "abs_reduce": one sample per rank and step, `abs_comm` takes |.| before the reduce-scatter;
     "replicate": one sample per step on every rank, only rank 0's counts.
     """
@@ -214,7 +214,7 @@ def accumulate_sharded(
         local=lambda grad: grad.to_local(),  # type: ignore[attr-defined]
     )
     per_sample = (
-        attribution.per_sample_abs_gradients(
+        attribution.layer_gradients_folded(
             model, params, _per_sample_gradient(params, per_sample_bytes)
         )
         if sum_abs and batched
@@ -242,16 +242,18 @@ def accumulate_sharded(
 
 def _per_sample_gradient(
     params: dict[str, nn.Parameter], max_bytes: int
-) -> Callable[[str, bool], attribution.PerSampleFold]:
+) -> Callable[[str, bool], attribution.LayerFold]:
     """The FSDP fold: sum_i |g_i| of this rank's samples becomes the unsharded weight's gradient
     (in the weights' dtype, as autograd's own would be), for FSDP to reduce-scatter."""
 
-    def fold_for(name: str, transposed: bool) -> attribution.PerSampleFold:
+    scratch = attribution.Scratch()
+
+    def fold_for(name: str, transposed: bool) -> attribution.LayerFold:
         dtype = params[name].dtype
 
         def fold(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
             sums = attribution.per_sample_abs_grad_sum(
-                x, grad_y, transposed=transposed, max_bytes=max_bytes
+                x, grad_y, transposed=transposed, max_bytes=max_bytes, scratch=scratch
             )
             return sums.to(dtype)
 
