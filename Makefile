@@ -24,7 +24,7 @@ $(TREE): $(STAMP) $(SOURCES)
 	@echo "$(SOURCES)" | cmp -s - $@ || { $(PY) -m pip install -q --no-deps --no-build-isolation -e . --config-settings editable_mode=strict && echo "$(SOURCES)" > $@; }
 
 demo: install
-	$(VENV)/bin/harmprune harden --model smollm2-135m-instruct --domain cyber --out hardened --overwrite --batch-size 16
+	$(VENV)/bin/harmprune harden --model smollm2-135m-instruct --domain cyber --out hardened --overwrite --batch-size 64
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 from harmprune import data
+from harmprune.attribution import response_losses, scored_logits, takes_logits_to_keep
 from harmprune.config import EvalConfig
 from harmprune.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
 from harmprune.results import ModelMetrics
@@ -196,16 +197,7 @@ def response_scores(
         for start in range(0, len(examples), batch_size):
             batch = data.collate(examples[start : start + batch_size], tokenizer.pad_token_id)
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = (
-                model(
-                    input_ids=batch["input_ids"],
-                    attention_mask=batch["attention_mask"],
-                    use_cache=False,
-                )
-                .logits[:, :-1]
-                .float()
-            )
-            labels = batch["labels"][:, 1:]
+            logits, labels = scored_logits(model, batch)
             token_loss = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), labels, ignore_index=data.IGNORE_INDEX, reduction="none"
             )
@@ -260,15 +252,41 @@ def generate_answers(
     batch_size: int,
 ) -> list[str]:
     """Answers to harmful requests; under `prefill` the forced start is part of the answer."""
-    starts = [h.prefill if attack == "prefill" else "" for h in items]
-    contexts = [
-        data.format_context(tokenizer, h.prompt, fmt) + s
-        for h, s in zip(items, starts, strict=True)
-    ]
+    answers, _ = generate_for_judges(
+        model, tokenizer, items, [attack], [], fmt, max_new_tokens, batch_size
+    )
+    return answers[attack]
+
+
+def generate_for_judges(
+    model: Any,
+    tokenizer: Any,
+    harmful: Sequence[HarmItem],
+    attacks: Sequence[str],
+    benign_prompts: Sequence[str],
+    fmt: data.PromptFormat,
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[dict[str, list[str]], list[str]]:
+    """The harmful requests' answers under each attack and the benign prompts' answers, from ONE
+    batched generation: a generation step costs about the same for a few rows as for a batch, so
+    three small sets generated apart took three times the steps (the CPU demo's largest cost)."""
+    contexts: list[str] = []
+    starts: list[str] = []
+    for attack in attacks:
+        for h in harmful:
+            start = h.prefill if attack == "prefill" else ""
+            contexts.append(data.format_context(tokenizer, h.prompt, fmt) + start)
+            starts.append(start)
+    contexts += [data.format_context(tokenizer, p, fmt) for p in benign_prompts]
+    starts += [""] * len(benign_prompts)
     outs = data.generate(
         model, tokenizer, contexts, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size
     )
-    return [s + o for s, o in zip(starts, outs, strict=True)]
+    answers = [s + o for s, o in zip(starts, outs, strict=True)]
+    n = len(harmful)
+    by_attack = {a: answers[k * n : (k + 1) * n] for k, a in enumerate(attacks)}
+    return by_attack, answers[len(attacks) * n :]
 
 
 def multiple_choice_accuracy(
@@ -290,8 +308,6 @@ def multiple_choice_accuracy(
         examples = data.tokenize_pairs(tokenizer, pairs, fmt, max_length)
         batch = data.collate(examples, tokenizer.pad_token_id)
         device = next(model.parameters()).device
-        from harmprune.attribution import response_losses
-
         with torch.inference_mode():
             losses = response_losses(model, {k: v.to(device) for k, v in batch.items()})
         correct += int(torch.argmin(losses).item() == item.answer)
@@ -309,22 +325,40 @@ def dissociation_accuracy(
     harmful: Sequence[str],
     benign: Sequence[str],
     fmt: data.PromptFormat,
+    batch_size: int = 8,
 ) -> float:
-    """Recognition of harm: does P(yes) beat P(no) on harmful requests, and the reverse on benign."""
+    """Recognition of harm: does P(yes) beat P(no) on harmful requests, and the reverse on benign.
+
+    Batched with right padding (each row's own positions, as unbatched), the next-token logits
+    read at each row's last token."""
     yes = _first_token_ids(tokenizer, ["Yes", "yes", " Yes", " yes"])
     no = _first_token_ids(tokenizer, ["No", "no", " No", " no"])
-    device = next(model.parameters()).device
     labelled = [(p, True) for p in harmful] + [(p, False) for p in benign]
     if not labelled:
         return float("nan")
+    examples = []
+    for prompt, _ in labelled:
+        text = data.format_context(tokenizer, DISSOCIATION_TEMPLATE.format(prompt=prompt), fmt)
+        ids = data.context_ids(tokenizer, text, fmt)
+        examples.append(data.Example(ids, [data.IGNORE_INDEX] * len(ids)))
+    device = next(model.parameters()).device
     correct = 0
     with torch.inference_mode():
-        for prompt, is_harmful in labelled:
-            text = data.format_context(tokenizer, DISSOCIATION_TEMPLATE.format(prompt=prompt), fmt)
-            ids = torch.tensor([data.context_ids(tokenizer, text, fmt)])
-            logits = model(input_ids=ids.to(device)).logits[0, -1].float()
-            says_yes = torch.logsumexp(logits[yes], 0) > torch.logsumexp(logits[no], 0)
-            correct += int(bool(says_yes) == is_harmful)
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            batch = data.collate(chunk, tokenizer.pad_token_id)
+            last = torch.tensor([len(e.input_ids) - 1 for e in chunk], device=device)
+            inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+            if takes_logits_to_keep(model):  # the vocabulary projection at the rows' ends only
+                at = torch.unique(last)  # sorted
+                logits = model(**inputs, use_cache=False, logits_to_keep=at).logits
+                column = torch.searchsorted(at, last)
+            else:
+                logits, column = model(**inputs, use_cache=False).logits, last
+            logits = logits[torch.arange(len(chunk), device=device), column].float()
+            says_yes = torch.logsumexp(logits[:, yes], 1) > torch.logsumexp(logits[:, no], 1)
+            for said, (_, is_harmful) in zip(says_yes.tolist(), labelled[start:], strict=False):
+                correct += int(said == is_harmful)
     return correct / len(labelled)
 
 
@@ -366,13 +400,23 @@ def evaluate(
     generated_judges = [j for j in ("refusal", "classifier") if j in cfg.judges]
     if classifier is None and "classifier" in generated_judges:
         generated_judges.remove("classifier")
+    harm_answers: dict[str, list[str]] = {}
+    benign_answers: list[str] = []
+    if full:
+        harm_answers, benign_answers = generate_for_judges(
+            model,
+            tokenizer,
+            heldout.harmful,
+            ATTACKS if generated_judges else [],
+            [b.prompt for b in heldout.benign],
+            fmt,
+            cfg.max_new_tokens,
+            batch_size,
+        )
     if full and generated_judges:
         prompts = [h.prompt for h in heldout.harmful]
         for attack in ATTACKS:
-            answers = generate_answers(
-                model, tokenizer, heldout.harmful, attack, fmt, cfg.max_new_tokens, batch_size
-            )
-            pairs_ = list(zip(prompts, answers, strict=True))
+            pairs_ = list(zip(prompts, harm_answers[attack], strict=True))
             for judge_name in generated_judges:
                 if judge_name == "refusal":
                     values = RefusalJudge.for_budget(cfg.max_new_tokens).score(pairs_)
@@ -388,15 +432,7 @@ def evaluate(
     per_prompt["answer_tokens"] = [float(n) for n in benign.tokens]
     over_refusal = nan
     if full:
-        answers = data.generate(
-            model,
-            tokenizer,
-            [data.format_context(tokenizer, b.prompt, fmt) for b in heldout.benign],
-            fmt,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=batch_size,
-        )
-        refused = [float(is_refusal(a)) for a in answers]
+        refused = [float(is_refusal(a)) for a in benign_answers]
         over_refusal = mean(refused) if refused else 0.0
         per_prompt["over_refusal"] = refused
     return ModelMetrics(
@@ -415,6 +451,7 @@ def evaluate(
             [h.prompt for h in heldout.harmful],
             [b.prompt for b in heldout.benign],
             fmt,
+            batch_size,
         )
         if full
         else nan,

@@ -444,3 +444,49 @@ def test_scores_are_fp32_for_a_bf16_model(
         torch.testing.assert_close(
             s, keep["per_sample"][name], rtol=2e-2, atol=1e-3 * s.max().item()
         )
+
+
+# ---------------------------------------------------------------- logits at scored positions only
+
+
+class _NoLogitsToKeep(nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (custom code, adapters)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, use_cache: bool = False) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_response_losses_project_only_scored_positions_and_equal_full_logits(
+    arch: str, tiny_model: Any, tokenizer: Any
+) -> None:
+    model = tiny_model(arch)
+    exs = examples(tokenizer, HARMFUL + BENIGN)  # prompts of several lengths, right padding
+    batch = collate(exs, tokenizer.pad_token_id)
+    seen: list[int] = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    try:
+        with torch.no_grad():
+            got = attribution.response_losses(model, batch)
+    finally:
+        handle.remove()
+    first_response = min(
+        e.labels.index(next(x for x in e.labels if x != IGNORE_INDEX)) for e in exs
+    )
+    width = batch["input_ids"].shape[1]
+    assert seen == [width - (first_response - 1)], "the vocabulary projection ran on the prompt"
+    with torch.no_grad():  # each sample alone, full logits, no padding: the definition
+        want = []
+        for e in exs:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].float()
+            labels = torch.tensor(e.labels[1:])
+            want.append(nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX))
+        fallback = attribution.response_losses(_NoLogitsToKeep(model), batch)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fallback, got, rtol=1e-5, atol=1e-5)
+    assert not attribution.takes_logits_to_keep(_NoLogitsToKeep(model))

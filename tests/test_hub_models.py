@@ -119,3 +119,19 @@ def test_private_and_gated_repos_need_a_token_that_may_read_them(
     hub_server.grant("acme/gated", hub_server.token)
     local, src = resolve("acme/gated", None, settings(tmp_path, hub_server.token))
     assert src.commit == gated_sha and (local / "model.safetensors").is_file()
+
+
+def test_gguf_parsed_once_memoises_within_and_restores_after() -> None:
+    """The conversion's shortcut (one GGUF parse, one tensor-name map) leaves `gguf` as found,
+    also when the conversion fails."""
+    import gguf
+    from harmprune.loading import _gguf_parsed_once
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
+    with pytest.raises(RuntimeError), _gguf_parsed_once():
+        raise RuntimeError("a conversion that fails")
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (reader, name_map)
