@@ -172,8 +172,9 @@ class Scratch:
     """One reusable buffer for the per-sample products of every layer of a pass.
 
     A fresh multi-MB tensor per layer costs page faults on every call (CPU allocations that size
-    are new mappings); reusing one buffer, grown to the largest group, measured ~20% off the
-    fold on SmolLM2 (bench/README.md). It holds at most `max_bytes`, as the fresh tensors did.
+    are new mappings); reusing one buffer, grown to the largest group, took 10-25% off the fold
+    of SmolLM2's seven layer shapes in a (noisy) CPU micro-benchmark. It holds at most
+    `max_bytes`, as the fresh tensors did.
     """
 
     def __init__(self) -> None:
@@ -433,7 +434,7 @@ def fold_per_sample_into(
 def fold_batch_into(buffers: dict[str, torch.Tensor]) -> Callable[[str, bool], LayerFold]:
     """The one-device fold of a plain sum: sum_i dL_i/dW = dy^T x over every row and token,
     accumulated straight into the weight's fp32 buffer by one GEMM (no gradient tensor of its
-    own, no second pass to add it: ~2% off the harm pass on SmolLM2, CPU)."""
+    own to allocate, no second pass over it to add it)."""
 
     def fold_for(name: str, transposed: bool) -> LayerFold:
         buffer = buffers[name]
