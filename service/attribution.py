@@ -157,7 +157,8 @@ def per_sample_abs_grad_sum(
         out = torch.zeros(shape, dtype=torch.float32, device=inputs.device)
     per_sample = shape[0] * shape[1] * left.element_size()
     group = max(1, max_bytes // per_sample)
-    scratch = scratch or Scratch()
+    if scratch is None:
+        scratch = Scratch()
     for start in range(0, left.shape[0], group):
         stop = min(start + group, left.shape[0])
         products = scratch.take((stop - start, *shape), left)
@@ -216,9 +217,9 @@ def scored_logits(
 
     Prompt positions carry no loss, so the vocabulary projection (and the softmax after it) runs
     only from the first response label of any row: `logits_to_keep`, which transformers' causal
-    LMs take (it also applies their own logit scaling or soft-capping). On a chat-formatted
-    batch that skips the prompt's share of both, ~15% of a teacher-forced forward on SmolLM2. A
-    forward that does not take it (custom code, adapter wrappers) gives full logits, sliced.
+    LMs take (it also applies their own logit scaling or soft-capping); on a chat-formatted
+    batch that skips the prompt's share of both. A forward that does not take it (custom code,
+    adapter wrappers) gives full logits, sliced.
     """
     labels = batch["labels"][:, 1:]  # logits at position t predict token t + 1
     scored_at = (labels != IGNORE_INDEX).any(dim=0).nonzero().flatten()
@@ -472,8 +473,9 @@ def accumulate_gradients(
     Each scored layer folds its weight's gradient into the buffer in backward
     (`layer_gradients_folded`): "sum" as one GEMM over the batch; `sum_abs` with
     `sum_abs_strategy="batched"` as per-sample products (at most `per_sample_bytes` at once);
-    "per_sample" back-propagates one sample at a time (hooks on the weights' gradients). `max_tokens` (padded tokens per backward)
-    splits a batch into equal slices; `recompute` checkpoints every decoder block.
+    "per_sample" back-propagates one sample at a time (hooks on the weights' gradients).
+    `max_tokens` (padded tokens per backward) splits a batch into equal slices; `recompute`
+    checkpoints every decoder block.
     """
     one_by_one = reduction == "sum_abs" and sum_abs_strategy == "per_sample"
     if one_by_one:

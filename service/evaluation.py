@@ -242,22 +242,6 @@ def harm_nll(
     return mean_response_loss(model, tokenizer, pairs, fmt, max_length, batch_size)
 
 
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    items: Sequence[HarmItem],
-    attack: str,
-    fmt: data.PromptFormat,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Answers to harmful requests; under `prefill` the forced start is part of the answer."""
-    answers, _ = generate_for_judges(
-        model, tokenizer, items, [attack], [], fmt, max_new_tokens, batch_size
-    )
-    return answers[attack]
-
-
 def generate_for_judges(
     model: Any,
     tokenizer: Any,
@@ -357,8 +341,8 @@ def dissociation_accuracy(
                 logits, column = model(**inputs, use_cache=False).logits, last
             logits = logits[torch.arange(len(chunk), device=device), column].float()
             says_yes = torch.logsumexp(logits[:, yes], 1) > torch.logsumexp(logits[:, no], 1)
-            for said, (_, is_harmful) in zip(says_yes.tolist(), labelled[start:], strict=False):
-                correct += int(said == is_harmful)
+            truth = [is_harmful for _, is_harmful in labelled[start : start + batch_size]]
+            correct += sum(s == t for s, t in zip(says_yes.tolist(), truth, strict=True))
     return correct / len(labelled)
 
 

@@ -51,18 +51,21 @@ def indices_that_can_rank(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Sorted indices of a subset of `flat` that holds its k largest values (and every tie with
     the k-th): exact, whatever the sample; when the bound lets fewer than k through, all."""
     n = flat.numel()
-    everything = torch.arange(n, device=flat.device)
+
+    def everything() -> torch.Tensor:  # made only when needed: 8 bytes per score
+        return torch.arange(n, device=flat.device)
+
     if n <= 4 * _SAMPLE:
-        return everything
+        return everything()
     picks = torch.randint(n, (_SAMPLE,), generator=_generator(), device="cpu").to(flat.device)
     sample = flat[picks]
     expected = k * _SAMPLE / n  # sample values at or above the true k-th largest, on average
     j = int(expected + 6 * math.sqrt(expected) + 32)
     if j >= _SAMPLE:
-        return everything
+        return everything()
     bound = torch.topk(sample, j, sorted=False).values.min()
     idx = torch.nonzero(flat >= bound).flatten()
-    return idx if idx.numel() >= k else everything
+    return idx if idx.numel() >= k else everything()
 
 
 def _generator() -> torch.Generator:

@@ -23,6 +23,7 @@ from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN
 from tests.evidence_fixtures import disjoint_domain
+from tests.tiny_models import NoLogitsToKeep
 
 # ---------------------------------------------------------------- judges
 
@@ -72,8 +73,10 @@ def test_nll_judge_scores_only_what_the_attack_leaves_to_the_model(loaded: Any) 
 
 def test_prefill_attack_forces_the_answer_start(loaded: Any) -> None:
     model, tok = loaded.model, loaded.tokenizer
-    forced = evaluation.generate_answers(model, tok, ITEMS, "prefill", "chat", 4, 2)
-    plain = evaluation.generate_answers(model, tok, ITEMS, "plain", "chat", 4, 2)
+    answers, _ = evaluation.generate_for_judges(
+        model, tok, ITEMS, ["prefill", "plain"], [], "chat", 4, 2
+    )
+    forced, plain = answers["prefill"], answers["plain"]
     assert all(a.startswith(h.prefill) for a, h in zip(forced, ITEMS, strict=True))
     assert not all(a.startswith(h.prefill) for a, h in zip(plain, ITEMS, strict=True))
 
@@ -411,20 +414,10 @@ def test_dissociation_batched_equals_one_prompt_at_a_time(
             for h, b in [([p], []) for p in harmful] + [([], [p]) for p in benign]
         ]
 
-    class NoLogitsToKeep(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(
-            self, input_ids: Any, attention_mask: Any = None, use_cache: bool = False
-        ) -> Any:
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
     alone = verdicts(model, 1)
     assert 0 < sum(alone) < len(alone), "a random model that always agrees proves nothing"
     want = sum(alone) / len(alone)
-    for m in (model, NoLogitsToKeep()):
+    for m in (model, NoLogitsToKeep(model)):
         for batch_size in (2, 8):
             got = evaluation.dissociation_accuracy(
                 m, tokenizer, harmful, benign, "chat", batch_size

@@ -171,3 +171,15 @@ UNSUPPORTED: dict[str, tuple[Any, list[str]]] = {
     "t5": (t5_config, ["unsupported architecture 't5'", "encoder-decoder"]),
     "bert": (bert_config, ["unsupported architecture 'bert'", "encoder-only"]),
 }
+
+
+class NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward does not take `logits_to_keep` (custom code, adapters): the
+    full-logits path of `attribution.scored_logits` and the dissociation probe."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, use_cache: bool = False) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
