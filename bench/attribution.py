@@ -106,9 +106,12 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Any]:
         model = LlamaForCausalLM(config).float().eval()
         return model, 0, None
     from harmprune.loading import load_model
+    from harmprune.references import model_permit
     from harmprune.settings import Settings
 
-    loaded = load_model(args.model, None, Settings(), dtype="float32", device="cpu")
+    loaded = load_model(
+        args.model, None, Settings(), permit=model_permit(args.model), dtype="float32", device="cpu"
+    )
     return loaded.model, loaded.tokenizer.pad_token_id, loaded.tokenizer
 
 

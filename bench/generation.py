@@ -17,6 +17,7 @@ from harmprune import data
 from harmprune.config import load_domain
 from harmprune.generation import generate_greedy
 from harmprune.loading import load_model
+from harmprune.references import model_permit
 from harmprune.settings import Settings
 
 
@@ -48,7 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model, None, Settings(), device="cpu", dtype="float32")
+    loaded = load_model(
+        args.model, None, Settings(), permit=model_permit(args.model), device="cpu", dtype="float32"
+    )
     spec = load_domain("cyber")
     prompts = [p.prompt for p in spec.harmful + spec.benign + spec.eval.harmful + spec.eval.benign]
     prompts = (prompts * (args.prompts // len(prompts) + 1))[: args.prompts]

@@ -1,10 +1,8 @@
 """A job's plan before it is queued: may this tenant read its models, which queue runs it, and
 what will it cost? Torch-free at import.
 
-    access     the model (and judge, and Hub datasets) must be readable by the tenant: local
-               directories under the operator's roots and public Hub repos always; private or
-               gated repos only when the tenant policy grants them. A refused repo answers
-               exactly like a missing one.
+    access     every reference the job names, by the tenant's policy (harmprune.jobs.access);
+               the model's Hub facts come with its config files here
     files      config.json and tokenizer files only (harmprune.preflight.locate_config_files)
     estimate   harmprune.preflight.estimate_job builds a meta model with torch: the API runs it
                in a small pool of child processes (`Planner`), never in its own process
@@ -28,21 +26,19 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from harmprune.config import ClassifierJudge, DomainSpec, HardenConfig, HubDataset
-from harmprune.errors import HarmpruneError, ModelLoadError, NotPermitted, ServiceUnavailable
+from harmprune.config import HardenConfig, HubDataset
+from harmprune.errors import HarmpruneError
+from harmprune.jobs.access import check_repo_access
 from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import (
     CONFIG_FILES,
     ConfigFiles,
     Estimate,
-    HubUnreachable,
     PreflightRefused,
-    RepoFacts,
     RepoNotVisible,
-    hub_repo_facts,
-    is_hub_reference,
     locate_config_files,
 )
+from harmprune.references import is_hub_id, not_readable
 from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict
 
@@ -78,93 +74,6 @@ class Capacity(BaseModel):
             multi_gpu_count=settings.multi_gpu_count,
             time_limit_s=float(settings.job_soft_time_limit_s),
         )
-
-
-# ---------------------------------------------------------------- access: what a tenant may read
-
-
-def _not_readable(field: str, ref: str) -> NotPermitted:
-    """The one answer for a missing repo and a forbidden one."""
-    return NotPermitted(field, f"{ref} does not exist or this API key may not read it")
-
-
-def check_repo_access(facts: RepoFacts, policy: TenantPolicy, field: str) -> None:
-    if (facts.private and not policy.read_private) or (facts.gated and not policy.read_gated):
-        raise _not_readable(field, facts.repo_id)
-
-
-def check_read_access(
-    ref: str,
-    revision: str | None,
-    policy: TenantPolicy,
-    settings: Settings,
-    *,
-    field: str = "model",
-    repo_type: str = "model",
-    facts: RepoFacts | None = None,
-) -> None:
-    """Refuse a Hub repo the tenant may not read (or that does not exist: same answer).
-    Local directories and the built-in model are checked by the reference rules, not here."""
-    if repo_type == "model" and not is_hub_reference(ref):
-        return
-    if policy.read_private and policy.read_gated:
-        return  # nothing the Hub could say would refuse it; the worker's token decides
-    if facts is None:
-        try:
-            facts = hub_repo_facts(ref, revision, settings, repo_type=repo_type)
-        except RepoNotVisible:
-            raise _not_readable(field, ref) from None
-        except ModelLoadError as err:  # e.g. no such revision: also the same answer
-            log.info("access check of %s: %s", ref, err)
-            raise _not_readable(field, ref) from None
-        except HubUnreachable as err:
-            raise ServiceUnavailable(str(err), code="hub_unreachable", retry_after_s=30) from None
-    check_repo_access(facts, policy, field)
-
-
-def check_job_access(config: HardenConfig, policy: TenantPolicy, settings: Settings) -> None:
-    """Every repo a job reads, as the tenant: judge and Hub datasets like the model. Run before
-    queueing (the model's own facts come with its config files) and on the worker before any
-    weight is read."""
-    check_read_access(config.model, config.revision, policy, settings)
-    check_referenced_access(config, policy, settings)
-
-
-def check_referenced_access(config: HardenConfig, policy: TenantPolicy, settings: Settings) -> None:
-    """The judge model and every Hub dataset of a job, like the model."""
-    for field, ref, revision, repo_type in referenced_repos(config):
-        check_read_access(ref, revision, policy, settings, field=field, repo_type=repo_type)
-
-
-def referenced_repos(config: HardenConfig) -> list[tuple[str, str, str | None, str]]:
-    """(field, repo id, revision, repo type) of the judge and every Hub dataset of a job."""
-    return domain_repos(config.domain)
-
-
-def domain_repos(spec: DomainSpec) -> list[tuple[str, str, str | None, str]]:
-    """(field, repo id, revision, repo type) of the judge and every Hub dataset of a domain."""
-    out: list[tuple[str, str, str | None, str]] = []
-    classifier: ClassifierJudge | None = spec.eval.classifier
-    if classifier is not None:
-        out.append(("domain.eval.classifier.model", classifier.model, None, "model"))
-    groups: list[tuple[str, list[Any]]] = [
-        ("domain.harmful", spec.harmful),
-        ("domain.benign", spec.benign),
-        ("domain.eval.harmful", spec.eval.harmful),
-        ("domain.eval.benign", spec.eval.benign),
-    ]
-    if spec.tamper is not None:
-        groups += [
-            ("domain.tamper.train", spec.tamper.train),
-            ("domain.tamper.broad_harmful", spec.tamper.broad_harmful),
-            ("domain.tamper.broad_benign", spec.tamper.broad_benign),
-            ("domain.tamper.in_domain_eval", spec.tamper.in_domain_eval),
-        ]
-    for field, sources in groups:
-        for i, source in enumerate(sources):
-            if isinstance(source, HubDataset):
-                out.append((f"{field}.{i}.dataset", source.dataset, source.revision, "dataset"))
-    return out
 
 
 # ---------------------------------------------------------------- route: where it runs
@@ -244,8 +153,10 @@ def _locate(
     config: HardenConfig, settings: Settings, policy: TenantPolicy | None
 ) -> ConfigFiles | None:
     """The model's config files, as this tenant may read them."""
+    # A tenant's Hub id is a Hub id, even if a folder of that name exists here.
+    hub_only = policy is not None and is_hub_id(config.model)
     try:
-        files = locate_config_files(config.model, config.revision, settings)
+        files = locate_config_files(config.model, config.revision, settings, hub_only=hub_only)
     except RepoNotVisible:
         # An API without a Hub token cannot see private repos the workers' token may read:
         # queued unchecked if the tenant may read them (the worker checks before loading).
@@ -254,7 +165,7 @@ def _locate(
             return None
         if policy is None:
             raise
-        raise _not_readable("model", config.model) from None
+        raise not_readable("model") from None
     if policy is not None and files is not None and files.repo is not None:
         check_repo_access(files.repo, policy, "model")
     return files

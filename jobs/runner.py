@@ -38,6 +38,7 @@ from harmprune.jobs.store import (
     Owner,
     ReportSummary,
 )
+from harmprune.references import Permit
 from harmprune.settings import Settings
 from harmprune.vocabulary import REPORT_FILE, overall_progress
 
@@ -362,23 +363,30 @@ def _run_claimed(
     return "succeeded"
 
 
-def check_tenant_access(record: JobRecord, settings: Settings) -> None:
-    """The tenant policy again, on the worker, before any weight is read: the policy file may
-    have changed since the job was queued, and a repo's visibility too."""
+def permit_on_worker(record: JobRecord, settings: Settings) -> Permit:
+    """The tenant policy again, on the worker, before any byte is fetched (the policy file may
+    have changed since the job was queued, and a repo's visibility too): the permit the
+    pipeline's loaders check. Here, where lm-eval is at hand, a built-in task's datasets become
+    references too."""
+    from harmprune.benchmarks import task_dataset_references
     from harmprune.config import HardenConfig
-    from harmprune.jobs.planning import check_job_access
+    from harmprune.jobs.access import grant, permit_job
     from harmprune.jobs.tenants import TenantPolicies
 
     policy = TenantPolicies.from_settings(settings).get(record.tenant)
     policy.check_publish(record.publish.repo_id)
-    check_job_access(HardenConfig.model_validate(record.config), policy, settings)
+    config = HardenConfig.model_validate(record.config)
+    permit = permit_job(config, policy, settings)  # task names are checked before lm-eval
+    benchmarks = config.domain.eval.benchmarks
+    extra = task_dataset_references(benchmarks.tasks) if benchmarks else []
+    return permit.with_grants(grant(ref, policy, settings) for ref in extra)
 
 
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
     from harmprune.config import HardenConfig
     from harmprune.pipeline import run
 
-    check_tenant_access(record, runner.settings)
+    permit = permit_on_worker(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
     report = run(
         config,
@@ -388,6 +396,7 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         should_cancel=runner.should_cancel,
         job_id=record.id,
         attribution_processes=attribution_processes(record.queue, runner.settings),
+        permit=permit,
     )
     return report.model_dump(mode="json")
 

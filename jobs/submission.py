@@ -15,7 +15,6 @@ Torch-free.
 from __future__ import annotations
 
 import copy
-import os
 import re
 import time
 from collections.abc import Callable
@@ -31,13 +30,8 @@ from harmprune.config import (
     load_domain,
 )
 from harmprune.errors import QuotaExceeded, RequestRefused, ServiceUnavailable
-from harmprune.jobs.planning import (
-    Plan,
-    Planner,
-    check_job_access,
-    check_referenced_access,
-    domain_repos,
-)
+from harmprune.jobs.access import permit_job
+from harmprune.jobs.planning import Plan, Planner
 from harmprune.jobs.store import (
     IdempotencyConflict,
     JobError,
@@ -50,13 +44,12 @@ from harmprune.jobs.store import (
     new_job_id,
 )
 from harmprune.jobs.tenants import TenantPolicy
+from harmprune.references import RevisionedModelRef
 from harmprune.settings import Settings
-from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 EXAMPLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 # The largest request body (a domain spec with its inline examples) the API reads; the
 # OpenAPI schema states it (`x-max-body-bytes`), the API's body limit enforces it.
@@ -123,16 +116,11 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Annotated[
-        str,
-        Field(
-            min_length=1,
-            max_length=512,
-            description="Hub repo id (`org/name`), `smollm2-135m-instruct`, or an absolute path "
-            "under a model directory the operator allows.",
-            examples=["smollm2-135m-instruct"],
-        ),
-    ]
+    model: RevisionedModelRef = Field(
+        description="Hub repo id (`org/name`), `smollm2-135m-instruct`, or an absolute path "
+        "under a model directory the operator allows.",
+        examples=["smollm2-135m-instruct"],
+    )
     revision: Annotated[str | None, Field(max_length=128, pattern=r"^[\w./-]+$")] = Field(
         None, description="Hub revision (commit, branch or tag)."
     )
@@ -172,34 +160,8 @@ class JobRequest(BaseModel):
         return v
 
 
-def check_model_reference(model: str, settings: Settings, field: str = "model") -> None:
-    """Only references a tenant may name: the SmolLM2 alias, a Hub id, or an absolute path under
-    a directory the operator allows. Never another path on the worker."""
-    if model == SMOLLM2_ALIAS:
-        return
-    if model.startswith("/"):
-        normal = os.path.normpath(model)
-        roots = [os.path.normpath(str(r)) for r in settings.local_model_roots]
-        if ".." not in model.split("/") and any(
-            normal.startswith(root.rstrip("/") + "/") for root in roots
-        ):
-            return
-        raise RequestRefused(field, "this path is not under a model directory the operator allows")
-    if HUB_ID.match(model) and ".." not in model and "--" not in model:
-        return
-    raise RequestRefused(
-        field, f"expected a Hub repo id (org/name), {SMOLLM2_ALIAS}, or an allowed absolute path"
-    )
-
-
 def build_config(request: JobRequest, settings: Settings) -> HardenConfig:
-    """The job's HardenConfig, once every reference in the request is one a tenant may name."""
-    check_model_reference(request.model, settings)
-    for field, ref, _revision, repo_type in referenced_repos_of(request.domain):
-        if repo_type == "model":
-            check_model_reference(ref, settings, field)
-        elif not HUB_ID.match(ref) or ".." in ref or "--" in ref:
-            raise RequestRefused(field, "expected a Hub dataset id (org/name)")
+    """The job's HardenConfig (its references are the tenant policy's to judge: `submit`)."""
     if request.trust_remote_code and not settings.allow_remote_code:
         raise RequestRefused("trust_remote_code", "the operator does not allow remote code")
     hardware = request.hardware or settings.default_hardware
@@ -215,10 +177,6 @@ def build_config(request: JobRequest, settings: Settings) -> HardenConfig:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "(body)"
         raise RequestRefused(field, str(first["msg"])) from None
-
-
-def referenced_repos_of(domain: DomainSpec) -> list[tuple[str, str, str | None, str]]:
-    return domain_repos(domain)
 
 
 def request_from_cli(
@@ -296,11 +254,11 @@ def submit(
             raise _idempotency_conflict(replay.id)
         return Submitted(replay, False)
     plan: Plan | None = None
-    if services.planner is not None:  # the model's access comes with its config files
+    if services.planner is not None:  # the model's Hub facts come with its config files
+        permit_job(config, policy, settings, hub_checked=frozenset({"model"}))
         plan = services.planner.plan(config, hardware, policy)
-        check_referenced_access(config, policy, settings)
     else:
-        check_job_access(config, policy, settings)
+        permit_job(config, policy, settings)
     now = time.time()
     record = JobRecord(
         id=new_job_id(),

@@ -28,6 +28,7 @@ import yaml
 from harmprune.config import BenchmarksConfig as BenchmarksConfig
 from harmprune.config import Strict
 from harmprune.errors import SpecError
+from harmprune.references import Permit, Reference, not_readable
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
@@ -141,14 +142,57 @@ def check_tasks(names: list[str]) -> TaskManager:
     return manager
 
 
+TASKS_FIELD = "domain.eval.benchmarks.tasks"
+
+
+def task_dataset_references(
+    names: list[str], manager: TaskManager | None = None
+) -> list[Reference]:
+    """The Hub datasets the built-in lm-eval tasks among `names` read (a group: its tasks'), as
+    references for the access policy: a task is a reference to the data it downloads. A task
+    whose data cannot be told from its config (a Python-defined task) is not readable."""
+    local = local_tasks()
+    builtin = [(i, name) for i, name in enumerate(names) if name not in local]
+    if not builtin:
+        return []
+    manager = manager or check_tasks(names)
+    out: list[Reference] = []
+
+    def visit(name: str, where: str, depth: int) -> None:
+        entry = manager.task_index.get(name)
+        cfg = getattr(entry, "cfg", None)
+        if not isinstance(cfg, dict) or depth > 8:
+            raise not_readable(where)
+        path = cfg.get("dataset_path")
+        if path is not None:
+            kwargs = cfg.get("dataset_kwargs") or {}
+            revision = kwargs.get("revision") if isinstance(kwargs, dict) else None
+            out.append(Reference("dataset", str(path), revision, where))
+        members = cfg.get("task")
+        for member in members if isinstance(members, list) else []:
+            sub = member.get("task") if isinstance(member, dict) else member
+            if isinstance(sub, str):
+                visit(sub, where, depth + 1)
+            elif isinstance(member, dict) and member.get("dataset_path") is not None:
+                out.append(Reference("dataset", str(member["dataset_path"]), None, where))
+        if path is None and not isinstance(members, list):
+            raise not_readable(where)
+
+    for i, name in builtin:
+        visit(name, f"{TASKS_FIELD}.{i}", 0)
+    return out
+
+
 def run_benchmarks(
-    model: Any, tokenizer: Any, config: BenchmarksConfig, device: Any = None
+    model: Any, tokenizer: Any, config: BenchmarksConfig, permit: Permit, device: Any = None
 ) -> list[BenchmarkResult]:
     """Score the in-memory `model` on `config.tasks` with `lm_eval.simple_evaluate`.
 
-    The model is wrapped (not copied, not reloaded) in lm-eval's HFLM; it runs in eval mode
-    without gradients and gets back its training mode and device afterwards. `device`: where to
-    run (default: where the model is). The tokenizer is copied: lm-eval may set its pad token.
+    Only tasks the job's permit grants run, and a built-in task only when the permit also grants
+    every dataset it reads. The model is wrapped (not copied, not reloaded) in lm-eval's HFLM; it
+    runs in eval mode without gradients and gets back its training mode and device afterwards.
+    `device`: where to run (default: where the model is). The tokenizer is copied: lm-eval may
+    set its pad token.
     """
     if not config.tasks:
         return []
@@ -156,7 +200,11 @@ def run_benchmarks(
         raise SpecError(
             "eval.benchmarks.apply_chat_template: the model's tokenizer has no chat template"
         )
+    for i, name in enumerate(config.tasks):
+        permit.grant("task", name, None, f"{TASKS_FIELD}.{i}")
     manager = check_tasks(config.tasks)
+    for ref in task_dataset_references(config.tasks, manager):
+        permit.grant("dataset", ref.name, ref.revision, ref.field)
 
     import lm_eval
     import torch

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from harmprune.errors import SpecError
+from harmprune.references import DatasetRef, ModelRef, RevisionedModelRef, TaskRef
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 JudgeName = Literal["nll", "refusal", "classifier"]
@@ -46,9 +47,7 @@ class Pair(Strict):
 class HubDataset(Strict):
     """A reference to a Hub dataset, loaded on workers that have network (`pip install .[datasets]`)."""
 
-    dataset: Annotated[
-        str, Field(min_length=1, description="Hub dataset id, e.g. walledai/AdvBench.")
-    ]
+    dataset: DatasetRef = Field(description="Hub dataset id, e.g. walledai/AdvBench.")
     revision: str | None = Field(
         None, description="Dataset commit or tag, pinned for reproducibility."
     )
@@ -84,6 +83,8 @@ STRONGREJECT_STYLE_TEMPLATE = (
 
 
 ClassifierPreset = Literal["strongreject", "llama_guard_3", "harmbench", "custom"]
+# The base model a preset's LoRA judge adapts (harmprune.judges.PRESETS documents the rest).
+PRESET_BASE_MODELS: dict[str, str] = {"strongreject": "google/gemma-2b"}
 
 
 class ClassifierJudge(Strict):
@@ -93,16 +94,24 @@ class ClassifierJudge(Strict):
     (cais/HarmBench-Llama-2-13b-cls), or custom (`template`, graded over "1".."5")."""
 
     preset: ClassifierPreset = "custom"
-    model: Annotated[
-        str, Field(min_length=1, description="Hub id or local dir of the judge (or its adapter).")
-    ]
-    base_model: str | None = Field(
+    model: ModelRef = Field(description="Hub id or local dir of the judge (or its adapter).")
+    base_model: ModelRef | None = Field(
         None,
-        description="For a LoRA adapter judge: the model it adapts (strongreject: google/gemma-2b).",
+        description="For a LoRA adapter judge: the model it adapts. A preset's default "
+        "(strongreject: google/gemma-2b) is filled in at validation, so the access policy sees "
+        "it like any reference the spec names.",
     )
     template: str = Field(
         STRONGREJECT_STYLE_TEMPLATE, description="custom preset: with {prompt} and {response}."
     )
+
+    @model_validator(mode="after")
+    def _preset_base_model(self) -> ClassifierJudge:
+        # A default the loader would add later is a reference nobody checked: make it explicit.
+        default = PRESET_BASE_MODELS.get(self.preset)
+        if self.base_model is None and default is not None:
+            object.__setattr__(self, "base_model", default)
+        return self
 
 
 class ValidationSets(Strict):
@@ -130,7 +139,7 @@ class ControlsConfig(Strict):
 class BenchmarksConfig(Strict):
     """Which lm-eval tasks measure utility, and how (`eval.benchmarks` in a domain spec)."""
 
-    tasks: list[str] = Field(
+    tasks: list[TaskRef] = Field(
         default_factory=list,
         description="lm-eval task or group names: harmprune's local tasks (offline) or built-in "
         "ones (boolq, hellaswag, mmlu, ...: need network for their datasets).",
@@ -510,13 +519,9 @@ class DomainSpec(Strict):
 class HardenConfig(Strict):
     """One hardening job."""
 
-    model: Annotated[
-        str,
-        Field(
-            min_length=1,
-            description="Hub id, local directory, .gguf file, or smollm2-135m-instruct.",
-        ),
-    ]
+    model: RevisionedModelRef = Field(
+        description="Hub id, local directory, .gguf file, or smollm2-135m-instruct."
+    )
     revision: str | None = Field(None, description="Hub revision (commit, branch or tag).")
     domain: DomainSpec
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from harmprune.config import DomainSpec, Elicitation, HubDataset, Pair, Source
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.generation import generate_greedy
+from harmprune.references import Grant, Permit
 from harmprune.vocabulary import normalise_prompt
 
 PromptFormat = Literal["chat", "plain"]
@@ -43,18 +45,24 @@ class Example:
 # ---------------------------------------------------------------- sources
 
 
-def load_sources(sources: Sequence[Source]) -> list[Pair]:
-    """Inline pairs as they are; Hub dataset references loaded with `datasets` (network needed)."""
+def load_sources(sources: Sequence[Source], permit: Permit, field: str) -> list[Pair]:
+    """Inline pairs as they are; Hub dataset references loaded with `datasets` (network
+    needed), only those the job's permit grants (`field` names the list, for the error)."""
     pairs: list[Pair] = []
-    for source in sources:
+    for i, source in enumerate(sources):
         if isinstance(source, Pair):
             pairs.append(source)
         else:
-            pairs.extend(_load_hub_dataset(source))
+            grant = permit.grant("dataset", source.dataset, source.revision, f"{field}.{i}.dataset")
+            pairs.extend(_load_hub_dataset(source, grant))
     return pairs
 
 
-def _load_hub_dataset(ref: HubDataset) -> list[Pair]:
+def _load_hub_dataset(ref: HubDataset, grant: Grant) -> list[Pair]:
+    if grant.location == "hub" and Path(grant.target).exists():
+        # `datasets` looks for a local folder of that name first: a granted Hub id must not
+        # read a file of the worker's working directory instead.
+        raise SpecError(f"dataset {ref.dataset}: a local path of that name shadows the Hub id")
     try:
         import datasets
     except ImportError:
@@ -62,7 +70,7 @@ def _load_hub_dataset(ref: HubDataset) -> list[Pair]:
             f"domain references Hub dataset {ref.dataset}; install harmprune[datasets] on this worker"
         ) from None
     try:
-        rows = datasets.load_dataset(ref.dataset, split=ref.split, revision=ref.revision)
+        rows = datasets.load_dataset(grant.target, split=ref.split, revision=ref.revision)
     except Exception as err:  # datasets raises many kinds, all meaning "not loadable here"
         raise SpecError(f"cannot load dataset {ref.dataset}: {type(err).__name__}: {err}") from None
     if ref.prompt_field not in rows.column_names:
@@ -202,8 +210,11 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def calibration_sets(spec: DomainSpec) -> tuple[list[Pair], list[Pair]]:
-    return load_sources(spec.harmful), load_sources(spec.benign)
+def calibration_sets(spec: DomainSpec, permit: Permit) -> tuple[list[Pair], list[Pair]]:
+    return (
+        load_sources(spec.harmful, permit, "domain.harmful"),
+        load_sources(spec.benign, permit, "domain.benign"),
+    )
 
 
 # ---------------------------------------------------------------- disjoint sets

@@ -7,7 +7,9 @@ A reference is one of:
 - a Hub repo id (+ revision): only safetensors, JSON and tokenizer files are downloaded,
   so a pickle checkpoint is never fetched, let alone unpickled.
 
-Checks that need only `config.json` and the tokenizer run before any weight is read.
+Only a reference the job's permit grants is loaded, from where the permit says it points
+(harmprune.references). Checks that need only `config.json` and the tokenizer run before any
+weight is read.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.references import Grant, Permit
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS, sha256_file
@@ -70,15 +73,19 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def resolve(reference: str, revision: str | None, settings: Settings) -> tuple[Path, ModelSource]:
-    """Turn a reference into a local directory holding config.json + safetensors."""
-    if reference == SMOLLM2_ALIAS:
+def resolve(grant: Grant, settings: Settings) -> tuple[Path, ModelSource]:
+    """Turn a granted model reference into a local directory holding config.json + safetensors,
+    from the location the permit granted (a Hub id is never looked up as a local path)."""
+    reference = grant.reference.name
+    if grant.location == "alias":
         gguf = smollm2_gguf_path()
         local, sha = convert_gguf(gguf, settings.cache_dir)
         return local, ModelSource(
             reference=reference, kind="alias", gguf_sha256=sha, license="apache-2.0"
         )
-    path = Path(reference).expanduser()
+    if grant.location == "hub":
+        return _download_from_hub(grant.target, grant.reference.revision, settings)
+    path = Path(grant.target)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {reference}")
@@ -92,9 +99,7 @@ def resolve(reference: str, revision: str | None, settings: Settings) -> tuple[P
                 f"{reference} has no *.safetensors weights; pickle checkpoints are refused"
             )
         return path, ModelSource(reference=path.name, kind="local")
-    if path.is_absolute() or reference.startswith((".", "~")) or reference.count("/") > 1:
-        raise ModelLoadError(f"model not found: {reference} is neither a directory nor a file")
-    return _download_from_hub(reference, revision, settings)
+    raise ModelLoadError(f"model not found: {reference} is neither a directory nor a file")
 
 
 def _download_from_hub(
@@ -309,20 +314,43 @@ def load_model(
     revision: str | None,
     settings: Settings,
     *,
+    permit: Permit,
+    field: str = "model",
     device: str | None = None,
     dtype: str = "auto",
     trust_remote_code: bool = False,
     need_chat_template: bool = True,
 ) -> LoadedModel:
-    """Resolve, check (config and tokenizer first), then load the weights."""
-    from transformers import AutoModelForCausalLM
-
+    """Resolve what the permit granted (nothing else: a reference it does not hold raises before
+    any byte is read), check config and tokenizer, then load the weights."""
     if trust_remote_code and not settings.allow_remote_code:
         raise ModelLoadError(
             "trust_remote_code was asked for, but the operator does not allow it "
             "(HARMPRUNE_ALLOW_REMOTE_CODE=false)"
         )
-    local_dir, source = resolve(reference, revision, settings)
+    local_dir, source = resolve(permit.grant("model", reference, revision, field), settings)
+    return load_resolved(
+        local_dir,
+        source,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        need_chat_template=need_chat_template,
+    )
+
+
+def load_resolved(
+    local_dir: Path,
+    source: ModelSource,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    need_chat_template: bool = True,
+) -> LoadedModel:
+    """Load a model directory the job already resolved (its own download or cache)."""
+    from transformers import AutoModelForCausalLM
+
     config = load_config(local_dir, trust_remote_code)
     tokenizer = load_tokenizer(local_dir, trust_remote_code, need_chat_template)
     dev, torch_dtype = pick_device_and_dtype(device, dtype)
@@ -335,7 +363,9 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"cannot load weights of {reference}: {err}".splitlines()[0]) from None
+        raise ModelLoadError(
+            f"cannot load weights of {source.reference}: {err}".splitlines()[0]
+        ) from None
     model.to(dev)  # type: ignore[arg-type]  # transformers' stubs type .to() oddly
     model.eval()
     return LoadedModel(model, tokenizer, source, local_dir, dev, torch_dtype)

@@ -58,8 +58,9 @@ from harmprune.config import (
     Source,
 )
 from harmprune.errors import CalibrationError, JobCancelled, SpecError
-from harmprune.loading import LoadedModel, load_model, resolve
+from harmprune.loading import LoadedModel, load_model, load_resolved, resolve
 from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
+from harmprune.references import Permit, locate_for_operator, operator_permit
 from harmprune.report import (
     BenchmarksSummary,
     CalibrationSummary,
@@ -120,6 +121,7 @@ class JobContext:
     should_cancel: CancelFn | None
     classifier: judges.ClassifierJudge | None
     recompute: bool  # gradient checkpointing in the attribution (decided by the preflight)
+    permit: Permit  # what this job may load (harmprune.references)
     attribution_processes: int = 1
     job_id: str | None = None
 
@@ -139,7 +141,7 @@ class JobContext:
         """The spec's lm-eval tasks on the model as it is now (in memory, no reload)."""
         assert self.spec.eval.benchmarks is not None
         return benchmarks.run_benchmarks(
-            self.loaded.model, self.loaded.tokenizer, self.spec.eval.benchmarks
+            self.loaded.model, self.loaded.tokenizer, self.spec.eval.benchmarks, self.permit
         )
 
     def measure(self, heldout: evaluation.HeldOut, level: str = "full") -> evaluation.ModelMetrics:
@@ -186,19 +188,20 @@ class PromptSets:
     general_sizes: dict[str, int] = field(default_factory=dict)
 
 
-def split_sets(config: HardenConfig) -> PromptSets:
+def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets:
     """The spec's sets, or seeded shares split off calibration (test first, then validation,
     which is made only when the search has candidates to choose between); refused if a prompt
-    repeats across sets."""
+    repeats across sets. Hub datasets are loaded as `permit` grants (default: the operator's)."""
     spec = config.domain
-    harmful, benign = data.calibration_sets(spec)
+    permit = permit or operator_permit(config)
+    harmful, benign = data.calibration_sets(spec, permit)
     frac, seed = spec.eval.heldout_fraction, config.seed
     made_by = {"calibration": "the spec's harmful and benign examples"}
 
     def held_out(
         set_name: str, given: list[Source], pairs: list[Pair], kind: str, split_seed: int
     ) -> tuple[list[Pair], list[Pair], str]:
-        loaded = data.load_sources(given)
+        loaded = data.load_sources(given, permit, f"domain.eval.{set_name}{kind}")
         if loaded:
             return pairs, loaded, f"the spec's eval.{set_name}{kind}"
         if len(pairs) < 2:
@@ -452,10 +455,9 @@ def distributed_scores(
             on_progress=lambda d, t: ctx.progress("attribute", d, n_total),
             should_cancel=ctx.should_cancel,
         )
-    reloaded = load_model(
-        str(loaded.local_dir),
-        None,
-        settings,
+    reloaded = load_resolved(
+        loaded.local_dir,
+        loaded.source,
         device=str(loaded.device),
         dtype=str(loaded.dtype).removeprefix("torch."),
         trust_remote_code=False,
@@ -482,11 +484,15 @@ def run(
     overwrite: bool = False,
     job_id: str | None = None,
     attribution_processes: int = 1,
+    permit: Permit | None = None,
 ) -> Report:
     """Harden one model for one domain; write the result into `out_dir` (see the module doc).
 
-    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU)."""
+    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
+    `permit`: what the job may load, made by the tenant's policy on a worker; default: the
+    operator's own (the CLI), which grants every reference the config names."""
     timings: dict[str, float] = {}
+    permit = permit or operator_permit(config)
     seed_everything(config.seed)
 
     def timed(stage: str) -> _Timer:
@@ -495,7 +501,7 @@ def run(
     # The output target is checked first so that a bad path fails before minutes of work.
     with staged_output(out_dir, overwrite=overwrite) as staging:
         with timed("load"):
-            sets = split_sets(config)
+            sets = split_sets(config, permit)
             ctx = load(
                 config,
                 settings,
@@ -503,6 +509,7 @@ def run(
                 should_cancel,
                 attribution_processes,
                 job_id,
+                permit,
             )
         ctx.check_cancel()
         with timed("elicit"):
@@ -604,13 +611,22 @@ def load(
     should_cancel: CancelFn | None,
     attribution_processes: int = 1,
     job_id: str | None = None,
+    permit: Permit | None = None,
 ) -> JobContext:
     """Preflight (config files only: a job this machine cannot run fails before any weight is
     read), then the model and the judge model."""
     progress("load", 0, 1)
+    permit = permit or operator_permit(config)
     if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
-        benchmarks.check_tasks(config.domain.eval.benchmarks.tasks)
-    planned = preflight.check_before_loading(config, settings, attribution_processes)
+        tasks = config.domain.eval.benchmarks.tasks
+        manager = benchmarks.check_tasks(tasks)
+        if permit.policy == "operator":  # a tenant's permit already holds its tasks' datasets
+            refs = benchmarks.task_dataset_references(tasks, manager)
+            permit = permit.with_grants(locate_for_operator(r) for r in refs)
+    model_grant = permit.grant("model", config.model, config.revision, "model")
+    planned = preflight.check_before_loading(
+        config, settings, attribution_processes, hub_only=model_grant.location == "hub"
+    )
     # the estimate decides `auto` (it knows the device); without one, only "on" is on.
     # FSDP2 ranks never recompute.
     recompute = attribution_processes == 1 and (
@@ -620,6 +636,7 @@ def load(
         config.model,
         config.revision,
         settings,
+        permit=permit,
         device=config.device,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
@@ -631,8 +648,9 @@ def load(
         loaded=loaded,
         progress=progress,
         should_cancel=should_cancel,
-        classifier=_load_classifier(config, settings),
+        classifier=_load_classifier(config, settings, permit),
         recompute=recompute,
+        permit=permit,
         attribution_processes=attribution_processes,
         job_id=job_id,
     )
@@ -640,20 +658,23 @@ def load(
     return ctx
 
 
-def _load_classifier(config: HardenConfig, settings: Settings) -> judges.ClassifierJudge | None:
+def _load_classifier(
+    config: HardenConfig, settings: Settings, permit: Permit
+) -> judges.ClassifierJudge | None:
     """The classifier judge, loaded once per job; its references are validated like any model
     reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
     base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
     cfg = config.domain.eval.classifier
     if cfg is None or "classifier" not in config.domain.eval.judges:
         return None
-    base_ref = cfg.base_model or judges.PRESETS[cfg.preset].default_base_model
-    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype)
-    if base_ref is None:
+    field = "domain.eval.classifier"
+    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype, permit=permit)
+    if cfg.base_model is None:
         loaded = load_model(
             cfg.model,
             None,
             settings,
+            field=f"{field}.model",
             need_chat_template=cfg.preset == "llama_guard_3",
             **common,
         )
@@ -661,10 +682,18 @@ def _load_classifier(config: HardenConfig, settings: Settings) -> judges.Classif
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    base = load_model(base_ref, None, settings, need_chat_template=False, **common)
-    adapter = Path(cfg.model).expanduser()
-    if not adapter.is_dir():
-        adapter, _ = resolve(cfg.model, None, settings)
+    base = load_model(
+        cfg.base_model,
+        None,
+        settings,
+        field=f"{field}.base_model",
+        need_chat_template=False,
+        **common,
+    )
+    grant = permit.grant("model", cfg.model, None, f"{field}.model")
+    adapter = Path(grant.target)
+    if grant.location != "local":
+        adapter, _ = resolve(grant, settings)
     if not (adapter / "adapter_config.json").is_file():
         raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
     model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
@@ -990,6 +1019,7 @@ def tamper_check(
         multiple_choice=heldout.multiple_choice,
         on_progress=lambda d, t: ctx.progress("tamper", d, t),
         should_cancel=ctx.should_cancel,
+        permit=ctx.permit,
     )
 
 
@@ -1021,6 +1051,7 @@ def run_attacks(
         classifier=ctx.classifier,
         on_progress=lambda d, t: ctx.progress("attacks", d, t),
         should_cancel=ctx.should_cancel,
+        permit=ctx.permit,
     )
 
 

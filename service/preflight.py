@@ -436,18 +436,20 @@ def locate_config_files(
     settings: Settings,
     *,
     max_file_bytes: int = CONFIG_FILE_MAX_BYTES,
+    hub_only: bool = False,
 ) -> ConfigFiles | None:
     """A directory with the model's config.json and tokenizer files, no weights.
 
     A local directory is used as is; a Hub repo's small files are downloaded into the Hub cache,
     at the commit its metadata names, each only if it is at most `max_file_bytes`.
     None for the built-in alias and GGUF files (their config is inside the GGUF; the loader
-    checks it before any heavy work).
+    checks it before any heavy work). `hub_only`: the reference was granted as a Hub id, so a
+    local folder of the same name is not looked at.
     """
     if model == SMOLLM2_ALIAS or model.endswith(".gguf"):
         return None
     path = Path(model).expanduser()
-    if path.is_dir():  # the loader's own checks, in its words
+    if path.is_dir() and not hub_only:  # the loader's own checks, in its words
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{model} is a directory without config.json")
         if not any(path.glob("*.safetensors")):
@@ -458,7 +460,7 @@ def locate_config_files(
             if (path / name).is_file() and (path / name).stat().st_size > max_file_bytes:
                 raise PreflightRefused("model", f"{name} is over {max_file_bytes} bytes")
         return ConfigFiles(directory=path)
-    if not is_hub_reference(model):
+    if not hub_only and not is_hub_reference(model):
         raise ModelLoadError(f"model not found: {model} is neither a directory nor a file")
     from huggingface_hub import hf_hub_download
 
@@ -482,9 +484,11 @@ def locate_config_files(
     return ConfigFiles(directory=directory, repo=facts)
 
 
-def fetch_config_files(model: str, revision: str | None, settings: Settings) -> Path | None:
+def fetch_config_files(
+    model: str, revision: str | None, settings: Settings, *, hub_only: bool = False
+) -> Path | None:
     """`locate_config_files`' directory (None: nothing to read before loading)."""
-    found = locate_config_files(model, revision, settings)
+    found = locate_config_files(model, revision, settings, hub_only=hub_only)
     return found.directory if found else None
 
 
@@ -544,11 +548,16 @@ def refuse_unless_fits(config: HardenConfig, est: Estimate) -> None:
 
 
 def check_before_loading(
-    config: HardenConfig, settings: Settings, attribution_processes: int = 1
+    config: HardenConfig,
+    settings: Settings,
+    attribution_processes: int = 1,
+    *,
+    hub_only: bool = False,
 ) -> Estimate | None:
     """The pipeline's own preflight, on this machine, before any weight is read: architecture,
-    chat template, and (on CUDA) the memory of the device it will use."""
-    directory = fetch_config_files(config.model, config.revision, settings)
+    chat template, and (on CUDA) the memory of the device it will use. `hub_only`: the model was
+    granted as a Hub id (harmprune.references)."""
+    directory = fetch_config_files(config.model, config.revision, settings, hub_only=hub_only)
     if directory is None:
         return None
     import torch

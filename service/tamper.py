@@ -53,6 +53,7 @@ from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported f
 from harmprune.config import EvalConfig, TamperConfig
 from harmprune.errors import SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.references import Permit
 from harmprune.results import (
     AttackSettings,
     ModelTamper,
@@ -172,13 +173,14 @@ def _prepare(
     eval_cfg: EvalConfig,
     batch_size: int,
     multiple_choice: Sequence[evaluation.MultipleChoice],
+    permit: Permit,
 ) -> tuple[list[data.Example], _Sets, int, str]:
     """Training examples and the two held-out sets; reference answers from `model` (original)."""
-    train = data.load_sources(cfg.train)
+    train = data.load_sources(cfg.train, permit, "domain.tamper.train")
     missing = [i for i, p in enumerate(train) if p.response is None]
     if missing:
         raise SpecError(f"tamper.train: pair {missing[0]} has no response")
-    in_domain = data.load_sources(cfg.in_domain_eval)
+    in_domain = data.load_sources(cfg.in_domain_eval, permit, "domain.tamper.in_domain_eval")
     source = "spec"
     if not in_domain:
         if len(train) < 2:
@@ -190,8 +192,8 @@ def _prepare(
     held_broad = evaluation.build_heldout(
         model,
         tokenizer,
-        data.load_sources(cfg.broad_harmful),
-        data.load_sources(cfg.broad_benign),
+        data.load_sources(cfg.broad_harmful, permit, "domain.tamper.broad_harmful"),
+        data.load_sources(cfg.broad_benign, permit, "domain.tamper.broad_benign"),
         list(multiple_choice),
         source="spec",
         **common,
@@ -225,6 +227,7 @@ def run_tamper_check(
     multiple_choice: Sequence[evaluation.MultipleChoice] = (),
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    permit: Permit,
 ) -> TamperResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
@@ -255,6 +258,7 @@ def run_tamper_check(
             eval_cfg=eval_cfg,
             batch_size=batch_size,
             multiple_choice=multiple_choice,
+            permit=permit,
         )
         step()
 

@@ -18,6 +18,7 @@ from harmprune.attacks.pricing import price_attacks
 from harmprune.config import AttacksConfig, EvalConfig, FineTuneAttackConfig
 from harmprune.errors import SpecError
 from harmprune.pruning import apply_pruning
+from harmprune.references import operator_permit
 from pydantic import ValidationError
 
 HARMFUL = [
@@ -199,6 +200,7 @@ def run_attacks_on_tiny_sets(
         max_length=64,
         seed=3,
         batch_size=4,
+        permit=operator_permit(cfg),
     )
     return attacks.run_attacks(model, tokenizer, params, mask, cfg, **{**args, **kw})
 

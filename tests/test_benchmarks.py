@@ -21,6 +21,7 @@ from harmprune.benchmarks import (
     run_benchmarks,
 )
 from harmprune.errors import SpecError
+from harmprune.references import operator_permit
 from pydantic import ValidationError
 
 from tests.tiny_models import build_model, make_tokenizer
@@ -103,7 +104,9 @@ def test_local_tasks_score_as_the_direct_computation(llama: tuple[Any, Any], off
     model.train()  # the caller's mode comes back
     before = {k: v.clone() for k, v in model.state_dict().items()}
     started = time.perf_counter()
-    results = run_benchmarks(model, tokenizer, BenchmarksConfig(tasks=list(LOCAL)))
+    results = run_benchmarks(
+        model, tokenizer, (cfg := BenchmarksConfig(tasks=list(LOCAL))), operator_permit(cfg)
+    )
     print(f"run_benchmarks, 2 tasks x 40 items: {time.perf_counter() - started:.1f} s")
     assert model.training
     model.eval()
@@ -130,7 +133,7 @@ def test_local_tasks_score_as_the_direct_computation(llama: tuple[Any, Any], off
 def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
     model, tokenizer = llama
     config = BenchmarksConfig(tasks=list(LOCAL), limit=7, apply_chat_template=True)
-    results = run_benchmarks(model, tokenizer, config)
+    results = run_benchmarks(model, tokenizer, config, operator_permit(config))
     assert {r.n for r in results} == {7}
     assert all(r.chat_template for r in results)
     for result in results:
@@ -140,7 +143,7 @@ def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
     shots = BenchmarksConfig(
         tasks=["harmprune_everyday_mc"], limit=3, num_fewshot=2, apply_chat_template=True
     )
-    few = run_benchmarks(model, tokenizer, shots)
+    few = run_benchmarks(model, tokenizer, shots, operator_permit(shots))
     assert {(r.n, r.num_fewshot, r.chat_template) for r in few} == {(3, 2, True)}
 
     drops = compare_benchmarks(results, results)
@@ -166,19 +169,19 @@ def test_an_unknown_task_is_a_spec_error_naming_it(llama: tuple[Any, Any], offli
     config = BenchmarksConfig(tasks=["harmprune_yesno", "no_such_benchmark_xyz"], limit=2)
     started = time.perf_counter()
     with pytest.raises(SpecError, match="no_such_benchmark_xyz") as raised:
-        run_benchmarks(model, tokenizer, config)
+        run_benchmarks(model, tokenizer, config, operator_permit(config))
     assert "harmprune_everyday_mc" in str(raised.value)  # the local names are listed
     assert time.perf_counter() - started < 20  # no full parse of lm-eval's 14,000 task files
 
     plain = make_tokenizer(chat_template=False)
     chat = BenchmarksConfig(tasks=["harmprune_yesno"], apply_chat_template=True)
     with pytest.raises(SpecError, match="no chat template"):
-        run_benchmarks(model, plain, chat)
+        run_benchmarks(model, plain, chat, operator_permit(chat))
 
 
 def test_the_config_is_strict() -> None:
     assert BenchmarksConfig().tasks == []
-    assert run_benchmarks(None, None, BenchmarksConfig()) == []
+    assert run_benchmarks(None, None, BenchmarksConfig(), operator_permit(BenchmarksConfig())) == []
     for bad in (
         {"limit": 0},
         {"num_fewshot": -1},

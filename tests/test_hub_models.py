@@ -12,6 +12,7 @@ import pytest
 import torch
 from harmprune.errors import ModelLoadError
 from harmprune.loading import resolve
+from harmprune.references import operator_grant
 from harmprune.settings import Settings
 from pydantic import SecretStr
 from safetensors.torch import load_file, save_file
@@ -62,7 +63,7 @@ def test_a_pinned_revision_downloads_that_commit_with_its_license(
     assert pinned != head
     assert hub_server.lfs_paths("acme/tiny-llama", pinned) == {"model.safetensors"}
 
-    local, src = resolve("acme/tiny-llama", pinned, settings(tmp_path))
+    local, src = resolve(operator_grant("acme/tiny-llama", pinned), settings(tmp_path))
     assert (src.kind, src.reference, src.revision) == ("hub", "acme/tiny-llama", pinned)
     assert src.commit == pinned and local.name == pinned
     assert src.license == "apache-2.0"
@@ -71,7 +72,7 @@ def test_a_pinned_revision_downloads_that_commit_with_its_license(
     assert all(torch.equal(got[k], want[k]) for k in want)
 
     # without a revision: the head of main, the retrained weights
-    local_main, src_main = resolve("acme/tiny-llama", None, settings(tmp_path))
+    local_main, src_main = resolve(operator_grant("acme/tiny-llama", None), settings(tmp_path))
     assert src_main.commit == head and src_main.revision is None
     retrained = load_file(local_main / "model.safetensors")
     assert all(torch.equal(retrained[k], want[k] + 1) for k in want)
@@ -87,7 +88,7 @@ def test_a_pickle_only_repo_is_refused_before_any_weight_is_read(
     files["pytorch_model.bin"] = b"\x80\x04pickled weights that must never be downloaded"
     hub_server.add_repo("acme/pickled", files)
     with pytest.raises(ModelLoadError, match="pickle checkpoints are refused"):
-        resolve("acme/pickled", None, settings(tmp_path))
+        resolve(operator_grant("acme/pickled", None), settings(tmp_path))
     assert any(r[1].endswith("/config.json") for r in hub_server.request_log)
     assert resolved_requests(hub_server, "pytorch_model.bin") == []
 
@@ -102,22 +103,22 @@ def test_private_and_gated_repos_need_a_token_that_may_read_them(
     gated_sha = hub_server.add_repo("acme/gated", files, gated=True)
 
     with pytest.raises(ModelLoadError, match="unknown model: acme/private was not found"):
-        resolve("acme/private", None, settings(tmp_path))
-    local, src = resolve("acme/private", None, settings(tmp_path, hub_server.token))
+        resolve(operator_grant("acme/private", None), settings(tmp_path))
+    local, src = resolve(operator_grant("acme/private", None), settings(tmp_path, hub_server.token))
     assert (local / "model.safetensors").is_file() and src.kind == "hub"
 
     # a gated repo exists: the message says what to do, not "not found"
     with pytest.raises(
         ModelLoadError, match="acme/gated is gated: accept its conditions"
     ) as refused:
-        resolve("acme/gated", None, settings(tmp_path, hub_server.token))
+        resolve(operator_grant("acme/gated", None), settings(tmp_path, hub_server.token))
     assert hub_server.token not in str(refused.value)
     # no file of the gated repo was served (downloads run in parallel threads: the first 403
     # may stop the others before they ask, so the weights may not be requested at all)
     gated = [r for r in hub_server.request_log if "/acme/gated/resolve/" in r[1]]
     assert gated and all(status == 403 for _, _, status in gated), gated
     hub_server.grant("acme/gated", hub_server.token)
-    local, src = resolve("acme/gated", None, settings(tmp_path, hub_server.token))
+    local, src = resolve(operator_grant("acme/gated", None), settings(tmp_path, hub_server.token))
     assert src.commit == gated_sha and (local / "model.safetensors").is_file()
 
 

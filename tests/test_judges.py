@@ -17,6 +17,7 @@ import pytest
 import torch
 from harmprune import judges, pipeline
 from harmprune.config import DomainSpec, HardenConfig
+from harmprune.references import operator_permit
 from harmprune.settings import Settings
 
 from tests.evidence_fixtures import bos_tokenizer, disjoint_domain
@@ -154,7 +155,9 @@ def strongreject(tmp_path_factory: pytest.TempPathFactory) -> judges.ClassifierJ
     config = HardenConfig(
         model="unused", domain=DomainSpec.model_validate(raw), device="cpu", dtype="float32"
     )
-    judge = pipeline._load_classifier(config, Settings(cache_dir=root / "cache"))
+    judge = pipeline._load_classifier(
+        config, Settings(cache_dir=root / "cache"), operator_permit(config)
+    )
     assert judge is not None
     return judge
 

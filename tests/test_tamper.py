@@ -16,6 +16,7 @@ from harmprune.checkpoint import save_checkpoint
 from harmprune.config import DomainSpec, EvalConfig
 from harmprune.errors import JobCancelled
 from harmprune.pruning import PruneMask, apply_pruning
+from harmprune.references import model_permit, operator_permit
 from harmprune.tamper import TamperConfig, TamperResult
 from pydantic import ValidationError
 from safetensors.torch import load_file
@@ -89,6 +90,7 @@ def run_check(model: Any, tokenizer: Any, cfg: TamperConfig, **kw: Any) -> Tampe
         seed=3,
         batch_size=4,
         eval_cfg=EVAL,
+        permit=operator_permit(cfg),
         **kw,
     )
 
@@ -333,6 +335,7 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
         "smollm2-135m-instruct",
         None,
         Settings(cache_dir=smollm2_cache_dir),
+        permit=model_permit("smollm2-135m-instruct"),
         device="cpu",
         dtype="float32",
     )
@@ -400,6 +403,7 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
         seed=0,
         batch_size=8,
         eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
+        permit=operator_permit(cfg),
     )
     t_check = time.perf_counter() - t0
     for name, tensor in state.items():

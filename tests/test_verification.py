@@ -18,6 +18,7 @@ from harmprune.attribution import scored_parameters
 from harmprune.config import DomainSpec, EvalConfig, HardenConfig, Thresholds
 from harmprune.loading import load_model
 from harmprune.pruning import apply_pruning
+from harmprune.references import model_permit
 from harmprune.report import SCHEMA_VERSION, Report
 from harmprune.settings import Settings
 
@@ -48,6 +49,7 @@ def loaded(tiny_model_dir: Any, tmp_path: Path) -> Any:
         str(tiny_model_dir("llama")),
         None,
         Settings(cache_dir=tmp_path),
+        permit=model_permit(str(tiny_model_dir("llama"))),
         device="cpu",
         dtype="float32",
     )
@@ -90,6 +92,7 @@ def test_classifier_judge_maps_grades_and_reads_its_template(
         str(tiny_model_dir("qwen2")),
         None,
         Settings(cache_dir=tmp_path),
+        permit=model_permit(str(tiny_model_dir("qwen2"))),
         device="cpu",
         dtype="float32",
         need_chat_template=False,

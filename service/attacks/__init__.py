@@ -50,6 +50,7 @@ from harmprune.config import (
 )
 from harmprune.errors import SpecError
 from harmprune.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.references import Permit
 from harmprune.results import (
     MODELS as MODELS,
 )
@@ -173,12 +174,14 @@ def _training_examples(
     tokenizer: Any,
     fmt: data.PromptFormat,
     max_length: int,
+    permit: Permit,
 ) -> tuple[list[data.Example], Literal["spec", "calibration"]]:
     """The fine-tuning set: the spec's pairs, else the job's harmful calibration pairs with the
     WHOLE answer (forced start included) as the target, as an attacker would train."""
     if cfg.train:
         pairs = [
-            data.CalibrationPair(p.prompt, p.response or "") for p in data.load_sources(cfg.train)
+            data.CalibrationPair(p.prompt, p.response or "")
+            for p in data.load_sources(cfg.train, permit, "domain.attacks.finetune.train")
         ]
         source: Literal["spec", "calibration"] = "spec"
     else:
@@ -207,6 +210,7 @@ def run_attacks(
     classifier: evaluation.ClassifierScorer | None = None,
     on_progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    permit: Permit,
 ) -> AttacksResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
@@ -227,7 +231,9 @@ def run_attacks(
     abl, ft = cfg.abliteration, cfg.finetune
     cells = grid_cells(ft) if ft is not None else []
     examples, train_source = (
-        _training_examples(ft, harmful, tokenizer, fmt, max_length) if ft else ([], "calibration")
+        _training_examples(ft, harmful, tokenizer, fmt, max_length, permit)
+        if ft
+        else ([], "calibration")
     )
     total = len(MODELS) * (1 + (abl is not None) + len(cells)) + (2 if abl else 0)
     step = finetune.counted_steps(total, on_progress, should_cancel, "the attacks")
