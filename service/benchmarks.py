@@ -170,11 +170,13 @@ def task_dataset_references(
             out.append(Reference("dataset", str(path), revision, where))
         members = cfg.get("task")
         for member in members if isinstance(members, list) else []:
-            sub = member.get("task") if isinstance(member, dict) else member
-            if isinstance(sub, str):
-                visit(sub, where, depth + 1)
-            elif isinstance(member, dict) and member.get("dataset_path") is not None:
+            if isinstance(member, dict) and member.get("dataset_path") is not None:
                 out.append(Reference("dataset", str(member["dataset_path"]), None, where))
+                continue  # an inline task definition inside the group
+            sub = member.get("task") if isinstance(member, dict) else member
+            if not isinstance(sub, str):
+                raise not_readable(where)
+            visit(sub, where, depth + 1)
         if path is None and not isinstance(members, list):
             raise not_readable(where)
 

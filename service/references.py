@@ -231,3 +231,40 @@ def model_permit(name: str, revision: str | None = None) -> Permit:
 def operator_grant(name: str, revision: str | None = None) -> Grant:
     """The operator's grant for one model reference."""
     return locate_for_operator(Reference("model", name, revision, "model"))
+
+
+# ---------------------------------------------------------------- the schema's view
+
+
+def schema_string_fields(schema: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(request path, reference kind or None) of every free-text string field of a JSON schema,
+    e.g. `("domain.eval.validation.harmful[].dataset", "dataset")`: what the README's "Tenants"
+    list is generated from, and what tests/test_references.py checks for untyped references."""
+    defs = schema.get("$defs", {})
+    found: set[tuple[str, str | None]] = set()
+
+    def visit(node: dict[str, Any], path: str, seen: frozenset[str]) -> None:
+        if "$ref" in node:
+            name = node["$ref"].rsplit("/", 1)[-1]
+            if name not in seen:  # a recursive schema is walked once per branch
+                visit(defs[name], path, seen | {name})
+            return
+        for sub in node.get("anyOf", []) + node.get("allOf", []) + node.get("oneOf", []):
+            visit(sub, path, seen)
+        for name, sub in node.get("properties", {}).items():
+            visit(sub, f"{path}.{name}" if path else name, seen)
+        if isinstance(node.get("items"), dict):
+            visit(node["items"], f"{path}[]", seen)
+        for sub in node.get("prefixItems", []):
+            visit(sub, f"{path}[]", seen)
+        if node.get("type") == "string" and "enum" not in node and "const" not in node:
+            found.add((path, node.get(SCHEMA_KEY)))
+
+    visit(schema, "", frozenset())
+    return sorted(found, key=lambda f: f[0])
+
+
+def tenants_section(schema: dict[str, Any]) -> str:
+    """The README's list of every reference the access policy covers, from the request schema."""
+    rows = [f"- `{path}`: {kind}" for path, kind in schema_string_fields(schema) if kind]
+    return "\n".join(rows)
