@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
 from harmprune.jobs.store import JobStore
+from harmprune.references import NOT_READABLE
 from harmprune.settings import Settings
 from huggingface_hub import HfApi
 
@@ -157,7 +158,5 @@ def test_hub_models_are_checked_from_their_config_files(
         assert missing.status_code == 403, missing.text
         error = missing.json()["error"]
         assert error["fields"][0]["field"] == "model"
-        assert (
-            "org/no-such-model does not exist or this API key may not read it" in error["message"]
-        )
+        assert error["message"] == f"model: {NOT_READABLE}"
         assert hub_server.token not in missing.text
