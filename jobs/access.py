@@ -19,7 +19,9 @@ the roots and malformed references cannot be told apart. Torch-free.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from harmprune.config import HardenConfig
 from harmprune.errors import ModelLoadError, ServiceUnavailable
@@ -80,9 +82,11 @@ def grant(
     if ref.kind == "model" and ref.name == SMOLLM2_ALIAS:
         return Grant(ref, "alias", ref.name)
     if ref.kind == "model" and ref.name.startswith("/"):
-        if not under_roots(ref.name, settings.local_model_roots):
-            raise not_readable(ref.field)
-        return Grant(ref, "local", ref.name)
+        path = Path(os.path.normpath(ref.name))
+        exists = path.is_dir() or (path.suffix == ".gguf" and path.is_file())
+        if not under_roots(ref.name, settings.local_model_roots) or not exists:
+            raise not_readable(ref.field)  # a missing path reads like one outside the roots
+        return Grant(ref, "local", str(path))
     if not is_hub_id(ref.name):
         raise not_readable(ref.field)  # relative paths, `~`, `..`, three segments, ...
     if check_hub:

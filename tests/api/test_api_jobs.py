@@ -121,6 +121,7 @@ def test_missing_fields_and_bad_json_are_422(client: TestClient) -> None:
 
 def test_model_paths_only_under_allowed_roots(client: TestClient, settings: Settings) -> None:
     root = settings.local_model_roots[0]
+    (root / "tiny").mkdir(parents=True)
     assert submit(client, model=str(root / "tiny")).status_code == 202
     # a path outside the roots, or no reference at all, answers like a repo it may not read
     for model in (

@@ -209,3 +209,16 @@ def test_granted_tenants_may_name_private_and_gated_datasets(
             r = post(c, with_eval(validation={"harmful": [dataset(name)]}))
             assert r.status_code == 202, r.text
     shutil.rmtree(tmp_path / "hf_home", ignore_errors=True)
+
+
+def test_a_missing_path_under_the_roots_reads_like_one_outside_them(
+    client: TestClient, tmp_path: Path
+) -> None:
+    missing = str(roots_of(tmp_path) / "no-such-model")
+    for domain, model in (
+        (TINY_SPEC, missing),
+        (classifier(model=missing), "smollm2-135m-instruct"),
+    ):
+        r = post(client, domain, model=model)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["message"].endswith(f": {NOT_READABLE}")
