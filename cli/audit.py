@@ -55,6 +55,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
         raise SpecError("--rerun needs --spec: the job's domain spec (the report holds no prompts)")
     if args.spec is not None and not args.spec.is_file():
         raise SpecError(f"--spec: {args.spec} is not a file")
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # the verdict table is the output
     verdict = run_audit(
         args.target,
         revision=args.revision,

@@ -293,3 +293,26 @@ def test_a_bad_signing_key_or_target_is_a_user_error(
     assert main([*args, "--out", str(tmp_path / "out"), "--signing-key", str(not_a_key)]) == 2
     assert not (tmp_path / "out").exists()
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
+
+
+def test_rerun_reproduces_the_test_set_figures_and_catches_an_edited_one(
+    hardened: Hardened, copy: Path, domain_spec_path: Path, tmp_path: Path
+) -> None:
+    verdict = audit(hardened, copy, rerun_spec=domain_spec_path)
+    rerun = next(c for c in verdict.checks if c.name == "rerun")
+    assert verdict.passed and rerun.ok, rerun.detail
+    assert {r["figure"] for r in rerun.data["figures"]} >= {"harm nll (prefill)", "benign loss"}
+
+    # the key holder claims a better benign loss than the weights give
+    report = json.loads((copy / "report.json").read_text())
+    report["metrics"]["hardened"]["benign_loss"] *= 0.9
+    (copy / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    sign_checkpoint(copy, hardened.key)
+    reasons = failed(audit(hardened, copy, rerun_spec=domain_spec_path))
+    assert set(reasons) == {"rerun"} and "benign loss of the hardened model" in reasons["rerun"]
+
+    other = tmp_path / "other.yaml"
+    other.write_text(domain_spec_path.read_text().replace("tiny-test", "other-test"))
+    reasons = failed(audit(hardened, copy, rerun_spec=other))
+    assert "is not the job's spec" in reasons["rerun"]
+    assert main(["audit", str(copy), "--rerun"]) == 2
