@@ -103,7 +103,12 @@ def fetch_checkpoint(
     return local, local.name
 
 
-def resolve_base(report: Any, base: str | None, settings: Settings) -> tuple[Path | None, Check]:
+def resolve_base(
+    report: Any,
+    base: str | None,
+    settings: Settings,
+    check_access: Callable[[str, str | None], None] | None = None,
+) -> tuple[Path | None, Check]:
     """The base model's local safetensors directory, identified as the report records it."""
     from harmprune import loading
 
@@ -115,6 +120,8 @@ def resolve_base(report: Any, base: str | None, settings: Settings) -> tuple[Pat
         if src.kind == "hub":
             if not src.commit:
                 return None, Check(name="base", ok=False, detail="report records no base commit")
+            if check_access is not None:
+                check_access(src.reference, src.commit)
             local, got = loading.resolve(src.reference, src.commit, settings)
             if got.commit != src.commit:
                 return None, _fail_base(f"the Hub gave commit {got.commit}, not {src.commit}")
@@ -395,8 +402,12 @@ def run_audit(
     rerun_spec: Path | None = None,
     settings: Settings | None = None,
     on_check: Callable[[Check], None] | None = None,
+    check_base_access: Callable[[str, str | None], None] | None = None,
 ) -> Verdict:
-    """Every check over `target` (a directory or a Hub repo id); see the module doc."""
+    """Every check over `target` (a directory or a Hub repo id); see the module doc.
+
+    `check_base_access(repo_id, commit)`: raises if the base model's Hub repo may not be read
+    (the service applies the tenant's policy; the CLI reads what the user's token reads)."""
     from harmprune.pruning import load_mask
     from harmprune.report import Report
     from pydantic import ValidationError
@@ -441,7 +452,7 @@ def run_audit(
         return verdict()
     mask = load_mask(mask_path)
     add(check_mask(mask, _mask_metadata(mask_path), report))
-    base_dir, base_check = resolve_base(report, base, settings)
+    base_dir, base_check = resolve_base(report, base, settings, check_base_access)
     add(base_check)
     if base_dir is not None:
         add(check_weights(directory, base_dir, mask))

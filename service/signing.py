@@ -131,7 +131,10 @@ def verify_checkpoint(
     signature = directory / SIGNATURE_FILE
     if not signature.is_file():
         return [f"no {SIGNATURE_FILE}: the checkpoint is unsigned"]
-    config = model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+    try:
+        config = model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key)
+    except (ValueError, TypeError, OSError) as err:
+        return [f"the public key cannot be used: {type(err).__name__}: {err}".splitlines()[0]]
     if allow_symlinks:
         config.set_hashing_config(_hashing_config(allow_symlinks=True))
     try:

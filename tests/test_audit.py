@@ -316,3 +316,60 @@ def test_rerun_reproduces_the_test_set_figures_and_catches_an_edited_one(
     reasons = failed(audit(hardened, copy, rerun_spec=other))
     assert "is not the job's spec" in reasons["rerun"]
     assert main(["audit", str(copy), "--rerun"]) == 2
+
+
+@pytest.mark.services
+def test_post_v1_audits_runs_the_audit_on_a_cpu_worker(
+    hardened: Hardened, tmp_path: Path, redis_url: str
+) -> None:
+    """The API queues the audit of a published repo; a real worker (cpu queue) runs it and the
+    verdict comes back like a job's result. A repo without the signer's key is `rejected`."""
+    from fastapi.testclient import TestClient
+    from harmprune.api.main import create_app
+
+    from tests.service_stack import WorkerProcess, bearer, redis_namespace, stack_settings, wait_for
+
+    repo = "acme/tiny-llama-audited"
+    HubPublisher(token=hardened.hub.token).publish(hardened.out, repo, private=False, job_id="j")
+    with redis_namespace("audit", redis_url) as ns:
+        settings = stack_settings(ns, tmp_path, hub_enabled=True)
+        worker = WorkerProcess(settings, tmp_path / "worker.log", queues="cpu").start()
+        try:
+            with TestClient(create_app(settings, sweep=False)) as client:
+
+                def submit(body: dict[str, object]) -> dict[str, object]:
+                    r = client.post("/v1/audits", json=body, headers=bearer())
+                    assert r.status_code == 202, r.text
+                    assert r.headers["Location"] == f"/v1/audits/{r.json()['id']}"
+                    return r.json()
+
+                def ended(audit_id: object) -> dict[str, object] | None:
+                    got = client.get(f"/v1/audits/{audit_id}", headers=bearer()).json()
+                    return got if got["state"] not in ("queued", "running") else None
+
+                key = hardened.public_key.read_text()
+                signed = submit({"repo_id": repo, "public_key": key})
+                without_key = submit({"repo_id": repo})
+                done = wait_for(lambda: ended(signed["id"]), 120, what="audit")
+                assert done["state"] == "succeeded" and done["passed"] is True, (
+                    done,
+                    worker.log_tail(),
+                )
+                verdict = done["verdict"]
+                assert isinstance(verdict, dict) and verdict["passed"] is True
+                refused = wait_for(lambda: ended(without_key["id"]), 120, what="audit")
+                assert refused["state"] == "rejected" and refused["passed"] is False
+                assert "no --public-key" in json.dumps(refused["verdict"])
+
+                other = client.get(f"/v1/audits/{signed['id']}", headers=bearer("beta"))
+                assert other.status_code == 404
+                bad = client.post(
+                    "/v1/audits", json={"repo_id": repo, "public_key": "x"}, headers=bearer()
+                )
+                assert bad.status_code == 422 and "public_key" in bad.text
+                missing = client.post(
+                    "/v1/audits", json={"repo_id": "acme/nothing-here"}, headers=bearer()
+                )
+                assert missing.status_code == 403, missing.text
+        finally:
+            worker.stop()
