@@ -367,9 +367,10 @@ def test_post_v1_audits_runs_the_audit_on_a_cpu_worker(
                     "/v1/audits", json={"repo_id": repo, "public_key": "x"}, headers=bearer()
                 )
                 assert bad.status_code == 422 and "public_key" in bad.text
-                missing = client.post(
-                    "/v1/audits", json={"repo_id": "acme/nothing-here"}, headers=bearer()
-                )
-                assert missing.status_code == 403, missing.text
+                # a repo the tenant may not read (here: none such) is refused on the worker
+                missing = submit({"repo_id": "acme/nothing-here"})
+                refused = wait_for(lambda: ended(missing["id"]), 120, what="audit")
+                assert refused["state"] == "failed" and refused["passed"] is None
+                assert refused["error"]["code"] == "not_permitted", refused
         finally:
             worker.stop()

@@ -1,7 +1,10 @@
 """/v1/audits: `harmprune audit` of a Hub repo as a job on a CPU worker (harmprune.jobs.audits).
 
-A tenant audits only repos it may read (the same 403 whether the repo exists or not) and sees
-only its own audits (another tenant's id answers 404, like an unknown one)."""
+A tenant audits only repos it may read: the worker applies the tenant's policy to the repo and
+to its base model before fetching either (an audit of a repo the tenant may not read ends
+`failed` with `not_permitted`, whether the repo exists or not; the API itself asks the Hub
+nothing). A tenant sees only its own audits (another tenant's id answers 404, like an unknown
+one)."""
 
 from __future__ import annotations
 
@@ -9,13 +12,12 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
-from harmprune.api.deps import PolicyDep, SettingsDep, TenantDep, get_tenant
+from harmprune.api.deps import SettingsDep, TenantDep, get_tenant
 from harmprune.api.errors import ApiError
 from harmprune.api.logs import audit
 from harmprune.api.routes.jobs import model_response
 from harmprune.api.schemas import ErrorOut, JobErrorOut
 from harmprune.jobs.audits import AUDIT_QUEUE, RUN_AUDIT, AuditCreate, AuditRecord, AuditStore
-from harmprune.jobs.planning import check_read_access
 from harmprune.jobs.store import JobState
 from harmprune.vocabulary import JOB_ID_PATTERN
 from pydantic import BaseModel, Field
@@ -25,8 +27,9 @@ router = APIRouter(
     tags=["audits"],
     dependencies=[Depends(get_tenant)],
     responses={
+        400: {"model": ErrorOut, "description": "The body is not readable (not UTF-8 JSON)."},
         401: {"model": ErrorOut, "description": "Missing or invalid API key."},
-        403: {"model": ErrorOut, "description": "A repo this API key may not read."},
+        413: {"model": ErrorOut, "description": "Request body over the limit."},
         422: {"model": ErrorOut, "description": "Invalid request; `fields` names each problem."},
         429: {"model": ErrorOut, "description": "Over the API key's request rate."},
         503: {"model": ErrorOut, "description": "The store, queue or Hub is unavailable."},
@@ -86,12 +89,10 @@ def _headers(record: AuditRecord, retry_after_s: int) -> dict[str, str]:
 def submit_audit(
     body: AuditCreate,
     tenant: TenantDep,
-    policy: PolicyDep,
     settings: SettingsDep,
     audits: AuditsDep,
     request: Request,
 ) -> Response:
-    check_read_access(body.repo_id, body.revision, policy, settings, field="repo_id")
     record = audits.create(tenant, body)
     request.app.state.celery.send_task(RUN_AUDIT, args=[record.id], queue=AUDIT_QUEUE)
     audit("audit", tenant, audit_id=record.id, repo=body.repo_id)
