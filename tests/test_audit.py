@@ -157,7 +157,10 @@ def test_the_report_binds_the_files_and_the_card_names_the_signer(hardened: Hard
     assert set(binding.weights) == {WEIGHTS} and binding.mask_sha256 is not None
     assert binding.spec_sha256 == report["inputs"]["spec_hash"]
     assert binding.signer == signer_identity(hardened.key)
-    assert binding.signer in (hardened.out / "README.md").read_text()
+    card = (hardened.out / "README.md").read_text()
+    assert binding.signer in card
+    for text in (card, (hardened.out / "report.json").read_text()):  # the key stays the worker's
+        assert str(hardened.key) not in text and hardened.key.name not in text
     unsigned = binding.model_copy(update={"signer": UNSIGNED})
     assert "**unsigned**" in render_section(unsigned)
 
@@ -260,6 +263,13 @@ def test_a_removed_signature_or_no_key_fails(hardened: Hardened, copy: Path) -> 
     (copy / SIGNATURE_FILE).unlink()
     reasons = failed(audit(hardened, copy, allow_unsigned=True))
     assert "model.sig is missing, but the report says signed" in reasons["signature"]
+
+    # an unsigned checkpoint (its report says so) passes only with --allow-unsigned
+    report = json.loads((copy / "report.json").read_text())
+    report["binding"]["signer"] = UNSIGNED
+    (copy / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    assert failed(audit(hardened, copy, public_key=None))["signature"].startswith("unsigned")
+    assert audit(hardened, copy, public_key=None, allow_unsigned=True).passed
 
 
 def test_a_checkpoint_published_to_the_hub_is_audited_by_repo_id(
