@@ -296,12 +296,18 @@ def test_a_bad_signing_key_or_target_is_a_user_error(
     tiny_model_dir: Callable[[str], Path],
     domain_spec_path: Path,
     tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     not_a_key = tmp_path / "key.pem"
     not_a_key.write_text("not a key")
     args = ["harden", "--model", str(tiny_model_dir("llama")), "--domain", str(domain_spec_path)]
     assert main([*args, "--out", str(tmp_path / "out"), "--signing-key", str(not_a_key)]) == 2
     assert not (tmp_path / "out").exists()
+    # a worker with an unusable key does not start (rather than fail every job at its end)
+    monkeypatch.setenv("HARMPRUNE_SIGNING_KEY", str(not_a_key))
+    assert main(["worker", "--queues", "cpu"]) == 2
+    assert "signing key key.pem is not an unencrypted PEM private key" in capsys.readouterr().err
     assert main(["audit", str(tmp_path / "nowhere")]) == 2
 
 
