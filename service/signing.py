@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harmprune.errors import HarmpruneError
+from harmprune.publishing import JOB_MARKER
 from harmprune.vocabulary import SIGNATURE_FILE
 
 KEY_IDENTITY_PREFIX = "ecdsa-key sha256:"
@@ -89,10 +90,11 @@ def _hashing_config(allow_symlinks: bool = False) -> Any:
     import model_signing
 
     # git files are not signed (a Hub repo gains a .gitattributes of its own): the library's
-    # default, and recorded in the signed manifest, so its own verifier does the same.
+    # default; nor the local publisher's job-id marker, written beside the files when they are
+    # published. Both are recorded in the signed manifest, so the library's verifier agrees.
     return (
         model_signing.hashing.Config()
-        .set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=True)
+        .set_ignored_paths(paths=[SIGNATURE_FILE, JOB_MARKER], ignore_git_paths=True)
         .set_allow_symlinks(allow_symlinks)
     )
 

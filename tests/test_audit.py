@@ -26,7 +26,7 @@ from harmprune.binding import UNSIGNED, Binding, render_section
 from harmprune.cli.main import main
 from harmprune.config import DomainSpec, HardenConfig
 from harmprune.pruning import MASK_FILE, load_mask
-from harmprune.publishing import HubPublisher
+from harmprune.publishing import JOB_MARKER, HubPublisher, LocalPublisher
 from harmprune.settings import Settings
 from harmprune.signing import sign_checkpoint, signer_identity
 from harmprune.vocabulary import SIGNATURE_FILE
@@ -270,6 +270,16 @@ def test_a_removed_signature_or_no_key_fails(hardened: Hardened, copy: Path) -> 
     (copy / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     assert failed(audit(hardened, copy, public_key=None))["signature"].startswith("unsigned")
     assert audit(hardened, copy, public_key=None, allow_unsigned=True).passed
+
+
+def test_a_locally_published_checkpoint_passes(hardened: Hardened, tmp_path: Path) -> None:
+    """The local publisher adds its job-id marker beside the files; the signature ignores it."""
+    LocalPublisher(tmp_path / "published").publish(
+        hardened.out, "acme/hardened", private=True, job_id="local-job"
+    )
+    published = tmp_path / "published" / "acme" / "hardened"
+    assert (published / JOB_MARKER).is_file()
+    assert audit(hardened, published).passed
 
 
 def test_a_checkpoint_published_to_the_hub_is_audited_by_repo_id(
