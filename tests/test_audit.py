@@ -18,8 +18,6 @@ from pathlib import Path
 import model_signing
 import pytest
 import torch
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from harmprune import pipeline
 from harmprune.audit import Verdict, run_audit
 from harmprune.binding import UNSIGNED, Binding, render_section
@@ -34,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY_DOMAIN
 from tests.support.hub_server import HubServer, hub_environment
+from tests.support.keys import write_key_pair
 
 BASE_REPO = "acme/tiny-llama"
 WEIGHTS = "model.safetensors"
@@ -50,24 +49,6 @@ class Hardened:
     pinned: str  # the base commit the job hardened
     retrained: str  # a later commit of the base, other weights
     settings: Settings
-
-
-def write_key_pair(directory: Path, name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    private, public = directory / f"{name}.pem", directory / f"{name}.pub"
-    private.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    public.write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    )
-    return private, public
 
 
 @pytest.fixture(scope="module")
