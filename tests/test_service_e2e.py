@@ -187,6 +187,7 @@ def test_served_api_cli_and_hub_end_to_end(
         ]
         for text in everything:
             assert hub.token not in text
+            assert "operator.pem" not in text  # nor the signing key's path
     finally:
         api.stop()
 
