@@ -144,19 +144,35 @@ def verify_checkpoint(
     except ValueError as err:
         text = str(err)
         if text.startswith("Signature mismatch: "):
-            return [str(item) for item in _parse_diff(text.removeprefix("Signature mismatch: "))]
+            # The signature itself verified; the files differ from what it lists. The library's
+            # message prints raw digests: say which files, in words.
+            return manifest_diff(directory, signature) or [text]
         return [f"signature does not verify: {text}"]
     except Exception as err:  # the library's crypto and format errors: all mean "not valid"
         return [f"signature does not verify: {type(err).__name__}: {err}".rstrip(": ")]
     return []
 
 
-def _parse_diff(text: str) -> list[str]:
-    """model-signing reports a manifest mismatch as the repr of a list of strings."""
-    import ast
+def manifest_diff(directory: Path, signature: Path) -> list[str]:
+    """Which files differ from the ones the (verified) signature lists: changed, added, missing."""
+    from harmprune.vocabulary import sha256_file
 
-    try:
-        items = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return [text]
-    return [str(i) for i in items] if isinstance(items, list) else [text]
+    predicate = signature_statement(signature)["statement"]["predicate"]
+    signed = {r["name"]: r["digest"] for r in predicate["resources"]}
+    ignored = {str(p) for p in predicate["serialization"].get("ignore_paths", [])}
+    actual = {}
+    for path in sorted(directory.rglob("*")):
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and not ({rel, rel.split("/")[0]} & ignored):
+            actual[rel] = sha256_file(path)
+    changed = sorted(n for n in set(signed) & set(actual) if signed[n] != actual[n])
+    added, missing = sorted(set(actual) - set(signed)), sorted(set(signed) - set(actual))
+    return [
+        f"{label}: {', '.join(names)}"
+        for label, names in (
+            ("changed after signing", changed),
+            ("added after signing", added),
+            ("missing since signing", missing),
+        )
+        if names
+    ]

@@ -198,19 +198,19 @@ def test_an_edited_report_or_card_fails(hardened: Hardened, copy: Path, edited: 
         (copy / edited).write_text(card.replace("harmprune removed", "harmprune carefully removed"))
     reasons = failed(audit(hardened, copy))
     assert set(reasons) == {"signature"}, reasons
-    assert f"Hash mismatch for '{edited}'" in reasons["signature"]
+    assert reasons["signature"] == f"changed after signing: {edited}"
 
 
 def test_a_file_added_or_removed_fails(hardened: Hardened, copy: Path) -> None:
     (copy / "extra.safetensors").write_bytes((copy / WEIGHTS).read_bytes())
     reasons = failed(audit(hardened, copy))
-    assert "Extra files" in reasons["signature"] and "extra.safetensors" in reasons["signature"]
+    assert reasons["signature"] == "added after signing: extra.safetensors"
     assert "extra.safetensors" in reasons["hashes"]
 
     (copy / "extra.safetensors").unlink()
     (copy / "tokenizer.json").unlink()
     reasons = failed(audit(hardened, copy))
-    assert "Missing files" in reasons["signature"] and "tokenizer.json" in reasons["signature"]
+    assert reasons["signature"] == "missing since signing: tokenizer.json"
     assert reasons["hashes"] == "missing: tokenizer.json"
 
 
@@ -279,7 +279,7 @@ def test_a_checkpoint_published_to_the_hub_is_audited_by_repo_id(
     # a later commit to the repo changes the card: the head no longer verifies
     hardened.hub.push("acme/tiny-llama-hardened", {"README.md": b"# trust me\n"}, "Edit card")
     assert main(args) == 3
-    assert "Hash mismatch for 'README.md'" in capsys.readouterr().out
+    assert "changed after signing: README.md" in capsys.readouterr().out
 
 
 def test_a_bad_signing_key_or_target_is_a_user_error(
