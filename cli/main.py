@@ -300,13 +300,8 @@ def _add_service_commands(sub: Any) -> None:
     register(sub)
 
 
-REGISTRARS: list[Registrar] = [
-    _add_harden,
-    _add_restore,
-    _add_preflight,
-    _add_service_commands,
-    _add_audit,
-]
+REGISTRARS: list[Registrar] = [_add_harden, _add_restore, _add_preflight, _add_service_commands]
+REGISTRARS.append(_add_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:
