@@ -16,7 +16,7 @@ from harmprune.api import errors
 from harmprune.api.auth import load_keys
 from harmprune.api.logs import RequestContext
 from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
-from harmprune.api.routes import health, jobs
+from harmprune.api.routes import audits, health, jobs
 from harmprune.jobs.planning import Planner
 from harmprune.jobs.store import JobStore
 from harmprune.jobs.submission import Services
@@ -113,6 +113,7 @@ def create_app(
     errors.install(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(audits.router)
     # Outermost last: metrics see every request, including ones the body limit refuses.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

@@ -2,6 +2,7 @@
 
 harmprune harden --model M --domain SPEC --out DIR    run a whole job in-process (no services)
 harmprune restore --checkpoint DIR --out DIR           undo the pruning with the saved mask
+harmprune audit REPO_OR_DIR --public-key KEY            check a hardened checkpoint you did not make
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def _add_harden(sub: Any) -> None:
         help="Run the model repo's code (also needs HARMPRUNE_ALLOW_REMOTE_CODE=true)",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace a non-empty --out")
+    p.add_argument(
+        "--signing-key",
+        type=Path,
+        help="Sign the checkpoint (model.sig) with this elliptic-curve PEM private key "
+        "(default: HARMPRUNE_SIGNING_KEY; neither: unsigned)",
+    )
     p.add_argument(
         "--attacks",
         type=lambda text: [a.strip() for a in text.split(",") if a.strip()],
@@ -216,12 +223,17 @@ def cmd_harden(args: argparse.Namespace) -> int:
     from harmprune.settings import Settings
 
     config = build_config(args)
+    settings = Settings(**({"signing_key": args.signing_key} if args.signing_key else {}))
+    if settings.signing_key is not None:  # a bad key fails now, not after the whole job
+        from harmprune.signing import signer_identity
+
+        signer_identity(settings.signing_key)
     _quiet_library_bars()
     bars = StageBars()
     try:
         report = run(
             config,
-            Settings(),
+            settings,
             args.out,
             on_progress=bars,
             overwrite=args.overwrite,
@@ -274,6 +286,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
 Registrar = Callable[[Any], None]
 
 
+def _add_audit(sub: Any) -> None:
+    """audit (harmprune.cli.audit)."""
+    from harmprune.cli.audit import register
+
+    register(sub)
+
+
 def _add_service_commands(sub: Any) -> None:
     """serve, worker, submit, status, pull, cancel (harmprune.cli.service)."""
     from harmprune.cli.service import register
@@ -282,6 +301,7 @@ def _add_service_commands(sub: Any) -> None:
 
 
 REGISTRARS: list[Registrar] = [_add_harden, _add_restore, _add_preflight, _add_service_commands]
+REGISTRARS.append(_add_audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -104,6 +104,18 @@ def _add_worker(sub: Any) -> None:
     p.set_defaults(func=cmd_worker)
 
 
+def _check_signing_key() -> None:
+    """A HARMPRUNE_SIGNING_KEY that cannot sign refuses to start the worker (not every job at
+    its save stage); the error names the file, never its contents."""
+    from harmprune.settings import Settings
+
+    key = Settings().signing_key
+    if key is not None:
+        from harmprune.signing import signer_identity
+
+        signer_identity(key)
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     known = {"gpu", "gpu-multi", "cpu"}
@@ -120,6 +132,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.gpu is not None:
         # Before Celery (and long before any child imports torch): the children inherit it.
         os.environ["CUDA_VISIBLE_DEVICES"] = str(args.gpu)
+    _check_signing_key()
     name = args.hostname or (
         f"harmprune-gpu{args.gpu}@%h"
         if args.gpu is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harmprune import card_attacks
+from harmprune import binding, card_attacks
 from harmprune.report import Report
 from harmprune.results import Interval, TamperResult
 from harmprune.vocabulary import CARD_FILE, SMOLLM2_ALIAS, SMOLLM2_HUB_ID
@@ -279,7 +279,7 @@ recognition: accuracy at answering whether a request is harmful.
 
 {_evidence_section(report)}{_general_benign_section(report)}{_benchmarks_section(report)}
 {search}
-{tamper_section}{card_attacks.render_section(report.attacks)}## Where the pruned weights are
+{tamper_section}{card_attacks.render_section(report.attacks)}{binding.render_section(report.binding)}## Where the pruned weights are
 
 ![pruned per layer]({LAYERS_PNG})
 

@@ -37,6 +37,7 @@ from harmprune import (
     attacks,
     attribution,
     benchmarks,
+    binding,
     card,
     data,
     evaluation,
@@ -44,6 +45,7 @@ from harmprune import (
     judges,
     preflight,
     selection,
+    signing,
     stats,
     tamper,
     verification,
@@ -1070,9 +1072,19 @@ def save(
             {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
         )
     ctx.check_cancel()
-    report = report.model_copy(update={"timings_s": dict(timings)})
+    key = ctx.settings.signing_key
+    src = ctx.loaded.source
+    bound = binding.bind(
+        staging,
+        report.inputs.spec_hash,
+        signing.signer_identity(key) if key is not None else None,
+        base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
+    )
+    report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
     write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
     card.write_card(report, staging, base_config=ctx.loaded.model.config)
+    if key is not None:  # last: the signature covers every file, the report and card included
+        signing.sign_checkpoint(staging, key)
     ctx.progress("save", 1, 1)
     return report
 

@@ -13,6 +13,7 @@ from importlib import metadata
 from typing import Any, Literal
 
 from harmprune.benchmarks import BenchmarkResult
+from harmprune.binding import Binding
 from harmprune.config import Thresholds
 from harmprune.results import (
     AttacksResult,
@@ -200,6 +201,9 @@ class Report(Frozen):
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
+    binding: Binding | None = Field(
+        None, description="Hashes of the files, the spec and the signer (harmprune.binding)."
+    )
 
 
 _LAYER = re.compile(r"\.(\d+)\.")

@@ -134,6 +134,11 @@ class Settings(BaseSettings):
     preflight_cache_s: float = Field(
         300.0, ge=0, description="API: how long a Hub model's config files are reused."
     )
+    signing_key: Path | None = Field(
+        None,
+        description="Worker only: an elliptic-curve PEM private key; every saved checkpoint is "
+        "signed with it (model.sig, OpenSSF model-signing). Unset: checkpoints are unsigned.",
+    )
     metrics_token: SecretStr | None = Field(
         None,
         description="Bearer token for /metrics; without it /metrics answers 404 (not served).",

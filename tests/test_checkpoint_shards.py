@@ -78,3 +78,11 @@ def test_multi_shard_checkpoint_reloads_and_restores_bit_for_bit(
     assert back.keys() == original.keys()
     for name, tensor in original.items():
         assert torch.equal(back[name], tensor), name
+
+    # the report binds every shard and the index; the audit streams them against the base
+    from harmprune.audit import run_audit
+
+    assert report.binding is not None
+    assert set(report.binding.weights) == {p.name for p in files} | {"model.safetensors.index.json"}
+    verdict = run_audit(str(out), allow_unsigned=True, base=str(source), settings=settings)
+    assert verdict.passed, verdict.model_dump_json(indent=2)

@@ -21,9 +21,12 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
+from harmprune.audit import run_audit
 from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR
 from harmprune.pruning import MASK_FILE
 from harmprune.publishing import commit_title
+from harmprune.signing import signer_identity
+from harmprune.vocabulary import SIGNATURE_FILE
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
 
@@ -40,6 +43,7 @@ from tests.service_stack import (
 from tests.support.fixtures import hub_server  # noqa: F401
 from tests.support.hardening import assert_hardened_weights
 from tests.support.hub_server import HubServer
+from tests.support.keys import write_key_pair
 from tests.workers.conftest import FAST_DOMAIN, PERMISSIVE, REJECT_DOMAIN, SLOW_DOMAIN
 
 pytestmark = pytest.mark.services
@@ -90,7 +94,11 @@ def hub_stack(
     tiny_model_dir: Callable[[str], Path],
     redis_url: str,
 ) -> Iterator[HubStack]:
-    stack = HubStack(hub_server, tmp_path, [tiny_model_dir("llama").parent], redis_url)
+    # the worker signs what it publishes with the operator's key (its environment only)
+    key, _ = write_key_pair(tmp_path, "operator")
+    stack = HubStack(
+        hub_server, tmp_path, [tiny_model_dir("llama").parent], redis_url, signing_key=key
+    )
     try:
         stack.worker.start()
         yield stack
@@ -154,6 +162,17 @@ def test_served_api_cli_and_hub_end_to_end(
         assert "library_name: transformers" in card
         assert str(tmp_path.parent) not in card  # no local paths in what is published
 
+        # ---- signed by the worker; `harmprune audit` of the repo id passes
+        assert (snapshot / SIGNATURE_FILE).is_file()
+        verdict = run_audit(
+            "alpha/tiny-hardened",
+            revision=result["commit_sha"],
+            public_key=tmp_path / "operator.pub",
+            base=str(tiny),
+        )
+        assert verdict.passed, verdict.model_dump_json(indent=2)
+        assert signer_identity(tmp_path / "operator.pem") in card
+
         # ---- the Hub token appears nowhere but in the worker's environment
         record_raw = hub_stack.ns.client.get(f"{settings.key_prefix}:job:{job['id']}")
         everything = [
@@ -168,6 +187,7 @@ def test_served_api_cli_and_hub_end_to_end(
         ]
         for text in everything:
             assert hub.token not in text
+            assert "operator.pem" not in text  # nor the signing key's path
     finally:
         api.stop()
 

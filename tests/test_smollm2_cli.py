@@ -162,3 +162,22 @@ def test_model_card_names_the_source_and_the_outcome(smollm2_run: SmolLM2Run) ->
     assert "Outcome: **accepted**: every threshold held." in card
     assert f"{report['pruned_count']:,}" in card
     assert str(smollm2_run.out.parent) not in card  # no local paths
+
+
+def test_the_unsigned_checkpoint_audits_against_the_gguf_base(
+    smollm2_run: SmolLM2Run, smollm2_cache_dir: Path
+) -> None:
+    """`harmprune audit` finds the base by the GGUF sha256 the report records and checks every
+    tensor: SmolLM2 with exactly the masked weights zeroed. No key was given: the card says
+    unsigned (without --allow-unsigned that fails: tests/test_audit.py)."""
+    from harmprune.audit import run_audit
+    from harmprune.settings import Settings
+
+    assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
+    settings = Settings(cache_dir=smollm2_cache_dir)
+    verdict = run_audit(str(smollm2_run.out), allow_unsigned=True, settings=settings)
+    assert verdict.passed, verdict.model_dump_json(indent=2)
+    weights = next(c for c in verdict.checks if c.name == "weights")
+    assert weights.data["tensors"] >= 272 and weights.data["outside_mask"] == 0
+    assert "**unsigned**" in (smollm2_run.out / "README.md").read_text()
+    assert verdict.checks[0].detail == "unsigned (allowed: --allow-unsigned)"

@@ -6,6 +6,7 @@ New task parameters go last with defaults, so messages queued before a deploy st
 from __future__ import annotations
 
 from celery.exceptions import SoftTimeLimitExceeded
+from harmprune.jobs.audits import RUN_AUDIT
 from harmprune.vocabulary import JOB_ID_PATTERN
 from harmprune.workers.app import app, on_sigterm_requeue, settings
 from harmprune.workers.client import RUN_JOB, enqueue
@@ -39,3 +40,20 @@ def run_job(self, job_id: str) -> str:
         )
     except PublishRetry as retry:
         raise self.retry(countdown=retry.countdown) from None
+
+
+@app.task(
+    name=RUN_AUDIT,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.job_soft_time_limit_s,
+    time_limit=settings.job_soft_time_limit_s + settings.job_time_limit_grace_s,
+    ignore_result=True,
+)
+def run_audit(audit_id: str) -> str:
+    """`harmprune audit` of the repo an audit record names (POST /v1/audits); CPU queue."""
+    if not isinstance(audit_id, str) or not JOB_ID_PATTERN.match(audit_id):
+        raise ValueError(f"invalid audit id {audit_id!r}")
+    from harmprune.jobs.audits import execute_audit
+
+    return execute_audit(audit_id, settings)
