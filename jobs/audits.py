@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 from harmprune.jobs.store import JobError, JobState
+from harmprune.references import RevisionedModelRef
 from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,7 +36,9 @@ class AuditCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    repo_id: str = Field(pattern=REPO_ID_PATTERN, description="The hardened model's Hub repo.")
+    repo_id: RevisionedModelRef = Field(
+        pattern=REPO_ID_PATTERN, description="The hardened model's Hub repo."
+    )
     revision: str | None = Field(
         None, pattern=REVISION_PATTERN, description="Commit, branch or tag (default: main)."
     )
@@ -140,8 +143,9 @@ def execute_audit(audit_id: str, settings: Settings, store: AuditStore | None = 
     from pathlib import Path
 
     from harmprune.errors import HarmpruneError
-    from harmprune.jobs.planning import check_read_access
+    from harmprune.jobs.access import grant
     from harmprune.jobs.tenants import TenantPolicies
+    from harmprune.references import Grant, Reference
 
     log = logging.getLogger(__name__)
     store = store or AuditStore.from_settings(settings)
@@ -151,13 +155,13 @@ def execute_audit(audit_id: str, settings: Settings, store: AuditStore | None = 
     request = record.request
     policy = TenantPolicies.from_settings(settings).get(record.tenant)
 
-    def check_base_access(reference: str, revision: str | None) -> None:
-        check_read_access(reference, revision, policy, settings, field="base model")
+    def base_grant(reference: str, revision: str | None) -> Grant:
+        return grant(Reference("model", reference, revision, "base model"), policy, settings)
 
     try:
         from harmprune.audit import run_audit  # the engine: in the worker's job process only
 
-        check_read_access(request.repo_id, request.revision, policy, settings, field="repo_id")
+        grant(Reference("model", request.repo_id, request.revision, "repo_id"), policy, settings)
         with tempfile.TemporaryDirectory(prefix="harmprune-audit-") as tmp:
             key = None
             if request.public_key is not None:
@@ -169,7 +173,7 @@ def execute_audit(audit_id: str, settings: Settings, store: AuditStore | None = 
                 public_key=key,
                 allow_unsigned=request.allow_unsigned,
                 settings=settings,
-                check_base_access=check_base_access,
+                base_grant=base_grant,
             )
     except HarmpruneError as err:
         store.finish(

@@ -31,6 +31,7 @@ from typing import Any
 
 from harmprune.binding import UNSIGNED, Binding, is_weight_file
 from harmprune.errors import HarmpruneError
+from harmprune.references import Grant, operator_grant
 from harmprune.settings import Settings
 from harmprune.vocabulary import (
     MASK_FILE,
@@ -107,9 +108,11 @@ def resolve_base(
     report: Any,
     base: str | None,
     settings: Settings,
-    check_access: Callable[[str, str | None], None] | None = None,
+    base_grant: Callable[[str, str | None], Grant] = operator_grant,
 ) -> tuple[Path | None, Check]:
-    """The base model's local safetensors directory, identified as the report records it."""
+    """The base model's local safetensors directory, identified as the report records it.
+    `base_grant(reference, commit)`: the policy's grant for a Hub base (the CLI: the user's own;
+    the service: the tenant's, which refuses a repo it may not read)."""
     from harmprune import loading
 
     src = report.inputs.model
@@ -120,9 +123,7 @@ def resolve_base(
         if src.kind == "hub":
             if not src.commit:
                 return None, Check(name="base", ok=False, detail="report records no base commit")
-            if check_access is not None:
-                check_access(src.reference, src.commit)
-            local, got = loading.resolve(src.reference, src.commit, settings)
+            local, got = loading.resolve(base_grant(src.reference, src.commit), settings)
             if got.commit != src.commit:
                 return None, _fail_base(f"the Hub gave commit {got.commit}, not {src.commit}")
             return local, Check(
@@ -402,11 +403,11 @@ def run_audit(
     rerun_spec: Path | None = None,
     settings: Settings | None = None,
     on_check: Callable[[Check], None] | None = None,
-    check_base_access: Callable[[str, str | None], None] | None = None,
+    base_grant: Callable[[str, str | None], Grant] = operator_grant,
 ) -> Verdict:
     """Every check over `target` (a directory or a Hub repo id); see the module doc.
 
-    `check_base_access(repo_id, commit)`: raises if the base model's Hub repo may not be read
+    `base_grant(repo_id, commit)`: the access policy's grant for the base model's Hub repo
     (the service applies the tenant's policy; the CLI reads what the user's token reads)."""
     from harmprune.pruning import load_mask
     from harmprune.report import Report
@@ -452,7 +453,7 @@ def run_audit(
         return verdict()
     mask = load_mask(mask_path)
     add(check_mask(mask, _mask_metadata(mask_path), report))
-    base_dir, base_check = resolve_base(report, base, settings, check_base_access)
+    base_dir, base_check = resolve_base(report, base, settings, base_grant)
     add(base_check)
     if base_dir is not None:
         add(check_weights(directory, base_dir, mask))
