@@ -19,7 +19,7 @@ from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
 from harmprune.api.routes import health, jobs
 from harmprune.jobs.planning import Planner
 from harmprune.jobs.store import JobStore
-from harmprune.jobs.submission import Services
+from harmprune.jobs.submission import MAX_SPEC_ITEMS, Services
 from harmprune.jobs.tenants import RateLimiter, TenantPolicies
 from harmprune.settings import Settings
 from harmprune.workers.client import enqueue, make_celery, recover_lost_jobs
@@ -129,7 +129,8 @@ def _state_the_body_limit(app: FastAPI, max_bytes: int) -> None:
         body = schema["paths"]["/v1/jobs"]["post"].get("requestBody", {})
         body["x-max-bytes"] = max_bytes
         body["description"] = (
-            f"At most {max_bytes} bytes (413 above); a domain spec's lists hold at most 5000 items."
+            f"At most {max_bytes} bytes (413 above); a domain spec holds at most "
+            f"{MAX_SPEC_ITEMS} prompt items across its lists."
         )
         return schema
 

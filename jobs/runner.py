@@ -380,6 +380,7 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
 
     check_tenant_access(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
+    check_job_time(config, record.queue, runner.settings)
     report = run(
         config,
         runner.settings,
@@ -390,6 +391,15 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         attribution_processes=attribution_processes(record.queue, runner.settings),
     )
     return report.model_dump(mode="json")
+
+
+def check_job_time(config: Any, queue: str, settings: Settings) -> None:
+    """Refuse, before any weight is read, a job whose estimate is over this worker's time limit
+    (the Celery limit would stop it hours later, its GPU time spent)."""
+    from harmprune.jobs.planning import check_time_limit
+
+    devices = 0 if queue == "cpu" else attribution_processes(queue, settings)
+    check_time_limit(config, settings, devices)
 
 
 def attribution_processes(queue: str, settings: Settings) -> int:

@@ -26,6 +26,9 @@ from harmprune.config import (
     RUN_OPTIONS,
     DomainSpec,
     HardenConfig,
+    HubDataset,
+    MultipleChoiceItem,
+    Pair,
     example_domain_path,
     harden_config,
     load_domain,
@@ -60,7 +63,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 # The largest request body (a domain spec with its inline examples) the API reads; the
 # OpenAPI schema states it (`x-max-body-bytes`), the API's body limit enforces it.
-MAX_SPEC_ITEMS = 5000  # inline pairs per list of a domain spec
+# Prompt items a job may hold in all: every list of pairs, Hub datasets (by their `limit`) or
+# multiple-choice items anywhere in the spec, together (harmprune.preflight prices each list).
+MAX_SPEC_ITEMS = 10_000
 
 
 def engine_field(name: str) -> Any:
@@ -104,7 +109,8 @@ def _domain_schema(schema: dict[str, Any]) -> None:
     ]
     schema["description"] = (
         "A domain spec object (as in the CLI's YAML), or the name of an example domain shipped "
-        f"with the service, e.g. `cyber`. At most {MAX_SPEC_ITEMS} inline examples per list."
+        f"with the service, e.g. `cyber`. At most {MAX_SPEC_ITEMS} items across all its lists (a "
+        "Hub dataset counts as its `limit`, which the service requires)."
     )
 
 
@@ -159,17 +165,51 @@ class JobRequest(BaseModel):
     @field_validator("domain")
     @classmethod
     def _bounded(cls, v: DomainSpec) -> DomainSpec:
-        lists: dict[str, list[Any]] = {
-            "harmful": v.harmful,
-            "benign": v.benign,
-            "eval.harmful": v.eval.harmful,
-            "eval.benign": v.eval.benign,
-            "eval.multiple_choice": v.eval.multiple_choice,
-        }
-        for name, items in lists.items():
-            if len(items) > MAX_SPEC_ITEMS:
-                raise ValueError(f"{name}: at most {MAX_SPEC_ITEMS} items")
+        check_item_bound(v)
         return v
+
+
+def item_lists(model: BaseModel, path: str = "domain") -> list[tuple[str, list[Any]]]:
+    """(field path, items) of every list of prompt items anywhere in a validated spec (pairs,
+    Hub datasets, multiple-choice items), found by walking it: a list added later is counted
+    without anyone listing it here."""
+    found: list[tuple[str, list[Any]]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        here = f"{path}.{name}"
+        if isinstance(value, BaseModel):
+            found += item_lists(value, here)
+        elif isinstance(value, list) and any(isinstance(x, PROMPT_ITEMS) for x in value):
+            found.append((here, value))
+    return found
+
+
+PROMPT_ITEMS = (Pair, HubDataset, MultipleChoiceItem)
+
+
+def check_item_bound(spec: DomainSpec) -> None:
+    """One bound on the items of every list together; a Hub dataset counts as its `limit`,
+    and one without a `limit` is refused (its size is unknown until a worker loads it)."""
+    total, largest = 0, ("", 0)
+    for path, items in item_lists(spec):
+        count = 0
+        for i, item in enumerate(items):
+            if isinstance(item, HubDataset):
+                if item.limit is None:
+                    raise ValueError(
+                        f"{path}.{i}.limit: a Hub dataset needs a limit (rows to use) on the "
+                        f"service; at most {MAX_SPEC_ITEMS} items in all"
+                    )
+                count += item.limit
+            else:
+                count += 1
+        total += count
+        largest = max(largest, (path, count), key=lambda x: x[1])
+    if total > MAX_SPEC_ITEMS:
+        raise ValueError(
+            f"{largest[0]}: the spec holds {total} prompt items in all ({largest[1]} here); "
+            f"at most {MAX_SPEC_ITEMS} across every list (a Hub dataset counts as its limit)"
+        )
 
 
 def check_model_reference(model: str, settings: Settings, field: str = "model") -> None:
