@@ -485,7 +485,33 @@ def run(
 ) -> Report:
     """Harden one model for one domain; write the result into `out_dir` (see the module doc).
 
-    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU)."""
+    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
+    Every generation input of the job is cut to the spec's max_length tokens (the report and
+    the card say how many were)."""
+    with data.generation_budget(config.domain.max_length):
+        return _run(
+            config,
+            settings,
+            out_dir,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            overwrite=overwrite,
+            job_id=job_id,
+            attribution_processes=attribution_processes,
+        )
+
+
+def _run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    overwrite: bool,
+    job_id: str | None,
+    attribution_processes: int,
+) -> Report:
     timings: dict[str, float] = {}
     seed_everything(config.seed)
 
@@ -590,6 +616,7 @@ def run(
                 "evidence": evidence,
                 "general_benign": general_result,
                 "benchmarks": benchmarks_result,
+                "prompts_cut": data.contexts_cut(),
             }
         )
         with timed("save"):
