@@ -17,7 +17,7 @@ from harmprune.api.auth import load_keys
 from harmprune.api.logs import RequestContext
 from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
 from harmprune.api.routes import health, jobs
-from harmprune.jobs.planning import Planner
+from harmprune.jobs.planning import Planner, shutdown_pools
 from harmprune.jobs.store import JobStore
 from harmprune.jobs.submission import MAX_SPEC_ITEMS, Services
 from harmprune.jobs.tenants import RateLimiter, TenantPolicies
@@ -89,6 +89,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if getattr(app.state, "owns_planner_pools", False):
+                shutdown_pools()  # the served app: its planner children end with it
 
     app = FastAPI(
         title="harmprune",
@@ -142,6 +144,9 @@ def app_from_env() -> FastAPI:
 
     configure_json_logging()
     app = create_app(Settings())
+    # The served process's only app: the planner's pools end with it (SIGTERM included). Tests
+    # build many apps in one process, which share the pools until the process exits.
+    app.state.owns_planner_pools = True
     freeze_startup_objects()
     return app
 

@@ -29,7 +29,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from harmprune.config import ClassifierJudge, DomainSpec, HardenConfig, HubDataset
+from harmprune.config import (
+    ClassifierJudge,
+    DomainSpec,
+    HardenConfig,
+    HubDataset,
+    MultipleChoiceItem,
+    Pair,
+)
 from harmprune.errors import HarmpruneError, ModelLoadError, NotPermitted, ServiceUnavailable
 from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import (
@@ -304,12 +311,29 @@ _POOLS_LOCK = threading.Lock()
 
 
 @atexit.register
-def _shutdown_pools() -> None:
+def shutdown_pools() -> None:
+    """End every planner pool's child processes now: the served API is stopping (its lifespan's
+    end, after SIGTERM: uvicorn then re-raises the signal, so no atexit handler runs), or this
+    process exits. An estimate in flight is abandoned with its request; the children (torch
+    imported: hundreds of MB each) must not outlive the API."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
     for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _end_pool(pool)
+
+
+def _end_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Kill a pool's children and wait for them to be gone (a stuck or bloated child does not
+    answer a polite shutdown), then release the pool."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=5)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _child_init(memory_mb: int) -> None:
@@ -377,31 +401,49 @@ def _fingerprint(directory: Path) -> str:
 
 
 # HardenConfig fields that never change a plan; the key has the model and revision apart.
-_NOT_ESTIMATED = {"model", "revision", "seed"}
+_NOT_ESTIMATED = {"model": True, "revision": True, "seed": True}
+PROMPT_ITEMS = (Pair, HubDataset, MultipleChoiceItem)
 
 
-def _without_texts(value: Any) -> Any:
-    """A dumped config with every prompt and response text replaced by its presence: the plan
-    depends on how many items there are (and every other field), not on what they say (each
-    is cut to max_length tokens)."""
-    if isinstance(value, dict):
-        if set(value) <= {"prompt", "response"} and "prompt" in value:
-            return ["pair", value.get("response") is not None]
-        if set(value) == {"question", "choices", "answer"}:
-            return ["multiple_choice", len(value["choices"])]
-        return {k: _without_texts(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_without_texts(v) for v in value]
-    return value
+def item_lists(model: BaseModel, path: str = "domain") -> list[tuple[str, list[Any]]]:
+    """(field path, items) of every list of prompt items anywhere in a validated spec (pairs,
+    Hub datasets, multiple-choice items), found by walking it: a list added later is found
+    without anyone naming it. (The plan key and the request's item bound use it.)"""
+    found: list[tuple[str, list[Any]]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        here = f"{path}.{name}"
+        if isinstance(value, BaseModel):
+            found += item_lists(value, here)
+        elif isinstance(value, list) and any(isinstance(x, PROMPT_ITEMS) for x in value):
+            found.append((here, value))
+    return found
+
+
+def _list_size(items: list[Any]) -> tuple[Any, ...]:
+    """What of a prompt list changes a plan: how many pairs, every Hub dataset reference (its
+    limit), how many choices; not the texts (each is cut to max_length tokens)."""
+    pairs = sum(1 for x in items if isinstance(x, Pair))
+    datasets = [x.model_dump(mode="json") for x in items if isinstance(x, HubDataset)]
+    choices = [len(x.choices) for x in items if isinstance(x, MultipleChoiceItem)]
+    return pairs, datasets, choices
 
 
 def _estimate_key(config: HardenConfig, hardware: str) -> str:
     """Every request field that may change a plan, derived from the whole config (not a hand
-    list a new field could slip past): the dump without the prompts' texts, the model reference
-    and the seed, hashed."""
-    dumped = config.model_dump(mode="json", exclude=_NOT_ESTIMATED)
-    canonical = json.dumps([hardware, _without_texts(dumped)], sort_keys=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    list a new field could slip past): the config's JSON without the model reference, the seed
+    and its prompt lists, plus each prompt list's size (`_list_size`), hashed."""
+    lists = item_lists(config.domain)
+    domain_exclude: dict[str, Any] = {}
+    for path, _items in lists:
+        node = domain_exclude
+        *parents, leaf = path.split(".")[1:]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = True
+    dumped = config.model_dump_json(exclude={**_NOT_ESTIMATED, "domain": domain_exclude})
+    sizes = json.dumps([hardware, [(path, _list_size(items)) for path, items in lists]])
+    return hashlib.sha256((sizes + dumped).encode()).hexdigest()
 
 
 class Planner:
@@ -442,12 +484,8 @@ class Planner:
         key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
         with _POOLS_LOCK:
             pool = _POOLS.pop(key, None)
-        if pool is None:
-            return
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(Exception):
-                proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            _end_pool(pool)
 
     def warm_up(self) -> None:
         """Start the children (and their torch import) before the first request needs them."""

@@ -27,8 +27,6 @@ from harmprune.config import (
     DomainSpec,
     HardenConfig,
     HubDataset,
-    MultipleChoiceItem,
-    Pair,
     example_domain_path,
     harden_config,
     load_domain,
@@ -40,6 +38,7 @@ from harmprune.jobs.planning import (
     check_job_access,
     check_referenced_access,
     domain_repos,
+    item_lists,
 )
 from harmprune.jobs.store import (
     IdempotencyConflict,
@@ -167,24 +166,6 @@ class JobRequest(BaseModel):
     def _bounded(cls, v: DomainSpec) -> DomainSpec:
         check_item_bound(v)
         return v
-
-
-def item_lists(model: BaseModel, path: str = "domain") -> list[tuple[str, list[Any]]]:
-    """(field path, items) of every list of prompt items anywhere in a validated spec (pairs,
-    Hub datasets, multiple-choice items), found by walking it: a list added later is counted
-    without anyone listing it here."""
-    found: list[tuple[str, list[Any]]] = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        here = f"{path}.{name}"
-        if isinstance(value, BaseModel):
-            found += item_lists(value, here)
-        elif isinstance(value, list) and any(isinstance(x, PROMPT_ITEMS) for x in value):
-            found.append((here, value))
-    return found
-
-
-PROMPT_ITEMS = (Pair, HubDataset, MultipleChoiceItem)
 
 
 def check_item_bound(spec: DomainSpec) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 from harmprune.config import HardenConfig
-from harmprune.jobs.planning import Planner, _estimate_key, plan_job
+from harmprune.jobs.planning import Planner, _estimate_key, item_lists, plan_job
 from harmprune.jobs.runner import execute_job
 from harmprune.jobs.store import JobRecord, JobState, JobStore, fingerprint, new_job_id
-from harmprune.jobs.submission import MAX_SPEC_ITEMS, JobRequest, item_lists
+from harmprune.jobs.submission import MAX_SPEC_ITEMS, JobRequest
 from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import PreflightRefused, evaluation_passes
 from harmprune.settings import Settings
