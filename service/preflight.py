@@ -59,6 +59,16 @@ PLANNED_TFLOPS = {
 }
 
 
+# A training step takes at least this long whatever its flops (kernel launches, the optimizer's
+# pass over every parameter, synchronisation): a 100,000-step fine-tune of a small model takes
+# hours, not the seconds its flops alone suggest. Seconds per step, planned conservatively.
+MIN_STEP_SECONDS = {"cpu": 0.1, "gpu": 0.02}
+
+
+def min_step_seconds(device_kind: str) -> float:
+    return MIN_STEP_SECONDS["cpu" if device_kind == "cpu" else "gpu"]
+
+
 class Estimate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -84,6 +94,7 @@ class Estimate(BaseModel):
     tamper_method: str | None = None
     tamper_memory_gb: float = 0.0
     tamper_tflop: float = 0.0
+    tamper_seconds: float = 0.0  # its flops, or MIN_STEP_SECONDS per step if that is longer
     # every other prompt list: elicitation, the test and validation sets on every model measured
     # (original, hardened, controls, search candidates), the tamper check's sets
     evaluation_prompts: int = 0
@@ -262,6 +273,7 @@ def estimate(
         calibration_prompts=calibration_pairs,
         tokens_per_sequence=tokens_per_pair,
         tflops=PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"]),
+        min_step_seconds=min_step_seconds(device_kind),
     )
     # The attacks run after verification: their time counts toward the job's time limit too.
     attacks_seconds = sum(
@@ -269,9 +281,14 @@ def estimate(
         for key in ("abliteration_seconds", "finetune_seconds")
     )
     evaluation_tflop = 2 * total * evaluation_passes * tokens_per_pair / 1e12
+    tamper_seconds = 0.0
+    if tamper_method is not None:  # the original and the hardened model are fine-tuned
+        tamper_seconds = max(
+            tamper_tflop / throughput, 2 * tamper_steps * min_step_seconds(device_kind)
+        )
     job_seconds = (
-        tflop + search_tflop + tamper_tflop + evaluation_tflop
-    ) / throughput + attacks_seconds
+        (tflop + search_tflop + evaluation_tflop) / throughput + tamper_seconds + attacks_seconds
+    )
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
@@ -320,6 +337,7 @@ def estimate(
         tamper_method=tamper_method,
         tamper_memory_gb=round(tamper_gb, 2),
         tamper_tflop=round(tamper_tflop, 1),
+        tamper_seconds=round(tamper_seconds, 1),
         evaluation_prompts=evaluation_passes,
         evaluation_tflop=round(evaluation_tflop, 1),
         job_seconds=round(job_seconds, 1),

@@ -237,6 +237,38 @@ def test_a_gguf_file_is_planned_from_its_metadata(tmp_path: Path) -> None:
         plan_job(big, settings, hardware="cpu")
 
 
+def test_training_steps_are_priced_at_a_minimum_per_step(tmp_path: Path) -> None:
+    """A 100,000-step full fine-tune of a small model: its flops alone say seconds on a GPU,
+    its steps say hours; refused under a 900 s limit, 20 steps accepted."""
+    gguf = write_tiny_gguf(tmp_path / "models" / "tiny.gguf")
+    settings = Settings(cache_dir=tmp_path / "cache", job_soft_time_limit_s=900)
+    tamper = {
+        "train": [pair("Train item.")],
+        "broad_harmful": [pair("Broad harm.")],
+        "broad_benign": [pair("Broad benign.", "Fine.")],
+        "method": "full",
+    }
+    small = plan_job(
+        HardenConfig(model=str(gguf), domain=small_domain(tamper={**tamper, "steps": 20})),
+        settings,
+        hardware="gpu",
+    )
+    assert small.estimate is not None and small.estimate.tamper_seconds >= 2 * 20 * 0.02
+    with pytest.raises(PreflightRefused, match="over the job time limit of 900 s"):
+        plan_job(
+            HardenConfig(model=str(gguf), domain=small_domain(tamper={**tamper, "steps": 100_000})),
+            settings,
+            hardware="gpu",
+        )
+    grid = {"finetune": {"learning_rates": [1e-4], "steps": [20_000]}}
+    with pytest.raises(PreflightRefused, match="over the job time limit of 900 s"):
+        plan_job(
+            HardenConfig(model=str(gguf), domain=small_domain(attacks=grid)),
+            settings,
+            hardware="gpu",
+        )
+
+
 def test_the_planner_refuses_an_attack_grid_added_to_a_spec_it_planned(tmp_path: Path) -> None:
     """The API's planner (spawned children reading the GGUF's metadata): the same spec planned
     without its attack grid, then with it, is refused the second time (the cache key covers
