@@ -8,6 +8,8 @@ and 5):
 - a spec planned once without its attack grid is refused with it (the plan cache key);
 - 60,000 eval.validation.harmful prompts are refused, the field named;
 - SIGTERM to the API process ends its planner's child processes.
+
+One API process for all of it: each start spawns a planner child that imports torch.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def refused_over_the_limit(r: httpx.Response) -> None:
     assert f"over the job time limit of {LIMIT_S} s" in error["message"]
 
 
-def test_the_builtin_model_is_priced_with_its_attacks_and_tamper(api: ApiProcess) -> None:
+def test_the_builtin_model_is_priced_and_sigterm_ends_the_planner(api: ApiProcess) -> None:
     # planned once without its attack grid (cached), then with it: refused all the same
     plain = post(api, spec())
     assert plain.status_code == 202, plain.text
@@ -112,6 +114,18 @@ def test_the_builtin_model_is_priced_with_its_attacks_and_tamper(api: ApiProcess
     r = post(api, spec(eval={"general_benign": False, "validation": {"harmful": many}}))
     assert r.status_code == 422, r.text
     assert "domain.eval.validation.harmful" in r.text and "at most 10000" in r.text
+
+    # SIGTERM to the API process alone (as a process manager signals the main pid): its
+    # planner's spawned children, ~470 MB each with torch, must not outlive it
+    assert api.proc is not None
+    children = wait_for(lambda: children_of(api.proc.pid), 30, what="the planner's children")
+    os.kill(api.proc.pid, signal.SIGTERM)
+    api.proc.wait(timeout=30)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.2)
+    left = [pid for pid in children if alive(pid)]
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left]
 
 
 def children_of(pid: int) -> set[int]:
@@ -137,18 +151,3 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def test_sigterm_ends_the_planners_children(api: ApiProcess) -> None:
-    """Only the API process gets the signal (as from a process manager that signals the main
-    pid): its planner's spawned children, ~470 MB each with torch, must not outlive it."""
-    assert post(api, spec()).status_code == 202  # the pool has planned: its child is up
-    assert api.proc is not None
-    children = wait_for(lambda: children_of(api.proc.pid), 30, what="the planner's children")
-    os.kill(api.proc.pid, signal.SIGTERM)
-    api.proc.wait(timeout=30)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(alive(pid) for pid in children):
-        time.sleep(0.2)
-    left = [pid for pid in children if alive(pid)]
-    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in left]
