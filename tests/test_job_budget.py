@@ -2,7 +2,8 @@
 
 - the built-in model and `.gguf` files are planned from their GGUF metadata like any model;
 - the planner's cache key is derived from the whole config (each estimate-relevant field of the
-  schema mutated changes it: attacks, tamper, every prompt list, search candidates, ...);
+  schema mutated changes it: attacks, tamper, every prompt list, search candidates, ...; the
+  API's planner refusing a grid added to a spec it planned: tests/api/test_api_budget.py);
 - every prompt list of a spec is priced, and one bound covers the items of all its lists;
 - the worker refuses a job estimated over its time limit before loading any weight.
 """
@@ -16,11 +17,10 @@ from typing import Any
 
 import pytest
 from harmprune.config import HardenConfig
-from harmprune.jobs.planning import Planner, _estimate_key, item_lists, plan_job
+from harmprune.jobs.planning import _estimate_key, item_lists, plan_job
 from harmprune.jobs.runner import execute_job
 from harmprune.jobs.store import JobRecord, JobState, JobStore, fingerprint, new_job_id
 from harmprune.jobs.submission import MAX_SPEC_ITEMS, JobRequest
-from harmprune.jobs.tenants import TenantPolicy
 from harmprune.preflight import PreflightRefused, evaluation_passes
 from harmprune.settings import Settings
 from pydantic import ValidationError
@@ -267,26 +267,6 @@ def test_training_steps_are_priced_at_a_minimum_per_step(tmp_path: Path) -> None
             settings,
             hardware="gpu",
         )
-
-
-def test_the_planner_refuses_an_attack_grid_added_to_a_spec_it_planned(tmp_path: Path) -> None:
-    """The API's planner (spawned children reading the GGUF's metadata): the same spec planned
-    without its attack grid, then with it, is refused the second time (the cache key covers
-    domain.attacks); planned again without it, it answers from the cache."""
-    gguf = write_tiny_gguf(tmp_path / "models" / "tiny.gguf")
-    settings = Settings(cache_dir=tmp_path / "cache", job_soft_time_limit_s=600)
-    planner = Planner(settings.model_copy(update={"preflight_processes": 1}))
-    policy = TenantPolicy(name="t")
-    plain = HardenConfig(model=str(gguf), domain=small_domain())
-    first = planner.plan(plain, "cpu", policy)
-    assert first.estimate is not None and first.estimate.attacks is None
-    with pytest.raises(PreflightRefused, match="over the job time limit"):
-        planner.plan(
-            HardenConfig(model=str(gguf), domain=small_domain(attacks=BIG_GRID)), "cpu", policy
-        )
-    started = time.perf_counter()
-    assert planner.plan(plain, "cpu", policy) == first
-    assert time.perf_counter() - started < 0.05
 
 
 # ---------------------------------------------------------------- one bound on every list
