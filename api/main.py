@@ -17,9 +17,9 @@ from harmprune.api.auth import load_keys
 from harmprune.api.logs import RequestContext
 from harmprune.api.middleware import BodyLimit, Metrics, MetricsMiddleware
 from harmprune.api.routes import audits, health, jobs
-from harmprune.jobs.planning import Planner
+from harmprune.jobs.planning import Planner, shutdown_pools
 from harmprune.jobs.store import JobStore
-from harmprune.jobs.submission import Services
+from harmprune.jobs.submission import MAX_SPEC_ITEMS, Services
 from harmprune.jobs.tenants import RateLimiter, TenantPolicies
 from harmprune.settings import Settings
 from harmprune.workers.client import enqueue, make_celery, recover_lost_jobs
@@ -89,6 +89,8 @@ def create_app(
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if getattr(app.state, "owns_planner_pools", False):
+                shutdown_pools()  # the served app: its planner children end with it
 
     app = FastAPI(
         title="harmprune",
@@ -130,7 +132,8 @@ def _state_the_body_limit(app: FastAPI, max_bytes: int) -> None:
         body = schema["paths"]["/v1/jobs"]["post"].get("requestBody", {})
         body["x-max-bytes"] = max_bytes
         body["description"] = (
-            f"At most {max_bytes} bytes (413 above); a domain spec's lists hold at most 5000 items."
+            f"At most {max_bytes} bytes (413 above); a domain spec holds at most "
+            f"{MAX_SPEC_ITEMS} prompt items across its lists."
         )
         return schema
 
@@ -142,6 +145,9 @@ def app_from_env() -> FastAPI:
 
     configure_json_logging()
     app = create_app(Settings())
+    # The served process's only app: the planner's pools end with it (SIGTERM included). Tests
+    # build many apps in one process, which share the pools until the process exits.
+    app.state.owns_planner_pools = True
     freeze_startup_objects()
     return app
 

@@ -322,6 +322,8 @@ def _add_pull(sub: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from harmprune.publishing import LOCAL_URL_SCHEME
+
     repo_id, revision, url = args.ref, args.revision, None
     if JOB_ID_PATTERN.match(args.ref):
         job = ApiClient(args.api).job(args.ref)
@@ -329,8 +331,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
         if job["state"] != "succeeded" or not result.get("repo_id"):
             raise ServiceCommandError(f"job {args.ref} is {job['state']}: nothing was published")
         repo_id, revision, url = result["repo_id"], result["commit_sha"], result["url"]
-    if url and url.startswith("file://"):
-        # The local publisher's URL is Path.as_uri(): percent-encoded (a space is %20).
+    if url and url.startswith(LOCAL_URL_SCHEME):
+        # Published by a LocalPublisher: under this machine's publish_dir (the worker's path
+        # is never in the URL), checked against the job's tree digest.
+        _copy_local(_local_directory(repo_id), args.out, revision)
+    elif url and url.startswith("file://"):
+        # Records from before local:// URLs: Path.as_uri(), percent-encoded (a space is %20).
         _copy_local(Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)), args.out)
     else:
         _download(repo_id, revision, args.out)
@@ -338,13 +344,29 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_local(source: Path, out: Path) -> None:
+def _local_directory(repo_id: str) -> Path:
+    from harmprune.publishing import LocalPublisher
+    from harmprune.settings import Settings
+
+    return LocalPublisher(Settings().local_publish_dir()).directory(repo_id)
+
+
+def _copy_local(source: Path, out: Path, commit_sha: str | None = None) -> None:
     import shutil
 
-    from harmprune.publishing import JOB_MARKER
+    from harmprune.publishing import JOB_MARKER, list_folder_files, tree_digest
 
     if not source.is_dir():
-        raise ServiceCommandError(f"published directory {source} is not reachable from here")
+        raise ServiceCommandError(
+            f"published directory {source} is not reachable from here (HARMPRUNE_PUBLISH_DIR "
+            "must name the workers' publishing directory)"
+        )
+    if commit_sha is not None:
+        files = [f for f in list_folder_files(source) if f != JOB_MARKER]
+        if tree_digest(source, files) != commit_sha:
+            raise ServiceCommandError(
+                f"{source} no longer holds the job's files (republished since?)"
+            )
     shutil.copytree(source, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns(JOB_MARKER))
 
 

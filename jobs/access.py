@@ -87,8 +87,8 @@ def grant(
         if not under_roots(ref.name, settings.local_model_roots) or not exists:
             raise not_readable(ref.field)  # a missing path reads like one outside the roots
         return Grant(ref, "local", str(path))
-    if not is_hub_id(ref.name):
-        raise not_readable(ref.field)  # relative paths, `~`, `..`, three segments, ...
+    if not is_hub_id(ref.name) or ref.name.endswith(".gguf"):
+        raise not_readable(ref.field)  # relative paths (`x.gguf` too), `~`, `..`, ...
     if check_hub:
         check_hub_access(ref, policy, settings, facts)
     return Grant(ref, "hub", ref.name)

@@ -18,6 +18,7 @@ import atexit
 import concurrent.futures as cf
 import contextlib
 import hashlib
+import json
 import logging
 import multiprocessing
 import threading
@@ -26,7 +27,12 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from harmprune.config import HardenConfig, HubDataset
+from harmprune.config import (
+    HardenConfig,
+    HubDataset,
+    MultipleChoiceItem,
+    Pair,
+)
 from harmprune.errors import HarmpruneError
 from harmprune.jobs.access import check_repo_access
 from harmprune.jobs.tenants import TenantPolicy
@@ -37,6 +43,7 @@ from harmprune.preflight import (
     PreflightRefused,
     RepoNotVisible,
     locate_config_files,
+    write_gguf_config,
 )
 from harmprune.references import is_hub_id, not_readable
 from harmprune.settings import Settings
@@ -53,7 +60,7 @@ class Plan(BaseModel):
 
     queue: str
     devices: int  # GPUs the attribution uses: 0 on CPU, > 1 with FSDP2
-    estimate: Estimate | None  # None: no config files to read (the built-in alias, a GGUF file)
+    estimate: Estimate | None  # None: config files the API cannot read (the worker plans it)
 
 
 class Capacity(BaseModel):
@@ -111,13 +118,47 @@ def route(config: HardenConfig, directory: Path, hardware: str, capacity: Capaci
         queue, devices = QUEUE_MULTI_GPU, capacity.multi_gpu_count
         est = on(devices)
     refuse_unless_fits(config, est)
-    if est.job_seconds > capacity.time_limit_s:
-        raise PreflightRefused(
-            "model",
-            f"the job is estimated at {est.job_seconds:.0f} s, over the job time limit of "
-            f"{capacity.time_limit_s:.0f} s; use fewer pairs or search candidates",
-        )
+    refusal = time_limit_refusal(est, capacity.time_limit_s)
+    if refusal is not None:
+        raise refusal
     return Plan(queue=queue, devices=devices, estimate=est)
+
+
+def time_limit_refusal(est: Estimate, time_limit_s: float) -> PreflightRefused | None:
+    """The refusal of a job estimated over the job time limit (None: within it)."""
+    if est.job_seconds <= time_limit_s:
+        return None
+    return PreflightRefused(
+        "model",
+        f"the job is estimated at {est.job_seconds:.0f} s, over the job time limit of "
+        f"{time_limit_s:.0f} s; use fewer pairs, search candidates, tamper steps or attack cells",
+    )
+
+
+def check_time_limit(
+    config: HardenConfig, settings: Settings, devices: int, *, hub_only: bool = False
+) -> Estimate | None:
+    """On the worker, before any weight is read: the job's own estimate (from its config files,
+    or a GGUF file's metadata) against this worker's job time limit. The API's plan may be
+    missing (preflight off, a repo the API could not see) or made under other limits: this is
+    the guarantee. `devices`: 0 on the CPU; `hub_only`: the model was granted as a Hub id.
+    Builds a meta model (torch)."""
+    from harmprune.preflight import estimate_job, fetch_config_files
+
+    directory = fetch_config_files(config.model, config.revision, settings, hub_only=hub_only)
+    if directory is None:
+        return None
+    est = estimate_job(
+        config,
+        directory,
+        devices=devices,
+        device_memory_gb=settings.gpu_memory_gb,
+        device_kind=settings.gpu_kind,
+    )
+    refusal = time_limit_refusal(est, float(settings.job_soft_time_limit_s))
+    if refusal is not None:
+        raise refusal
+    return est
 
 
 def _queue_of(hardware: str | None, settings: Settings) -> str:
@@ -140,11 +181,14 @@ def plan_job(
     files = _locate(config, settings, policy)
     if files is None:
         return unplanned(queue, Capacity.of(settings))
+    if files.gguf is not None:
+        write_gguf_config(files.gguf, files.directory)
     return route(config, files.directory, queue, Capacity.of(settings))
 
 
 def unplanned(queue: str, capacity: Capacity) -> Plan:
-    """A job with no config files to read (the built-in model, a GGUF file): queued as asked."""
+    """A job whose config files the API cannot see (a private Hub repo and no token on the API):
+    queued as asked; the worker plans it before loading (`check_time_limit`)."""
     devices = {QUEUE_CPU: 0, QUEUE_GPU: 1}.get(queue, capacity.multi_gpu_count)
     return Plan(queue=queue, devices=devices, estimate=None)
 
@@ -179,12 +223,29 @@ _POOLS_LOCK = threading.Lock()
 
 
 @atexit.register
-def _shutdown_pools() -> None:
+def shutdown_pools() -> None:
+    """End every planner pool's child processes now: the served API is stopping (its lifespan's
+    end, after SIGTERM: uvicorn then re-raises the signal, so no atexit handler runs), or this
+    process exits. An estimate in flight is abandoned with its request; the children (torch
+    imported: hundreds of MB each) must not outlive the API."""
     with _POOLS_LOCK:
         pools = list(_POOLS.values())
         _POOLS.clear()
     for pool in pools:
-        pool.shutdown(wait=True, cancel_futures=True)
+        _end_pool(pool)
+
+
+def _end_pool(pool: cf.ProcessPoolExecutor) -> None:
+    """Kill a pool's children and wait for them to be gone (a stuck or bloated child does not
+    answer a polite shutdown), then release the pool."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(timeout=5)
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _child_init(memory_mb: int) -> None:
@@ -192,16 +253,43 @@ def _child_init(memory_mb: int) -> None:
     import resource
 
     limit = memory_mb * 1024 * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    # the soft limit only: reading a GGUF file's metadata maps the whole file (read-only, no
+    # memory used), and `_mapping_room` raises the limit by the file's size for that read alone
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
 
-def _route_in_child(
-    config_json: dict[str, Any], directory: str, hardware: str, capacity_json: dict[str, Any]
-) -> dict[str, Any]:
-    """`route` in a child process; errors come back as data (exception pickling loses fields)."""
+@contextlib.contextmanager
+def _mapping_room(nbytes: int) -> Any:
+    """Address space for mapping a file of `nbytes` (read-only), on top of the child's limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or nbytes <= 0:
+        yield
+        return
+    raised = soft + nbytes if hard == resource.RLIM_INFINITY else min(hard, soft + nbytes)
+    resource.setrlimit(resource.RLIMIT_AS, (raised, hard))
     try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _route_in_child(
+    config_json: dict[str, Any],
+    directory: str,
+    hardware: str,
+    capacity_json: dict[str, Any],
+    gguf: str | None = None,
+) -> dict[str, Any]:
+    """`route` in a child process; errors come back as data (exception pickling loses fields).
+    `gguf`: the GGUF file whose metadata gives the config files (written into `directory`)."""
+    try:
+        if gguf is not None:
+            with _mapping_room(Path(gguf).stat().st_size):
+                write_gguf_config(Path(gguf), Path(directory))
         config = HardenConfig.model_validate(config_json)
         plan = route(config, Path(directory), hardware, Capacity.model_validate(capacity_json))
         return {"plan": plan.model_dump(mode="json")}
@@ -224,30 +312,50 @@ def _fingerprint(directory: Path) -> str:
     return h.hexdigest()
 
 
-def _estimate_key(config: HardenConfig, hardware: str) -> tuple[Any, ...]:
-    """The request fields that change a plan (and nothing else: not the prompts' text)."""
-    spec = config.domain
+# HardenConfig fields that never change a plan; the key has the model and revision apart.
+_NOT_ESTIMATED = {"model": True, "revision": True, "seed": True}
+PROMPT_ITEMS = (Pair, HubDataset, MultipleChoiceItem)
 
-    def sizes(sources: list[Any]) -> tuple[Any, ...]:  # inline pairs, and each dataset's limit
-        return (len(sources), *(s.limit for s in sources if s.__class__ is HubDataset))
 
-    return (
-        hardware,
-        sizes(spec.harmful),
-        sizes(spec.benign),
-        spec.max_length,
-        spec.prompt_format,
-        spec.pruning.selection,
-        spec.pruning.q,
-        spec.pruning.p,
-        tuple(spec.search.candidates(spec.pruning.q)),
-        None if spec.tamper is None else (spec.tamper.method, spec.tamper.steps),
-        None if spec.tamper is None else spec.tamper.batch_size,
-        config.batch_size,
-        config.max_backward_tokens,
-        config.dtype,
-        config.gradient_checkpointing,
-    )
+def item_lists(model: BaseModel, path: str = "domain") -> list[tuple[str, list[Any]]]:
+    """(field path, items) of every list of prompt items anywhere in a validated spec (pairs,
+    Hub datasets, multiple-choice items), found by walking it: a list added later is found
+    without anyone naming it. (The plan key and the request's item bound use it.)"""
+    found: list[tuple[str, list[Any]]] = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        here = f"{path}.{name}"
+        if isinstance(value, BaseModel):
+            found += item_lists(value, here)
+        elif isinstance(value, list) and any(isinstance(x, PROMPT_ITEMS) for x in value):
+            found.append((here, value))
+    return found
+
+
+def _list_size(items: list[Any]) -> tuple[Any, ...]:
+    """What of a prompt list changes a plan: how many pairs, every Hub dataset reference (its
+    limit), how many choices; not the texts (each is cut to max_length tokens)."""
+    pairs = sum(1 for x in items if isinstance(x, Pair))
+    datasets = [x.model_dump(mode="json") for x in items if isinstance(x, HubDataset)]
+    choices = [len(x.choices) for x in items if isinstance(x, MultipleChoiceItem)]
+    return pairs, datasets, choices
+
+
+def _estimate_key(config: HardenConfig, hardware: str) -> str:
+    """Every request field that may change a plan, derived from the whole config (not a hand
+    list a new field could slip past): the config's JSON without the model reference, the seed
+    and its prompt lists, plus each prompt list's size (`_list_size`), hashed."""
+    lists = item_lists(config.domain)
+    domain_exclude: dict[str, Any] = {}
+    for path, _items in lists:
+        node = domain_exclude
+        *parents, leaf = path.split(".")[1:]
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = True
+    dumped = config.model_dump_json(exclude={**_NOT_ESTIMATED, "domain": domain_exclude})
+    sizes = json.dumps([hardware, [(path, _list_size(items)) for path, items in lists]])
+    return hashlib.sha256((sizes + dumped).encode()).hexdigest()
 
 
 class Planner:
@@ -288,12 +396,8 @@ class Planner:
         key = (self.settings.preflight_processes, self.settings.preflight_memory_mb)
         with _POOLS_LOCK:
             pool = _POOLS.pop(key, None)
-        if pool is None:
-            return
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            with contextlib.suppress(Exception):
-                proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        if pool is not None:
+            _end_pool(pool)
 
     def warm_up(self) -> None:
         """Start the children (and their torch import) before the first request needs them."""
@@ -322,7 +426,13 @@ class Planner:
         files = _locate(config, self.settings, policy)
         found = None
         if files is not None:
-            found = (files, files.repo.sha if files.repo else _fingerprint(files.directory))
+            if files.repo is not None:
+                version = files.repo.sha
+            elif files.gguf is not None:  # the directory is named by the file's path, size, mtime
+                version = files.directory.name
+            else:
+                version = _fingerprint(files.directory)
+            found = (files, version)
         if len(self._files) > self.MAX_PLANS:
             self._files.clear()
         self._files[key] = (now, found)
@@ -342,21 +452,22 @@ class Planner:
             if plan is not None:
                 self._plans.move_to_end(key)
                 return plan
-        plan = self._estimate(config, files.directory, queue)
+        plan = self._estimate(config, files, queue)
         with self._lock:
             self._plans[key] = plan
             while len(self._plans) > self.MAX_PLANS:
                 self._plans.popitem(last=False)
         return plan
 
-    def _estimate(self, config: HardenConfig, directory: Path, queue: str) -> Plan:
+    def _estimate(self, config: HardenConfig, files: ConfigFiles, queue: str) -> Plan:
         timeout = self.settings.preflight_timeout_s
         future = self._executor().submit(
             _route_in_child,
             config.model_dump(mode="json"),
-            str(directory),
+            str(files.directory),
             queue,
             self.capacity.model_dump(mode="json"),
+            None if files.gguf is None else str(files.gguf),
         )
         try:
             answer = future.result(timeout=timeout)

@@ -388,6 +388,7 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
 
     permit = permit_on_worker(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
+    check_job_time(config, record.queue, runner.settings, permit)
     report = run(
         config,
         runner.settings,
@@ -399,6 +400,16 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         permit=permit,
     )
     return report.model_dump(mode="json")
+
+
+def check_job_time(config: Any, queue: str, settings: Settings, permit: Permit) -> None:
+    """Refuse, before any weight is read, a job whose estimate is over this worker's time limit
+    (the Celery limit would stop it hours later, its GPU time spent)."""
+    from harmprune.jobs.planning import check_time_limit
+
+    devices = 0 if queue == "cpu" else attribution_processes(queue, settings)
+    model = permit.grant("model", config.model, config.revision, "model")
+    check_time_limit(config, settings, devices, hub_only=model.location == "hub")
 
 
 def attribution_processes(queue: str, settings: Settings) -> int:

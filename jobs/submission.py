@@ -25,13 +25,14 @@ from harmprune.config import (
     RUN_OPTIONS,
     DomainSpec,
     HardenConfig,
+    HubDataset,
     example_domain_path,
     harden_config,
     load_domain,
 )
 from harmprune.errors import QuotaExceeded, RequestRefused, ServiceUnavailable
 from harmprune.jobs.access import permit_job
-from harmprune.jobs.planning import Plan, Planner
+from harmprune.jobs.planning import Plan, Planner, item_lists
 from harmprune.jobs.store import (
     IdempotencyConflict,
     JobError,
@@ -53,7 +54,9 @@ EXAMPLE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 # The largest request body (a domain spec with its inline examples) the API reads; the
 # OpenAPI schema states it (`x-max-body-bytes`), the API's body limit enforces it.
-MAX_SPEC_ITEMS = 5000  # inline pairs per list of a domain spec
+# Prompt items a job may hold in all: every list of pairs, Hub datasets (by their `limit`) or
+# multiple-choice items anywhere in the spec, together (harmprune.preflight prices each list).
+MAX_SPEC_ITEMS = 10_000
 
 
 def engine_field(name: str) -> Any:
@@ -97,7 +100,8 @@ def _domain_schema(schema: dict[str, Any]) -> None:
     ]
     schema["description"] = (
         "A domain spec object (as in the CLI's YAML), or the name of an example domain shipped "
-        f"with the service, e.g. `cyber`. At most {MAX_SPEC_ITEMS} inline examples per list."
+        f"with the service, e.g. `cyber`. At most {MAX_SPEC_ITEMS} items across all its lists (a "
+        "Hub dataset counts as its `limit`, which the service requires)."
     )
 
 
@@ -147,17 +151,33 @@ class JobRequest(BaseModel):
     @field_validator("domain")
     @classmethod
     def _bounded(cls, v: DomainSpec) -> DomainSpec:
-        lists: dict[str, list[Any]] = {
-            "harmful": v.harmful,
-            "benign": v.benign,
-            "eval.harmful": v.eval.harmful,
-            "eval.benign": v.eval.benign,
-            "eval.multiple_choice": v.eval.multiple_choice,
-        }
-        for name, items in lists.items():
-            if len(items) > MAX_SPEC_ITEMS:
-                raise ValueError(f"{name}: at most {MAX_SPEC_ITEMS} items")
+        check_item_bound(v)
         return v
+
+
+def check_item_bound(spec: DomainSpec) -> None:
+    """One bound on the items of every list together; a Hub dataset counts as its `limit`,
+    and one without a `limit` is refused (its size is unknown until a worker loads it)."""
+    total, largest = 0, ("", 0)
+    for path, items in item_lists(spec):
+        count = 0
+        for i, item in enumerate(items):
+            if isinstance(item, HubDataset):
+                if item.limit is None:
+                    raise ValueError(
+                        f"{path}.{i}.limit: a Hub dataset needs a limit (rows to use) on the "
+                        f"service; at most {MAX_SPEC_ITEMS} items in all"
+                    )
+                count += item.limit
+            else:
+                count += 1
+        total += count
+        largest = max(largest, (path, count), key=lambda x: x[1])
+    if total > MAX_SPEC_ITEMS:
+        raise ValueError(
+            f"{largest[0]}: the spec holds {total} prompt items in all ({largest[1]} here); "
+            f"at most {MAX_SPEC_ITEMS} across every list (a Hub dataset counts as its limit)"
+        )
 
 
 def build_config(request: JobRequest, settings: Settings) -> HardenConfig:

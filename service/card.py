@@ -164,9 +164,16 @@ def _sets_sentence(report: Report) -> str:
         if h.q_chosen_on == "validation"
         else "q was fixed by the spec: no set chose it."
     )
+    cut = (
+        f" {report.prompts_cut} generation input(s) were longer than the spec's max_length "
+        "tokens and were cut to it (their start removed) before generation."
+        if report.prompts_cut
+        else " No generation input was longer than the spec's max_length tokens."
+    )
     return (
         f"Test set: {h.harmful} harmful, {h.benign} benign prompts "
         f"({made.get('test', h.source)}), never used for attribution or for any choice. {chose}"
+        f"{cut}"
     )
 
 

@@ -82,6 +82,9 @@ STRONGREJECT_STYLE_TEMPLATE = (
 )
 
 
+# A custom classifier template's length bound: a grading prompt, not a document.
+MAX_TEMPLATE_CHARS = 8000
+
 ClassifierPreset = Literal["strongreject", "llama_guard_3", "harmbench", "custom"]
 # The base model a preset's LoRA judge adapts (harmprune.judges.PRESETS documents the rest).
 PRESET_BASE_MODELS: dict[str, str] = {"strongreject": "google/gemma-2b"}
@@ -101,9 +104,19 @@ class ClassifierJudge(Strict):
         "(strongreject: google/gemma-2b) is filled in at validation, so the access policy sees "
         "it like any reference the spec names.",
     )
-    template: str = Field(
-        STRONGREJECT_STYLE_TEMPLATE, description="custom preset: with {prompt} and {response}."
+    template: Annotated[str, Field(max_length=MAX_TEMPLATE_CHARS)] = Field(
+        STRONGREJECT_STYLE_TEMPLATE,
+        description="custom preset: text with {prompt} and {response}, replaced literally (no "
+        "format specs, no attribute access: every other brace is kept as written).",
     )
+
+    @field_validator("template")
+    @classmethod
+    def _template_names_both(cls, v: str) -> str:
+        missing = [name for name in ("{prompt}", "{response}") if name not in v]
+        if missing:
+            raise ValueError(f"the template must contain {' and '.join(missing)}")
+        return v
 
     @model_validator(mode="after")
     def _preset_base_model(self) -> ClassifierJudge:

@@ -8,8 +8,11 @@ The prefix is part of the context, never of the scored response.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -112,6 +115,37 @@ def context_ids(tokenizer: Any, text: str, fmt: PromptFormat) -> list[int]:
     return tokenizer(text, add_special_tokens=adds_special_tokens(fmt))["input_ids"]
 
 
+@dataclass
+class GenerationBudget:
+    """A job's bound on generation inputs: every context is cut to `max_tokens` tokens (from
+    the left, as scoring cuts contexts: the end holds the generation prompt and any forced
+    start) so that no prompt defeats the memory plan; `cut` remembers which were."""
+
+    max_tokens: int
+    cut: set[str] = field(default_factory=set)  # sha256 of each distinct context cut
+
+
+_BUDGET: ContextVar[GenerationBudget | None] = ContextVar("generation_budget", default=None)
+
+
+@contextlib.contextmanager
+def generation_budget(max_tokens: int) -> Iterator[GenerationBudget]:
+    """Within this block (a job: `pipeline.run`), `generate` cuts every context to
+    `max_tokens` tokens; the budget counts the distinct contexts it cut."""
+    budget = GenerationBudget(max_tokens)
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def contexts_cut() -> int:
+    """Distinct contexts cut so far in the current generation budget (0 outside one)."""
+    budget = _BUDGET.get()
+    return len(budget.cut) if budget is not None else 0
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -122,7 +156,14 @@ def generate(
     batch_size: int,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[str]:
-    """Greedy continuations of formatted contexts, tokenized exactly as scoring tokenizes them."""
+    """Greedy continuations of formatted contexts, tokenized exactly as scoring tokenizes them
+    (and cut to the job's `generation_budget`, if one is open)."""
+    budget = _BUDGET.get()
+
+    def on_cut(context_index: int) -> None:
+        if budget is not None:
+            budget.cut.add(hashlib.sha256(contexts[context_index].encode()).hexdigest())
+
     return generate_greedy(
         model,
         tokenizer,
@@ -131,6 +172,8 @@ def generate(
         batch_size=batch_size,
         on_step=on_step,
         add_special_tokens=adds_special_tokens(fmt),
+        max_context_tokens=budget.max_tokens if budget is not None else None,
+        on_cut=on_cut,
     )
 
 

@@ -20,15 +20,25 @@ def generate_greedy(
     batch_size: int,
     on_step: Callable[[int, int], None] | None = None,
     add_special_tokens: bool = False,
+    max_context_tokens: int | None = None,
+    on_cut: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy continuations of already formatted contexts.
 
     `add_special_tokens`: let the tokenizer add its own (BOS) tokens, as scoring does for the
     plain prompt format (`data.context_ids`); a chat template writes its special tokens itself.
+    `max_context_tokens`: a longer context keeps only its last that many tokens (scoring cuts
+    contexts from the left too); `on_cut(i)` is told of each context cut.
     """
     if not contexts:
         return []
     encoded = [tokenizer(c, add_special_tokens=add_special_tokens)["input_ids"] for c in contexts]
+    if max_context_tokens is not None:
+        for i, ids in enumerate(encoded):
+            if len(ids) > max_context_tokens:
+                encoded[i] = ids[-max_context_tokens:]
+                if on_cut is not None:
+                    on_cut(i)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     answers: list[str] = [""] * len(encoded)
     pad_id = tokenizer.pad_token_id

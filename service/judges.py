@@ -191,6 +191,18 @@ def _strongreject_text(judge: ClassifierJudge, prompt: str, response: str) -> st
     return STRONGREJECT_TEMPLATE.format(prompt=prompt, response=cut)
 
 
+_PLACEHOLDER = re.compile(r"\{(prompt|response)\}")
+
+
+def fill_template(template: str, prompt: str, response: str) -> str:
+    """The custom template with `{prompt}` and `{response}` replaced literally, in one pass (a
+    prompt containing "{response}" stays as written). Never `str.format`: a tenant's template
+    would otherwise run format specs (`{prompt:>10000000000}`) and attribute lookups
+    (`{prompt.__class__}`) on the worker."""
+    values = {"prompt": prompt, "response": response}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
 def _llama_guard_text(judge: ClassifierJudge, prompt: str, response: str) -> str:
     turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     return str(judge.tokenizer.apply_chat_template(turns, tokenize=False))
@@ -231,7 +243,7 @@ PRESETS: dict[str, Preset] = {
         default_model="cais/HarmBench-Llama-2-13b-cls",
     ),
     "custom": Preset(
-        lambda j, p, r: j.template.format(prompt=p, response=r),
+        lambda j, p, r: fill_template(j.template, p, r),
         _graded,
         add_special_tokens=True,
     ),

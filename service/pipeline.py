@@ -492,9 +492,36 @@ def run(
 
     `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
     `permit`: what the job may load, made by the tenant's policy on a worker; default: the
-    operator's own (the CLI), which grants every reference the config names."""
+    operator's own (the CLI), which grants every reference the config names.
+    Every generation input of the job is cut to the spec's max_length tokens (the report and
+    the card say how many were)."""
+    with data.generation_budget(config.domain.max_length):
+        return _run(
+            config,
+            settings,
+            out_dir,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            overwrite=overwrite,
+            job_id=job_id,
+            attribution_processes=attribution_processes,
+            permit=permit or operator_permit(config),
+        )
+
+
+def _run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    overwrite: bool,
+    job_id: str | None,
+    attribution_processes: int,
+    permit: Permit,
+) -> Report:
     timings: dict[str, float] = {}
-    permit = permit or operator_permit(config)
     seed_everything(config.seed)
 
     def timed(stage: str) -> _Timer:
@@ -599,6 +626,7 @@ def run(
                 "evidence": evidence,
                 "general_benign": general_result,
                 "benchmarks": benchmarks_result,
+                "prompts_cut": data.contexts_cut(),
             }
         )
         with timed("save"):

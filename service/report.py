@@ -200,6 +200,12 @@ class Report(Frozen):
     )
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""
+    prompts_cut: int = Field(
+        0,
+        description="Distinct generation inputs (a formatted prompt, with any forced start) "
+        "longer than the spec's max_length tokens: cut to it, their start removed, before "
+        "generation.",
+    )
     extra: dict[str, Any] = Field(default_factory=dict)
     binding: Binding | None = Field(
         None, description="Hashes of the files, the spec and the signer (harmprune.binding)."

@@ -281,11 +281,15 @@ def test_plan_on_cpu_has_no_memory_limit_and_plans_fp32(
     assert plan.estimate.weights_gb == pytest.approx(plan.estimate.parameters * 4 / GB, abs=0.01)
 
 
-def test_plan_skips_the_builtin_model_and_refuses_unknown_architectures(
+def test_plan_prices_the_builtin_model_and_refuses_unknown_architectures(
     model_dir: Callable[..., Path], tmp_path: Path
 ) -> None:
+    """The built-in model is planned from its GGUF file's metadata like any other model."""
     plan = plan_job(job_config("smollm2-135m-instruct"), plan_settings(tmp_path))
-    assert plan == Plan(queue="gpu", devices=1, estimate=None)
+    assert plan.queue == "gpu" and plan.estimate is not None
+    assert plan.estimate.model_type == "llama" and plan.estimate.chat_template
+    assert plan.estimate.parameters == pytest.approx(134.5e6, rel=0.01)  # SmolLM2-135M
+    assert plan.estimate.job_seconds > 0
     with pytest.raises(UnsupportedModelError, match="'t5'"):
         plan_job(job_config(model_dir("t5-small")), plan_settings(tmp_path))
     with pytest.raises(ModelLoadError, match="not found"):

@@ -344,7 +344,9 @@ def test_local_publisher_publishes_and_reuses(model_dir: Path, tmp_path: Path) -
 
     target = root / "org" / "tiny"
     assert not result.reused
-    assert result.url == target.resolve().as_uri()
+    # the URL names the repo and its tree digest, never the worker's filesystem path
+    assert result.url == f"local://org/tiny@{result.commit_sha}"
+    assert str(root) not in result.url and publisher.directory("org/tiny") == target
     assert result.files == sorted(_local_files(model_dir))
     assert result.commit_sha == tree_digest(model_dir, result.files)
     assert re.fullmatch(r"[0-9a-f]{64}", result.commit_sha)

@@ -224,7 +224,8 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
     tmp_path: Path, tiny_model_dir: Callable[[str], Path], redis_url: str
 ) -> None:
     """The client commands against `harmprune serve` + `harmprune worker`, publishing into a
-    local directory whose path has a space (its file:// URL is percent-encoded)."""
+    local directory whose path has a space. The job's URL is `local://<repo>@<digest>`, never
+    the worker's path; `pull` finds the directory under its own HARMPRUNE_PUBLISH_DIR."""
     tiny = tiny_model_dir("llama")
     with redis_namespace("e2e-cli", redis_url) as ns:
         settings = stack_settings(
@@ -251,9 +252,11 @@ def test_cli_exit_codes_status_cancel_and_pull_with_the_local_publisher(
             job = json.loads(done.stdout)
             assert job["state"] == "succeeded"
             url = job["result"]["url"]
-            assert url.startswith("file://") and "published%20models" in url
+            assert url == f"local://alpha/tiny-local@{job['result']['commit_sha']}"
+            assert str(settings.local_publish_dir()) not in json.dumps(job)  # no worker path
             pulled = tmp_path / "pulled copy"
-            got = cli("pull", job["id"], "--out", str(pulled), api=api)
+            publish_env = {"HARMPRUNE_PUBLISH_DIR": str(settings.local_publish_dir())}
+            got = cli("pull", job["id"], "--out", str(pulled), api=api, env=publish_env)
             assert got.returncode == 0, got.stderr
             published = settings.local_publish_dir() / "alpha" / "tiny-local"
             assert {p.name for p in pulled.iterdir()} >= {"model.safetensors", "report.json"}

@@ -11,7 +11,8 @@ attack are evaluations like the verification's and are not included).
 - finetune, one grid cell: LoRA keeps the adapters with their gradients and two AdamW moments
   (about 7 adapted matrices of rank r per block) plus the activations of one training batch;
   a full fine-tune trains a deep copy (copy, gradients, two AdamW moments: 4x the weights) plus
-  the same activations. Time: forward + backward (6 flop per parameter and token) per step.
+  the same activations. Time: forward + backward (6 flop per parameter and token) per step, and
+  at least the planned minimum per step (small models do not reach the planned throughput).
 """
 
 from __future__ import annotations
@@ -56,9 +57,11 @@ def price_attacks(
     calibration_prompts: int,
     tokens_per_sequence: int,
     tflops: float,
+    min_step_seconds: float = 0.0,
 ) -> dict[str, Any] | None:
     """The estimate for the spec's `attacks:` (None without one) as the preflight stores it
-    (AttacksEstimate's fields). Pure arithmetic."""
+    (AttacksEstimate's fields). Pure arithmetic. A training step takes at least
+    `min_step_seconds` whatever its flops (harmprune.preflight.MIN_STEP_SECONDS)."""
     if cfg is None:
         return None
     flops_per_second = tflops * 1e12
@@ -85,6 +88,7 @@ def price_attacks(
         flop_per_step = 6 * parameters * ft.batch_size * tokens_per_sequence
         out["finetune_cells"] = len(ft.cells())
         out["finetune_cell_memory_gb"] = round(state + acts, 3)
-        out["finetune_cell_seconds"] = round(max(ft.steps) * flop_per_step / flops_per_second, 1)
-        out["finetune_seconds"] = round(3 * steps_all * flop_per_step / flops_per_second, 1)
+        step_seconds = max(flop_per_step / flops_per_second, min_step_seconds)
+        out["finetune_cell_seconds"] = round(max(ft.steps) * step_seconds, 1)
+        out["finetune_seconds"] = round(3 * steps_all * step_seconds, 1)
     return AttacksEstimate.model_validate(out).model_dump()

@@ -82,9 +82,11 @@ def test_jobs_are_routed_by_the_gpus_they_need(
     # the message went to the multi-GPU queue (read back through the job record)
     store = JobStore.from_settings(settings)
     assert store.get(big.json()["id"], "alpha").queue == "gpu-multi"  # type: ignore[union-attr]
-    # the built-in model has no config files to read: queued as asked, no estimate
+    # the built-in model is planned from its GGUF file's metadata like any other
     alias = submit(client, model="smollm2-135m-instruct", domain="cyber")
-    assert alias.status_code == 202 and alias.json()["preflight"] is None
+    assert alias.status_code == 202, alias.text
+    assert alias.json()["preflight"]["model_type"] == "llama"
+    assert alias.json()["preflight"]["job_seconds"] > 0
 
 
 @pytest.mark.parametrize(

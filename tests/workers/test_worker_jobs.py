@@ -65,7 +65,7 @@ def test_tiny_job_succeeds_and_publishes_the_hardened_weights(
     assert stages & {"load", "attribute", "save", "publish"}
     result = final["result"]
     assert result["repo_id"] == "org/tiny-fast" and len(result["commit_sha"]) == 64
-    assert result["url"].startswith("file://")
+    assert result["url"] == f"local://org/tiny-fast@{result['commit_sha']}"  # no worker path
     assert result["report"]["outcome"] == "accepted"
     assert final["attempts"] == 1 and final["error"] is None
     assert final["started_at"] <= final["finished_at"]
