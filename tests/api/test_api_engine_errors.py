@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
+from harmprune.audit import AuditError
 from harmprune.errors import (
     AttributionError,
     CalibrationError,
@@ -26,6 +27,7 @@ from harmprune.errors import (
 )
 from harmprune.preflight import HubUnreachable, PreflightRefused, RepoNotVisible
 from harmprune.settings import Settings
+from harmprune.signing import SigningError
 
 pytestmark = pytest.mark.services
 
@@ -50,6 +52,8 @@ CASES: list[tuple[HarmpruneError, int, str, str | None, bool]] = [
         False,
     ),
     (HubUnreachable("cannot reach the Hub"), 503, "hub_unreachable", None, True),
+    (AuditError("org/x is not a Hub repo id"), 422, "audit_failed", None, False),
+    (SigningError("the signing key is not an EC key"), 422, "signing_failed", None, False),
     (RequestRefused("seed", "too large"), 422, "invalid_request", "seed", False),
     (NotPermitted("publish.repo_id", "not yours"), 403, "not_permitted", "publish.repo_id", False),
     (QuotaExceeded("(rate)", "too fast", retry_after_s=7), 429, "quota_exceeded", None, True),

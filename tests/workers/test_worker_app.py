@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from harmprune.jobs.audits import RUN_AUDIT
 from harmprune.settings import Settings
 from harmprune.workers.client import QUEUES, RUN_JOB, make_celery
 
@@ -18,8 +19,9 @@ def test_registered_task_names_are_pinned() -> None:
     from harmprune.workers.app import app
 
     app.loader.import_default_modules()
-    assert sorted(n for n in app.tasks if not n.startswith("celery.")) == [RUN_JOB]
+    assert sorted(n for n in app.tasks if not n.startswith("celery.")) == [RUN_AUDIT, RUN_JOB]
     assert RUN_JOB == "harmprune.run_job"
+    assert RUN_AUDIT == "harmprune.run_audit"
 
 
 def test_celery_settings_for_long_gpu_jobs() -> None:
