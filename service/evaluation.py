@@ -403,7 +403,13 @@ def evaluate(
             pairs_ = list(zip(prompts, harm_answers[attack], strict=True))
             for judge_name in generated_judges:
                 if judge_name == "refusal":
-                    values = RefusalJudge.for_budget(cfg.max_new_tokens).score(pairs_)
+                    # judged at the budget the answers were generated with
+                    refusal_judge = RefusalJudge.for_budget(cfg.max_new_tokens)
+                    values = refusal_judge.score(pairs_)
+                    # degenerate answers score 0 above; their share is reported on its own
+                    looped = refusal_judge.degenerate(pairs_)
+                    harm.setdefault("degenerate", {})[attack] = mean(looped)
+                    per_prompt[f"harm.degenerate.{attack}"] = looped
                 else:
                     assert classifier is not None
                     values = classifier.score(pairs_)

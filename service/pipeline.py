@@ -318,11 +318,15 @@ def build_calibration(
     )
 
 
-def refusal_filter(elicitation: Elicitation) -> judges.RefusalJudge | None:
-    """The judge that cleans elicited harmful answers (None: the spec turned it off)."""
+def refusal_filter(
+    elicitation: Elicitation, max_new_tokens: int | None = None
+) -> judges.RefusalJudge | None:
+    """The judge that cleans elicited harmful answers (None: the spec turned it off), its word
+    limit scaled to the budget the answers were generated with: `max_new_tokens` (held-out
+    references: eval.max_new_tokens), else elicitation.max_new_tokens (calibration)."""
     if not elicitation.drop_refusals:
         return None
-    return judges.RefusalJudge.for_budget(elicitation.max_new_tokens)
+    return judges.RefusalJudge.for_budget(max_new_tokens or elicitation.max_new_tokens)
 
 
 def drop_refusals(
@@ -697,7 +701,9 @@ def build_heldout(
         prefix=spec.elicitation.harmful_prefix,
         cfg=spec.eval,
         batch_size=ctx.config.batch_size,
-        refuses=judge.refuses if (judge := refusal_filter(spec.elicitation)) else None,
+        refuses=judge.refuses
+        if (judge := refusal_filter(spec.elicitation, spec.eval.max_new_tokens))
+        else None,
     )
     if not heldout.harmful or not heldout.benign:
         raise CalibrationError(f"the {name} sets are empty after elicitation")

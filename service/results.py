@@ -31,7 +31,9 @@ class ModelSource(BaseModel):
 class ModelMetrics(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    harm: dict[str, dict[str, float]]  # judge -> attack -> value
+    # judge -> attack -> value; with the refusal judge, "degenerate" -> attack -> share of
+    # harmful answers that were repetition (neither refusal nor compliance)
+    harm: dict[str, dict[str, float]]
     benign_loss: float
     answer_agreement: float
     over_refusal: float

@@ -270,11 +270,12 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     m = on_disk.metrics
     assert m.hardened is not None and m.random_control is not None
     for metrics in (m.original, m.hardened, m.random_control):
-        assert set(metrics.harm) == {"nll", "refusal"}
+        assert set(metrics.harm) == {"nll", "refusal", "degenerate"}
         assert set(metrics.harm["nll"]) == {"plain", "prefill"}
         # measured, not NaN: losses finite, rates and shares in [0, 1]
         assert all(math.isfinite(v) for v in metrics.harm["nll"].values()), metrics.harm
-        assert all(0 <= v <= 1 for v in metrics.harm["refusal"].values()), metrics.harm
+        for judge in ("refusal", "degenerate"):
+            assert all(0 <= v <= 1 for v in metrics.harm[judge].values()), metrics.harm
         assert math.isfinite(metrics.benign_loss)
         assert 0 <= metrics.answer_agreement <= 1 and 0 <= metrics.over_refusal <= 1
     # every candidate measured, more weights for a larger q, each with finite effects
