@@ -188,8 +188,8 @@ class PromptSets:
 
 def split_sets(config: HardenConfig) -> PromptSets:
     """The spec's sets, or seeded shares split off calibration (test first, then validation,
-    which is made only when the search has candidates to choose between); refused if a prompt
-    repeats across sets."""
+    which is made only when something is chosen: the search's candidates, or the fine-tune
+    grid's worst case); refused if a prompt repeats across sets."""
     spec = config.domain
     harmful, benign = data.calibration_sets(spec)
     frac, seed = spec.eval.heldout_fraction, config.seed
@@ -215,7 +215,10 @@ def split_sets(config: HardenConfig) -> PromptSets:
     val_h: list[Pair] = []
     val_b: list[Pair] = []
     val = spec.eval.validation
-    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1:
+    # a validation set whenever something is chosen: q (a sweep) or the fine-tune grid's worst
+    # case (attacks.finetune)
+    grid = spec.attacks is not None and spec.attacks.finetune is not None
+    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1 or grid:
         harmful, val_h, how_h = held_out("validation.", val.harmful, harmful, "harmful", seed + 2)
         benign, val_b, how_b = held_out("validation.", val.benign, benign, "benign", seed + 3)
         made_by["validation"] = f"harmful: {how_h}; benign: {how_b}"
@@ -533,9 +536,13 @@ def run(
         with timed("attribute"):
             ctx, scores = attribute(ctx, calibration, max(q_values))
         with timed("search"):
+            # a validation set made only for the fine-tune grid's choice leaves a fixed q alone
+            q_checked = len(q_values) > 1 or bool(
+                ctx.spec.eval.validation.harmful or ctx.spec.eval.validation.benign
+            )
             trace = (
                 search(ctx, scores, q_values, validation, original_validation)
-                if validation and original_validation
+                if validation and original_validation and q_checked
                 else []
             )
         with timed("select"):
@@ -572,7 +579,7 @@ def run(
         attacks_result = None
         if ctx.spec.attacks is not None:
             with timed("attacks"):
-                attacks_result = run_attacks(ctx, scores, mask, calibration, test)
+                attacks_result = run_attacks(ctx, scores, mask, calibration, test, validation)
                 failures += attacks_result.failures
         report = build_report(
             ctx,
@@ -1005,9 +1012,10 @@ def run_attacks(
     mask: PruneMask,
     calibration: Calibration,
     test: evaluation.HeldOut,
+    validation: evaluation.HeldOut | None = None,
 ) -> attacks.AttacksResult:
     """The attacks (abliteration, fine-tuning grid) on the original, hardened and random
-    control, each measured on the test set."""
+    control, each measured on the test set; the grid's worst case is chosen on validation."""
     spec = ctx.spec
     assert spec.attacks is not None
     return attacks.run_attacks(
@@ -1017,6 +1025,7 @@ def run_attacks(
         mask,
         spec.attacks,
         heldout=test,
+        validation=validation,
         harmful=calibration.harmful,
         benign=calibration.benign,
         eval_cfg=spec.eval,
