@@ -27,7 +27,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -75,7 +75,7 @@ from harmprune.report import (
     module_counts,
 )
 from harmprune.settings import Settings
-from harmprune.vocabulary import REPORT_FILE, normalise_prompt
+from harmprune.vocabulary import REPORT_FILE
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -230,7 +230,7 @@ def split_sets(config: HardenConfig) -> PromptSets:
     test_source: Literal["spec", "split"] = (
         "spec" if spec.eval.harmful and spec.eval.benign else "split"
     )
-    taken = {normalise_prompt(p.prompt) for p in harmful + benign + val_h + val_b + test_h + test_b}
+    taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
     general = general_benign_parts(spec.eval.general_benign, seed, taken)
     if general is None:
         made_by["general_benign"] = "none: the spec opted out (eval.general_benign: false)"
@@ -249,6 +249,18 @@ def split_sets(config: HardenConfig) -> PromptSets:
 
     def as_pairs(part: list[general_benign.GeneralPrompt]) -> list[Pair]:
         return [Pair(prompt=g.prompt) for g in part]
+
+    # every set against every other, the general set's parts included (near-duplicates)
+    data.check_disjoint(
+        {
+            "calibration": harmful + benign,
+            "validation": val_h + val_b,
+            "test": test_h + test_b,
+            "general calibration": as_pairs(general.calibration),
+            "general validation": as_pairs(general.validation) if with_validation else [],
+            "general test": as_pairs(general.test),
+        }
+    )
 
     return PromptSets(
         harmful,
@@ -269,15 +281,17 @@ def split_sets(config: HardenConfig) -> PromptSets:
 
 
 def general_benign_parts(
-    cfg: GeneralBenignConfig, seed: int, taken: set[str]
+    cfg: GeneralBenignConfig, seed: int, taken: Sequence[str]
 ) -> general_benign.GeneralBenignSplit | None:
-    """The general benign set's three parts (None: opted out); prompts the spec uses are left
-    out, so the sets stay disjoint."""
+    """The general benign set's three parts (None: opted out); its prompts that repeat or
+    near-duplicate a prompt of the spec (`data.near_duplicate_pairs`) are left out, so the sets
+    stay disjoint."""
     if not cfg.enabled:
         return None
-    prompts = [
-        p for p in general_benign.load_general_benign() if normalise_prompt(p.prompt) not in taken
-    ]
+    shipped = general_benign.load_general_benign()
+    texts = [p.prompt for p in shipped]
+    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
+    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
     try:
         return general_benign.split_general_benign(prompts, seed, cfg.sizes)
     except ValueError as exc:
