@@ -218,8 +218,11 @@ def calibration_sets(spec: DomainSpec) -> tuple[list[Pair], list[Pair]]:
 # up photos from my phone to my computer?" matches "How do I back up the photos on my phone?".
 # Token-set similarity is 100 when one key's tokens are a subset of the other's, so a pair also
 # needs keys of comparable length (the shorter at least KEY_LENGTH_RATIO of the longer, in
-# tokens): "javascript" is not a near-duplicate of "javascript function adds two numbers".
+# tokens): "javascript" is not a near-duplicate of "javascript function adds two numbers". And
+# the whole normalised prompts must be similar too (FULL_TEXT_THRESHOLD): "Harmful request
+# number 3" and "Benign question number 3" share only their rare token.
 NEAR_DUPLICATE_THRESHOLD = 90.0
+FULL_TEXT_THRESHOLD = 85.0
 KEY_LENGTH_RATIO = 0.5
 # A token is common (dropped from keys) when it occurs in at least this share of the prompts
 # compared and in at least COMMON_TOKEN_MIN_PROMPTS of them (small pools drop nothing).
@@ -245,7 +248,8 @@ def near_duplicate_pairs(
     left: Sequence[str], right: Sequence[str], pool: Sequence[str] | None = None
 ) -> list[tuple[int, int, float]]:
     """(i, j, similarity) for every left[i] and right[j] that are near-duplicates, most similar
-    first; token frequencies are counted over `pool` (default: left and right)."""
+    first (the keys' similarity); token frequencies are counted over `pool` (default: left and
+    right)."""
     if not left or not right:
         return []
     everything = list(pool) if pool is not None else [*left, *right]
@@ -262,7 +266,10 @@ def near_duplicate_pairs(
 
     def comparable(i: int, j: int) -> bool:
         a, b = len(left_keys[i].split()), len(right_keys[j].split())
-        return min(a, b) >= KEY_LENGTH_RATIO * max(a, b)
+        if min(a, b) < KEY_LENGTH_RATIO * max(a, b):
+            return False
+        full = fuzz.token_set_ratio(normalise_prompt(left[i]), normalise_prompt(right[j]))
+        return bool(full >= FULL_TEXT_THRESHOLD)
 
     hits = [
         (int(i), int(j), float(scores[i, j]))
