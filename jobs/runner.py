@@ -377,6 +377,7 @@ def check_tenant_access(record: JobRecord, settings: Settings) -> None:
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
     from harmprune.config import HardenConfig
     from harmprune.pipeline import run
+    from harmprune.report_json import report_json
 
     check_tenant_access(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
@@ -389,7 +390,7 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         job_id=record.id,
         attribution_processes=attribution_processes(record.queue, runner.settings),
     )
-    return report.model_dump(mode="json")
+    return report_json(report)  # strict JSON: null and a reason where a figure is undefined
 
 
 def attribution_processes(queue: str, settings: Settings) -> int:

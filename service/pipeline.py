@@ -43,6 +43,7 @@ from harmprune import (
     general_benign,
     judges,
     preflight,
+    report_json,
     selection,
     stats,
     tamper,
@@ -1069,7 +1070,7 @@ def save(
         )
     ctx.check_cancel()
     report = report.model_copy(update={"timings_s": dict(timings)})
-    write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
+    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
     card.write_card(report, staging, base_config=ctx.loaded.model.config)
     ctx.progress("save", 1, 1)
     return report

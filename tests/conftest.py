@@ -257,3 +257,19 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "cache"
     monkeypatch.setenv("HARMPRUNE_CACHE_DIR", str(cache))
     return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_report_is_strict_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the session (each xdist worker's), every report.json under the session's temporary
+    directories parses with a strict parser (no NaN or Infinity): issue 21 item 7."""
+    yield
+    from harmprune.report_json import loads_strict
+
+    bad = []
+    for path in tmp_path_factory.getbasetemp().rglob("report.json"):
+        try:
+            loads_strict(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            bad.append(f"{path}: {err}")
+    assert not bad, "report.json files that are not strict JSON:\n" + "\n".join(bad)

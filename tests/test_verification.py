@@ -18,7 +18,8 @@ from harmprune.attribution import scored_parameters
 from harmprune.config import DomainSpec, EvalConfig, HardenConfig, Thresholds
 from harmprune.loading import load_model
 from harmprune.pruning import apply_pruning
-from harmprune.report import SCHEMA_VERSION, Report
+from harmprune.report import SCHEMA_VERSION
+from harmprune.report_json import load_report
 from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN
@@ -261,7 +262,7 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     )
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
-    on_disk = Report.model_validate_json((out / "report.json").read_text())
+    on_disk = load_report((out / "report.json").read_text())
     assert on_disk.schema_version == SCHEMA_VERSION
     # (JSON text: NaN, "not measured", never equals itself as a float)
     assert on_disk.model_dump_json(exclude={"timings_s"}) == report.model_dump_json(
