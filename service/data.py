@@ -252,7 +252,8 @@ def near_duplicate_pairs(
     right)."""
     if not left or not right:
         return []
-    everything = list(pool) if pool is not None else [*left, *right]
+    # each distinct prompt counts once (left and right may overlap, or be the same list)
+    everything = list(dict.fromkeys(pool if pool is not None else [*left, *right]))
     keys = dict(zip(everything, prompt_keys(everything), strict=True))
     left_keys = [keys.get(p) or prompt_keys([p])[0] for p in left]
     right_keys = [keys.get(p) or prompt_keys([p])[0] for p in right]

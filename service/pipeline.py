@@ -195,6 +195,14 @@ def split_sets(config: HardenConfig) -> PromptSets:
     harmful, benign = data.calibration_sets(spec)
     frac, seed = spec.eval.heldout_fraction, config.seed
     made_by = {"calibration": "the spec's harmful and benign examples"}
+    # near-duplicates stay on one side of a seeded split; word frequencies are counted over
+    # the calibration examples and the general benign set, as the final check sees most of them
+    general_prompts = (
+        [g.prompt for g in general_benign.load_general_benign()]
+        if spec.eval.general_benign.enabled
+        else []
+    )
+    pool = [p.prompt for p in harmful + benign] + general_prompts
 
     def held_out(
         set_name: str, given: list[Source], pairs: list[Pair], kind: str, split_seed: int
@@ -207,7 +215,7 @@ def split_sets(config: HardenConfig) -> PromptSets:
                 f"{kind.strip('.')}: give eval.{set_name}{kind} or at least 2 calibration "
                 "examples (a share is held out)"
             )
-        kept, held = evaluation.split_heldout(pairs, frac, split_seed)
+        kept, held = evaluation.split_heldout(pairs, frac, split_seed, pool)
         return kept, held, f"a seeded {frac:.0%} share of the calibration {kind.strip('.')} set"
 
     harmful, test_h, how_h = held_out("", spec.eval.harmful, harmful, "harmful", seed)
