@@ -96,6 +96,8 @@ def split_heldout(
         members = group[i] - held
         if members and len(held) + len(members) <= len(pairs) - 1:
             held |= members
+    if not held:  # one group holds (nearly) everything: the plain split; the check names them
+        held = set(order[:n_out])
     kept = [i for i in range(len(pairs)) if i not in held]
     return [pairs[i] for i in kept], [pairs[i] for i in sorted(held)]
 

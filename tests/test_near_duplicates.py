@@ -181,3 +181,13 @@ def test_a_dataset_with_near_duplicates_splits_without_refusal() -> None:
     for seed in range(4):
         sets = sets_of(raw, seed)
         assert sets.test_harmful and sets.validation_harmful
+
+
+def test_a_split_of_near_duplicates_only_is_refused_naming_them() -> None:
+    from harmprune import evaluation
+
+    group = [SPEC_PHONE, GENERAL_PHONE]  # one near-duplicate group: it cannot stay whole
+    kept, held = evaluation.split_heldout(pairs(*group), 0.5, 0)
+    assert len(kept) == 1 and len(held) == 1
+    with pytest.raises(SpecError, match="back up"):
+        data.check_disjoint({"calibration": kept, "test": held})
