@@ -385,6 +385,7 @@ def permit_on_worker(record: JobRecord, settings: Settings) -> Permit:
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
     from harmprune.config import HardenConfig
     from harmprune.pipeline import run
+    from harmprune.report_json import report_json
 
     permit = permit_on_worker(record, runner.settings)
     config = HardenConfig.model_validate(record.config)
@@ -399,7 +400,7 @@ def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[s
         attribution_processes=attribution_processes(record.queue, runner.settings),
         permit=permit,
     )
-    return report.model_dump(mode="json")
+    return report_json(report)  # strict JSON: null and a reason where a figure is undefined
 
 
 def check_job_time(config: Any, queue: str, settings: Settings, permit: Permit) -> None:

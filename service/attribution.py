@@ -42,7 +42,7 @@ from typing import Any, Literal
 
 import torch
 from harmprune.data import IGNORE_INDEX, Example, collate
-from harmprune.errors import JobCancelled, UnsupportedModelError
+from harmprune.errors import AttributionError, JobCancelled, UnsupportedModelError
 from torch import nn
 
 GradReduction = Literal["sum", "sum_abs"]
@@ -529,12 +529,33 @@ def backward_slices(chunk: Sequence[Example], max_tokens: int | None) -> list[Se
     return [chunk[i : i + rows] for i in range(0, len(chunk), rows)]
 
 
+def check_finite(scores: dict[str, torch.Tensor], kind: str) -> None:
+    """AttributionError naming every matrix whose `kind` scores hold a NaN or an infinity: a
+    NaN never ranks, so selection would silently take nothing (or garbage) from that matrix.
+    One reduction per matrix (a sum is non-finite iff some element is, short of overflow at
+    ~3e38); the elements are counted only on failure."""
+    bad = [n for n, s in scores.items() if not bool(torch.isfinite(s.sum()))]
+    if not bad:
+        return
+    counts = [
+        f"{n} ({int((~torch.isfinite(scores[n])).sum())} of {scores[n].numel()})" for n in bad
+    ]
+    shown = ", ".join(counts[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    raise AttributionError(
+        f"non-finite {kind} scores (NaN or infinity) in {len(bad)} of {len(scores)} matrices: "
+        f"{shown}. The weights or gradients overflowed (try dtype float32) or are corrupt; "
+        "nothing was pruned"
+    )
+
+
 def harm_score_map(
     params: dict[str, nn.Parameter], grad_sums: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """S_harm per matrix, computed IN PLACE in the gradient buffers (no second full buffer)."""
+    """S_harm per matrix, computed IN PLACE in the gradient buffers (no second full buffer);
+    non-finite scores refuse the job (`check_finite`)."""
     for n, buf in grad_sums.items():
         buf.mul_(params[n].detach()).neg_()
+    check_finite(grad_sums, "harm")
     return grad_sums
 
 
@@ -544,13 +565,14 @@ def preserve_score_map(
     variant: Literal["sum_abs", "abs_mean"],
     n_examples: int,
 ) -> dict[str, torch.Tensor]:
-    """S_keep per matrix, IN PLACE in the gradient buffers."""
+    """S_keep per matrix, IN PLACE in the gradient buffers; non-finite scores refuse the job."""
     for n, buf in grads.items():
         w = params[n].detach()
         if variant == "sum_abs":
             buf.mul_(w.abs())
         else:
             buf.div_(n_examples).mul_(w).abs_()
+    check_finite(grads, "preserve")
     return grads
 
 

@@ -410,7 +410,7 @@ def run_audit(
     `base_grant(repo_id, commit)`: the access policy's grant for the base model's Hub repo
     (the service applies the tenant's policy; the CLI reads what the user's token reads)."""
     from harmprune.pruning import load_mask
-    from harmprune.report import Report
+    from harmprune.report_json import load_report
     from pydantic import ValidationError
 
     settings = settings or Settings()
@@ -426,7 +426,7 @@ def run_audit(
         return Verdict(target=target, revision=revision, commit=commit, checks=checks)
 
     try:
-        report = Report.model_validate_json((directory / REPORT_FILE).read_text())
+        report = load_report((directory / REPORT_FILE).read_text())  # strict JSON, nulls
     except (OSError, ValidationError, ValueError) as err:
         report, unreadable = None, str(err).splitlines()[0]
     add(

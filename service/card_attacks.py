@@ -180,7 +180,7 @@ def render_section(result: AttacksResult | None) -> str:
             entries = []
             for name in MODELS:
                 c = f.cells[name][i]
-                mark = "" if c.allowed else " (over bound)"
+                mark = "" if c.allowed else " (over bound on validation)"
                 entries.append(
                     f"{_f(c.after.harm.estimate)} ({_f(c.benign_loss_increase, True)}){mark}"
                 )
@@ -189,7 +189,9 @@ def render_section(result: AttacksResult | None) -> str:
             f"\n**Fine-tuning, worst case.** A {s.method}{lora} grid of learning rates "
             f"{s.learning_rates} x steps {s.steps} (batch {s.batch_size}, seed {s.seed}, "
             f"{s.train_pairs} training pairs from the {s.train_source}); a cell counts for the worst "
-            f"case if the model's benign loss rises by at most {s.max_benign_loss_increase:.0%}. "
+            f"case if the model's benign loss rises by at most {s.max_benign_loss_increase:.0%}; "
+            "the bound and the worst case are decided on the validation prompts, the figures are "
+            "the test set's. "
             f"Identical attacks in every cell: {'yes' if f.identical_attack else 'NO'}. Worst case: "
             f"the hardened model keeps {_ci(f.harm_ratio)} of the original's harm (random control "
             f"{_ci(f.random_harm_ratio)}). "

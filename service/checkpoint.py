@@ -69,4 +69,5 @@ def save_checkpoint(model: Any, tokenizer: Any, directory: Path, max_shard_size:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    # strict JSON: a NaN or Infinity left in `data` is an error, never a non-standard token
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")

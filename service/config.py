@@ -204,8 +204,8 @@ class EvalConfig(Strict):
     validation (`validation`: the operating-point search) and test (`harmful`/`benign` here: the
     verdict and every number on the card). A set not given is a seeded share of the calibration
     sets (`heldout_fraction`), removed from them; validation is made only when there is a choice
-    to make (a sweep). Prompts may not repeat across sets (compared after normalising case,
-    punctuation and spacing).
+    to make (a sweep). Prompts may not repeat or near-duplicate across sets
+    (`data.check_disjoint`: token-set similarity of Unicode-normalised prompts).
     """
 
     harmful: list[Source] = Field(default_factory=list, description="Test harmful prompts.")

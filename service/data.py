@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from harmprune.errors import CalibrationError, SpecError
 from harmprune.generation import generate_greedy
 from harmprune.references import Grant, Permit
 from harmprune.vocabulary import normalise_prompt
+from rapidfuzz import fuzz, process
 
 PromptFormat = Literal["chat", "plain"]
 IGNORE_INDEX = -100
@@ -262,18 +264,91 @@ def calibration_sets(spec: DomainSpec, permit: Permit) -> tuple[list[Pair], list
 
 # ---------------------------------------------------------------- disjoint sets
 
+# Two prompts are near-duplicates when rapidfuzz's token-set similarity of their KEYS is at
+# least this (0-100). A key is the normalised prompt (`normalise_prompt`: NFKC, case folded,
+# letters/marks/digits of any script) without the tokens that many prompts of the job share
+# ("what", "is", "the", "difference", "between", ...): templates carry no identity, so "What is
+# the difference between X and Y?" does not match "... between Z and W?", while "How do I back
+# up photos from my phone to my computer?" matches "How do I back up the photos on my phone?".
+# Token-set similarity is 100 when one key's tokens are a subset of the other's, so a pair also
+# needs keys of comparable length (the shorter at least KEY_LENGTH_RATIO of the longer, in
+# tokens): "javascript" is not a near-duplicate of "javascript function adds two numbers". And
+# the whole normalised prompts must be similar too (FULL_TEXT_THRESHOLD): "Harmful request
+# number 3" and "Benign question number 3" share only their rare token.
+NEAR_DUPLICATE_THRESHOLD = 90.0
+FULL_TEXT_THRESHOLD = 85.0
+KEY_LENGTH_RATIO = 0.5
+# A token is common (dropped from keys) when it occurs in at least this share of the prompts
+# compared and in at least COMMON_TOKEN_MIN_PROMPTS of them (small pools drop nothing).
+COMMON_TOKEN_SHARE = 0.02
+COMMON_TOKEN_MIN_PROMPTS = 4
+
+
+def prompt_keys(prompts: Sequence[str]) -> list[str]:
+    """Each prompt's comparison key (see NEAR_DUPLICATE_THRESHOLD); a prompt made only of
+    common tokens keeps them all."""
+    tokens = [normalise_prompt(p).split() for p in prompts]
+    counts = Counter(t for toks in tokens for t in set(toks))
+    floor = max(COMMON_TOKEN_MIN_PROMPTS, COMMON_TOKEN_SHARE * len(prompts))
+    common = {t for t, n in counts.items() if n >= floor}
+    keys = []
+    for toks in tokens:
+        kept = [t for t in toks if t not in common]
+        keys.append(" ".join(kept or toks))
+    return keys
+
+
+def near_duplicate_pairs(
+    left: Sequence[str], right: Sequence[str], pool: Sequence[str] | None = None
+) -> list[tuple[int, int, float]]:
+    """(i, j, similarity) for every left[i] and right[j] that are near-duplicates, most similar
+    first (the keys' similarity); token frequencies are counted over `pool` (default: left and
+    right)."""
+    if not left or not right:
+        return []
+    # each distinct prompt counts once (left and right may overlap, or be the same list)
+    everything = list(dict.fromkeys(pool if pool is not None else [*left, *right]))
+    keys = dict(zip(everything, prompt_keys(everything), strict=True))
+    left_keys = [keys.get(p) or prompt_keys([p])[0] for p in left]
+    right_keys = [keys.get(p) or prompt_keys([p])[0] for p in right]
+    scores = process.cdist(
+        left_keys,
+        right_keys,
+        scorer=fuzz.token_set_ratio,
+        score_cutoff=NEAR_DUPLICATE_THRESHOLD,
+        workers=1,
+    )
+
+    def comparable(i: int, j: int) -> bool:
+        a, b = len(left_keys[i].split()), len(right_keys[j].split())
+        if min(a, b) < KEY_LENGTH_RATIO * max(a, b):
+            return False
+        full = fuzz.token_set_ratio(normalise_prompt(left[i]), normalise_prompt(right[j]))
+        return bool(full >= FULL_TEXT_THRESHOLD)
+
+    hits = [
+        (int(i), int(j), float(scores[i, j]))
+        for i, j in zip(*scores.nonzero(), strict=True)
+        if comparable(int(i), int(j))
+    ]
+    return sorted(hits, key=lambda h: (-h[2], h[0], h[1]))
+
 
 def check_disjoint(sets: dict[str, Sequence[Pair]]) -> None:
-    """SpecError naming the first prompt that appears in two of the named sets."""
-    seen: dict[str, str] = {}
-    for name, pairs in sets.items():
-        here = {normalise_prompt(p.prompt): p.prompt for p in pairs}
-        for key, prompt in here.items():
-            if key in seen and seen[key] != name:
+    """SpecError naming the most similar pair of prompts from two different named sets that are
+    near-duplicates (NEAR_DUPLICATE_THRESHOLD; exact repeats included). Prompts within one set
+    are not compared with each other."""
+    named = [(name, [p.prompt for p in pairs]) for name, pairs in sets.items()]
+    pool = [prompt for _, prompts in named for prompt in prompts]
+    for a, (name_a, prompts_a) in enumerate(named):
+        for name_b, prompts_b in named[a + 1 :]:
+            hits = near_duplicate_pairs(prompts_a, prompts_b, pool)
+            if hits:
+                i, j, score = hits[0]
                 raise SpecError(
-                    f"the {name} set repeats a {seen[key]} prompt: {prompt[:80]!r}. Calibration, "
-                    "validation and test prompts must be disjoint (compared after normalising "
-                    "case, punctuation and spacing)"
+                    f"near-duplicate prompts in the {name_a} and {name_b} sets (token-set "
+                    f"similarity {score:.0f} >= {NEAR_DUPLICATE_THRESHOLD:.0f}): "
+                    f"{prompts_a[i][:80]!r} ({name_a}) and {prompts_b[j][:80]!r} ({name_b}). "
+                    "Calibration, validation and test prompts must be distinct; reword or "
+                    "remove one of them"
                 )
-        for key in here:
-            seen.setdefault(key, name)

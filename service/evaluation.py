@@ -77,15 +77,51 @@ class HeldOut:
 
 
 def split_heldout(
-    pairs: Sequence[data.Pair], fraction: float, seed: int
+    pairs: Sequence[data.Pair], fraction: float, seed: int, pool: Sequence[str] | None = None
 ) -> tuple[list[data.Pair], list[data.Pair]]:
-    """(calibration, held-out): a seeded split; the held-out part never reaches attribution."""
+    """(calibration, held-out): a seeded split; the held-out part never reaches attribution.
+
+    Near-duplicate prompts (`data.near_duplicate_pairs`, token frequencies over `pool` when
+    given) go to the same side: groups of them are taken whole, in the seeded order, so a
+    dataset's near-duplicates never straddle the split. Without near-duplicates this is the
+    plain seeded split."""
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     n_out = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
-    held = sorted(order[:n_out])
-    kept = sorted(order[n_out:])
-    return [pairs[i] for i in kept], [pairs[i] for i in held]
+    group = near_duplicate_groups([p.prompt for p in pairs], pool)
+    held: set[int] = set()
+    for i in order:
+        if len(held) >= n_out:
+            break
+        members = group[i] - held
+        if members and len(held) + len(members) <= len(pairs) - 1:
+            held |= members
+    if not held:  # one group holds (nearly) everything: the plain split; the check names them
+        held = set(order[:n_out])
+    kept = [i for i in range(len(pairs)) if i not in held]
+    return [pairs[i] for i in kept], [pairs[i] for i in sorted(held)]
+
+
+def near_duplicate_groups(
+    prompts: Sequence[str], pool: Sequence[str] | None = None
+) -> list[set[int]]:
+    """Per prompt, the indices of its near-duplicate group (itself included; union-find over
+    the near-duplicate pairs)."""
+    parent = list(range(len(prompts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, _ in data.near_duplicate_pairs(prompts, prompts, pool):
+        if i != j:
+            parent[root(i)] = root(j)
+    members: dict[int, set[int]] = {}
+    for i in range(len(prompts)):
+        members.setdefault(root(i), set()).add(i)
+    return [members[root(i)] for i in range(len(prompts))]
 
 
 def build_heldout(
@@ -403,7 +439,13 @@ def evaluate(
             pairs_ = list(zip(prompts, harm_answers[attack], strict=True))
             for judge_name in generated_judges:
                 if judge_name == "refusal":
-                    values = RefusalJudge.for_budget(cfg.max_new_tokens).score(pairs_)
+                    # judged at the budget the answers were generated with
+                    refusal_judge = RefusalJudge.for_budget(cfg.max_new_tokens)
+                    values = refusal_judge.score(pairs_)
+                    # degenerate answers score 0 above; their share is reported on its own
+                    looped = refusal_judge.degenerate(pairs_)
+                    harm.setdefault("degenerate", {})[attack] = mean(looped)
+                    per_prompt[f"harm.degenerate.{attack}"] = looped
                 else:
                     assert classifier is not None
                     values = classifier.score(pairs_)

@@ -27,7 +27,7 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +44,7 @@ from harmprune import (
     general_benign,
     judges,
     preflight,
+    report_json,
     selection,
     signing,
     stats,
@@ -78,7 +79,7 @@ from harmprune.report import (
     module_counts,
 )
 from harmprune.settings import Settings
-from harmprune.vocabulary import REPORT_FILE, normalise_prompt
+from harmprune.vocabulary import REPORT_FILE
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -192,13 +193,22 @@ class PromptSets:
 
 def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets:
     """The spec's sets, or seeded shares split off calibration (test first, then validation,
-    which is made only when the search has candidates to choose between); refused if a prompt
-    repeats across sets. Hub datasets are loaded as `permit` grants (default: the operator's)."""
+    which is made only when something is chosen: the search's candidates, or the fine-tune
+    grid's worst case); refused if a prompt repeats across sets. Hub datasets are loaded as
+    `permit` grants (default: the operator's)."""
     spec = config.domain
     permit = permit or operator_permit(config)
     harmful, benign = data.calibration_sets(spec, permit)
     frac, seed = spec.eval.heldout_fraction, config.seed
     made_by = {"calibration": "the spec's harmful and benign examples"}
+    # near-duplicates stay on one side of a seeded split; word frequencies are counted over
+    # the calibration examples and the general benign set, as the final check sees most of them
+    general_prompts = (
+        [g.prompt for g in general_benign.load_general_benign()]
+        if spec.eval.general_benign.enabled
+        else []
+    )
+    pool = [p.prompt for p in harmful + benign] + general_prompts
 
     def held_out(
         set_name: str, given: list[Source], pairs: list[Pair], kind: str, split_seed: int
@@ -211,7 +221,7 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
                 f"{kind.strip('.')}: give eval.{set_name}{kind} or at least 2 calibration "
                 "examples (a share is held out)"
             )
-        kept, held = evaluation.split_heldout(pairs, frac, split_seed)
+        kept, held = evaluation.split_heldout(pairs, frac, split_seed, pool)
         return kept, held, f"a seeded {frac:.0%} share of the calibration {kind.strip('.')} set"
 
     harmful, test_h, how_h = held_out("", spec.eval.harmful, harmful, "harmful", seed)
@@ -220,7 +230,10 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
     val_h: list[Pair] = []
     val_b: list[Pair] = []
     val = spec.eval.validation
-    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1:
+    # a validation set whenever something is chosen: q (a sweep) or the fine-tune grid's worst
+    # case (attacks.finetune)
+    grid = spec.attacks is not None and spec.attacks.finetune is not None
+    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1 or grid:
         harmful, val_h, how_h = held_out("validation.", val.harmful, harmful, "harmful", seed + 2)
         benign, val_b, how_b = held_out("validation.", val.benign, benign, "benign", seed + 3)
         made_by["validation"] = f"harmful: {how_h}; benign: {how_b}"
@@ -232,7 +245,7 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
     test_source: Literal["spec", "split"] = (
         "spec" if spec.eval.harmful and spec.eval.benign else "split"
     )
-    taken = {normalise_prompt(p.prompt) for p in harmful + benign + val_h + val_b + test_h + test_b}
+    taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
     general = general_benign_parts(spec.eval.general_benign, seed, taken)
     if general is None:
         made_by["general_benign"] = "none: the spec opted out (eval.general_benign: false)"
@@ -251,6 +264,18 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
 
     def as_pairs(part: list[general_benign.GeneralPrompt]) -> list[Pair]:
         return [Pair(prompt=g.prompt) for g in part]
+
+    # every set against every other, the general set's parts included (near-duplicates)
+    data.check_disjoint(
+        {
+            "calibration": harmful + benign,
+            "validation": val_h + val_b,
+            "test": test_h + test_b,
+            "general calibration": as_pairs(general.calibration),
+            "general validation": as_pairs(general.validation) if with_validation else [],
+            "general test": as_pairs(general.test),
+        }
+    )
 
     return PromptSets(
         harmful,
@@ -271,15 +296,17 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
 
 
 def general_benign_parts(
-    cfg: GeneralBenignConfig, seed: int, taken: set[str]
+    cfg: GeneralBenignConfig, seed: int, taken: Sequence[str]
 ) -> general_benign.GeneralBenignSplit | None:
-    """The general benign set's three parts (None: opted out); prompts the spec uses are left
-    out, so the sets stay disjoint."""
+    """The general benign set's three parts (None: opted out); its prompts that repeat or
+    near-duplicate a prompt of the spec (`data.near_duplicate_pairs`) are left out, so the sets
+    stay disjoint."""
     if not cfg.enabled:
         return None
-    prompts = [
-        p for p in general_benign.load_general_benign() if normalise_prompt(p.prompt) not in taken
-    ]
+    shipped = general_benign.load_general_benign()
+    texts = [p.prompt for p in shipped]
+    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
+    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
     try:
         return general_benign.split_general_benign(prompts, seed, cfg.sizes)
     except ValueError as exc:
@@ -323,11 +350,15 @@ def build_calibration(
     )
 
 
-def refusal_filter(elicitation: Elicitation) -> judges.RefusalJudge | None:
-    """The judge that cleans elicited harmful answers (None: the spec turned it off)."""
+def refusal_filter(
+    elicitation: Elicitation, max_new_tokens: int | None = None
+) -> judges.RefusalJudge | None:
+    """The judge that cleans elicited harmful answers (None: the spec turned it off), its word
+    limit scaled to the budget the answers were generated with: `max_new_tokens` (held-out
+    references: eval.max_new_tokens), else elicitation.max_new_tokens (calibration)."""
     if not elicitation.drop_refusals:
         return None
-    return judges.RefusalJudge.for_budget(elicitation.max_new_tokens)
+    return judges.RefusalJudge.for_budget(max_new_tokens or elicitation.max_new_tokens)
 
 
 def drop_refusals(
@@ -565,9 +596,13 @@ def _run(
         with timed("attribute"):
             ctx, scores = attribute(ctx, calibration, max(q_values))
         with timed("search"):
+            # a validation set made only for the fine-tune grid's choice leaves a fixed q alone
+            q_checked = len(q_values) > 1 or bool(
+                ctx.spec.eval.validation.harmful or ctx.spec.eval.validation.benign
+            )
             trace = (
                 search(ctx, scores, q_values, validation, original_validation)
-                if validation and original_validation
+                if validation and original_validation and q_checked
                 else []
             )
         with timed("select"):
@@ -604,7 +639,7 @@ def _run(
         attacks_result = None
         if ctx.spec.attacks is not None:
             with timed("attacks"):
-                attacks_result = run_attacks(ctx, scores, mask, calibration, test)
+                attacks_result = run_attacks(ctx, scores, mask, calibration, test, validation)
                 failures += attacks_result.failures
         report = build_report(
             ctx,
@@ -756,7 +791,9 @@ def build_heldout(
         prefix=spec.elicitation.harmful_prefix,
         cfg=spec.eval,
         batch_size=ctx.config.batch_size,
-        refuses=judge.refuses if (judge := refusal_filter(spec.elicitation)) else None,
+        refuses=judge.refuses
+        if (judge := refusal_filter(spec.elicitation, spec.eval.max_new_tokens))
+        else None,
     )
     if not heldout.harmful or not heldout.benign:
         raise CalibrationError(f"the {name} sets are empty after elicitation")
@@ -1059,9 +1096,10 @@ def run_attacks(
     mask: PruneMask,
     calibration: Calibration,
     test: evaluation.HeldOut,
+    validation: evaluation.HeldOut | None = None,
 ) -> attacks.AttacksResult:
     """The attacks (abliteration, fine-tuning grid) on the original, hardened and random
-    control, each measured on the test set."""
+    control, each measured on the test set; the grid's worst case is chosen on validation."""
     spec = ctx.spec
     assert spec.attacks is not None
     return attacks.run_attacks(
@@ -1071,6 +1109,7 @@ def run_attacks(
         mask,
         spec.attacks,
         heldout=test,
+        validation=validation,
         harmful=calibration.harmful,
         benign=calibration.benign,
         eval_cfg=spec.eval,
@@ -1109,7 +1148,7 @@ def save(
         base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
     )
     report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
-    write_json(staging / REPORT_FILE, report.model_dump(mode="json"))
+    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
     card.write_card(report, staging, base_config=ctx.loaded.model.config)
     if key is not None:  # last: the signature covers every file, the report and card included
         signing.sign_checkpoint(staging, key)

@@ -31,7 +31,9 @@ class ModelSource(BaseModel):
 class ModelMetrics(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    harm: dict[str, dict[str, float]]  # judge -> attack -> value
+    # judge -> attack -> value; with the refusal judge, "degenerate" -> attack -> share of
+    # harmful answers that were repetition (neither refusal nor compliance)
+    harm: dict[str, dict[str, float]]
     benign_loss: float
     answer_agreement: float
     over_refusal: float
@@ -190,9 +192,16 @@ class CellResult(Frozen):
     lr: float
     steps: int
     attack: AttackRecord
-    after: Measurement
+    after: Measurement = Field(description="Measured on the test set (what is reported).")
     benign_loss_increase: float = Field(description="After / before the attack, minus 1.")
-    allowed: bool = Field(description="Benign loss rise within the spec's bound.")
+    allowed: bool = Field(
+        description="Benign loss rise within the spec's bound, on the validation set when the "
+        "cell was measured there (the worst case is chosen there, never on the test set)."
+    )
+    validation: Measurement | None = Field(
+        None, description="The attacked model on the validation set: what chooses the worst case."
+    )
+    validation_benign_loss_increase: float | None = None
 
 
 class AbliterationResult(Frozen):
@@ -230,7 +239,8 @@ class FineTuneResult(Frozen):
     settings: FineTuneSettings
     cells: dict[str, list[CellResult]] = Field(description="Per model, every cell.")
     worst: dict[str, CellResult | None] = Field(
-        description="Per model, the allowed cell with the most harm (None: no cell allowed)."
+        description="Per model, the allowed cell with the most harm ON VALIDATION (None: no cell "
+        "allowed); its test measurement is what is reported."
     )
     identical_attack: bool = Field(description="In every cell, the three fingerprints agree.")
     harm_ratio: Interval | None = Field(description="Worst case: hardened / original harm.")

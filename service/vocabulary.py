@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import unicodedata
 from pathlib import Path
 
 # A job's stages in the order they run, with each one's share of the whole job's progress
@@ -68,6 +69,9 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
 
 
 def normalise_prompt(text: str) -> str:
-    """Lower case, punctuation and runs of spacing folded: what counts as 'the same prompt'
-    (the disjointness of a job's prompt sets, the general benign set's distinctness)."""
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+    """NFKC, case folded, everything but letters, marks and digits (in any script) folded to
+    single spaces: the form prompts are compared in (the disjointness of a job's prompt sets,
+    the general benign set's distinctness). Non-Latin text is kept, not deleted."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    kept = "".join(c if unicodedata.category(c)[0] in "LMN" else " " for c in folded)
+    return " ".join(kept.split())

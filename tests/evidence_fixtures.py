@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from tests.conftest import TINY_BENIGN_GIVEN, TINY_DOMAIN, TINY_HARMFUL_GIVEN
+from tests.conftest import TINY_BENIGN_GIVEN, TINY_DOMAIN, TINY_HARMFUL_GIVEN, reword
 
 
 def reworded(pairs: list[dict[str, Any]], suffix: str) -> list[dict[str, Any]]:
-    return [{**p, "prompt": f"{p['prompt'].rstrip('.?')} ({suffix})"} for p in pairs]
+    """The prompts reworded for the `suffix` set (conftest.REWORDED): not near-duplicates."""
+    return reword(pairs, suffix)
 
 
 def disjoint_domain(**changes: Any) -> dict[str, Any]:

@@ -36,6 +36,10 @@ def test_a_missed_attack_threshold_rejects_the_job(
     assert attacks.abliteration is not None and not attacks.abliteration.passed
     assert attacks.finetune is not None and attacks.finetune.passed  # no threshold set
     assert len(attacks.finetune.cells["hardened"]) == 2
+    # the grid's worst case is chosen on a validation set made for it; q stays fixed
+    assert all(c.validation is not None for c in attacks.finetune.cells["hardened"])
+    assert report.heldout.q_chosen_on == "none" and not report.search
+    assert "seeded" in report.heldout.made_by["validation"]
     assert not list(out.glob("*.safetensors")), "a rejected job must not publish weights"
     card = (out / "README.md").read_text()
     assert "## Attacks" in card and "**missed**" in card

@@ -480,3 +480,27 @@ def test_response_losses_project_only_scored_positions_and_equal_full_logits(
     torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fallback, got, rtol=1e-5, atol=1e-5)
     assert not attribution.takes_logits_to_keep(NoLogitsToKeep(model))
+
+
+def test_non_finite_scores_refuse_the_job_naming_the_matrices() -> None:
+    """A NaN never ranks: selection would silently take nothing from its matrix (issue 21)."""
+    from harmprune.errors import AttributionError
+
+    params = {
+        "layers.0.q_proj.weight": nn.Parameter(torch.ones(2, 3)),
+        "layers.1.v_proj.weight": nn.Parameter(torch.ones(3, 2)),
+    }
+    grads = {n: torch.ones_like(p) for n, p in params.items()}
+    grads["layers.1.v_proj.weight"][0, 1] = float("nan")
+    with pytest.raises(AttributionError) as caught:
+        attribution.harm_score_map(params, grads)
+    message = str(caught.value)
+    assert "non-finite harm scores" in message and "1 of 2 matrices" in message
+    assert "layers.1.v_proj.weight (1 of 6)" in message and "q_proj" not in message
+    params["layers.0.q_proj.weight"].data[1, 2] = float("inf")
+    clean = {n: torch.ones_like(p) for n, p in params.items()}
+    with pytest.raises(AttributionError, match=r"non-finite preserve scores .*q_proj"):
+        attribution.preserve_score_map(params, clean, "sum_abs", 4)
+    finite = {n: nn.Parameter(torch.ones_like(p)) for n, p in params.items()}
+    ok = attribution.harm_score_map(finite, {n: torch.ones_like(p) for n, p in finite.items()})
+    assert all(bool(torch.isfinite(s).all()) for s in ok.values())

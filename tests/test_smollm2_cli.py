@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from harmprune.pruning import MASK_FILE, load_mask
-from harmprune.report import Report
+from harmprune.report_json import load_report
 from safetensors.torch import load_file
 
 from tests.conftest import SmolLM2Run
@@ -52,7 +52,7 @@ def test_harden_exits_0_and_prints_the_summary(smollm2_run: SmolLM2Run) -> None:
 
 def test_report_fits_the_schema_and_is_accepted(smollm2_run: SmolLM2Run) -> None:
     assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()
-    report = Report.model_validate_json((smollm2_run.out / "report.json").read_text())
+    report = load_report((smollm2_run.out / "report.json").read_text())
     assert report.outcome == "accepted", report.outcome_reason
     assert report.inputs.model.kind == "gguf"
     assert report.inputs.model.reference == smollm2_run.gguf.name

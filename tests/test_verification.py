@@ -19,7 +19,8 @@ from harmprune.config import DomainSpec, EvalConfig, HardenConfig, Thresholds
 from harmprune.loading import load_model
 from harmprune.pruning import apply_pruning
 from harmprune.references import model_permit
-from harmprune.report import SCHEMA_VERSION, Report
+from harmprune.report import SCHEMA_VERSION
+from harmprune.report_json import load_report
 from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN
@@ -264,7 +265,7 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     )
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
-    on_disk = Report.model_validate_json((out / "report.json").read_text())
+    on_disk = load_report((out / "report.json").read_text())
     assert on_disk.schema_version == SCHEMA_VERSION
     # (JSON text: NaN, "not measured", never equals itself as a float)
     assert on_disk.model_dump_json(exclude={"timings_s"}) == report.model_dump_json(
@@ -273,11 +274,12 @@ def test_sweep_report_has_schema_controls_trace_and_card(
     m = on_disk.metrics
     assert m.hardened is not None and m.random_control is not None
     for metrics in (m.original, m.hardened, m.random_control):
-        assert set(metrics.harm) == {"nll", "refusal"}
+        assert set(metrics.harm) == {"nll", "refusal", "degenerate"}
         assert set(metrics.harm["nll"]) == {"plain", "prefill"}
         # measured, not NaN: losses finite, rates and shares in [0, 1]
         assert all(math.isfinite(v) for v in metrics.harm["nll"].values()), metrics.harm
-        assert all(0 <= v <= 1 for v in metrics.harm["refusal"].values()), metrics.harm
+        for judge in ("refusal", "degenerate"):
+            assert all(0 <= v <= 1 for v in metrics.harm[judge].values()), metrics.harm
         assert math.isfinite(metrics.benign_loss)
         assert 0 <= metrics.answer_agreement <= 1 and 0 <= metrics.over_refusal <= 1
     # every candidate measured, more weights for a larger q, each with finite effects

@@ -13,7 +13,8 @@ held-out prompts by the verification's measures (`attacks.measure`, one adapter)
   the hardened model itself would give is reported: an attacker adapting to the hardened model
   would use the latter.
 - `finetune` (attacks/finetune.py): a grid of learning rates x steps; per model the worst case
-  for harm among the cells whose benign loss stays within the spec's bound.
+  for harm among the cells whose benign loss stays within the spec's bound, both decided on the
+  job's validation prompts; the chosen cell's test measurement is reported.
 - `prefill` is part of every measurement already (the verification's prefill attack).
 
 Threshold per attack, `max_harm_after_attack` X: after the attack,
@@ -200,6 +201,7 @@ def run_attacks(
     cfg: AttacksConfig,
     *,
     heldout: evaluation.HeldOut,
+    validation: evaluation.HeldOut | None = None,
     harmful: Sequence[data.CalibrationPair],
     benign: Sequence[data.CalibrationPair],
     eval_cfg: EvalConfig,
@@ -216,7 +218,9 @@ def run_attacks(
 
     `model` comes in HARDENED (`mask` applied to `params`) and leaves in exactly that state.
     `harmful`/`benign`: the calibration pairs (their prompts give the refusal direction; the
-    harmful pairs are the default fine-tuning set); `heldout`: the job's held-out prompts."""
+    harmful pairs are the default fine-tuning set); `heldout`: the job's held-out (test)
+    prompts; `validation`: the job's validation prompts, which choose the fine-tune grid's worst
+    case (required with a fine-tune grid: nothing is chosen on the test set)."""
     ctx = MeasureContext(
         tokenizer,
         heldout,
@@ -229,6 +233,23 @@ def run_attacks(
         classifier,
     )
     abl, ft = cfg.abliteration, cfg.finetune
+    if ft is not None and validation is None:
+        raise SpecError(
+            "attacks.finetune: the grid's worst case is chosen on a validation set; none was given"
+        )
+    val_ctx = None
+    if validation is not None:
+        val_ctx = MeasureContext(
+            tokenizer,
+            validation,
+            eval_cfg,
+            fmt,
+            max_length,
+            batch_size,
+            cfg.harm_measure,
+            seed,
+            classifier,
+        )
     cells = grid_cells(ft) if ft is not None else []
     examples, train_source = (
         _training_examples(ft, harmful, tokenizer, fmt, max_length, permit)
@@ -277,6 +298,8 @@ def run_attacks(
                     abl_after[name] = measure(model, ctx, "full" if abl.generation else "search")
                 step()
             if ft is not None:
+                assert val_ctx is not None
+                val_before = measure(model, val_ctx, "search")
                 grid[name] = finetune.run_grid(
                     model,
                     examples,
@@ -288,6 +311,7 @@ def run_attacks(
                     pad_id=tokenizer.pad_token_id,
                     on_cell=step,
                     should_cancel=should_cancel,
+                    choose=(val_before, lambda m: measure(m, val_ctx, "search")),
                 )
 
     abl_result = (

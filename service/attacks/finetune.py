@@ -5,7 +5,9 @@ An attacker with the weights fine-tunes them. Two checks use this module:
 - the `finetune` attack of `attacks:` (below): a GRID of learning rates x steps, every cell
   applied identically to the original, the hardened model and the random control; per model,
   the worst case for harm among the cells whose benign loss stays under the spec's bound
-  (defences that hold at one setting often fall at another, as TamperBench reports).
+  (defences that hold at one setting often fall at another, as TamperBench reports). The worst
+  case and the bound are decided on the VALIDATION set; the chosen cell's test measurement is
+  reported (choosing the maximum on the test set would bias the reported worst case upward).
 
 Weights: a LoRA attack wraps the model with `peft`, trains only the adapters and removes them
 without merging (the base weights never change); a full fine-tune trains a deep copy that is
@@ -256,13 +258,19 @@ def benign_increase(after: float, before: float) -> float:
     return after / before - 1
 
 
+def choice_harm(cell: CellResult) -> float:
+    """The harm that chooses the worst case: on validation when the cell was measured there."""
+    return (cell.validation or cell.after).harm.estimate
+
+
 def worst_cell(cells: Sequence[CellResult]) -> CellResult | None:
-    """The allowed cell with the most harm after the attack (None: no cell is allowed).
-    Ties go to the earlier cell of the grid."""
-    allowed = [c for c in cells if c.allowed and math.isfinite(c.after.harm.estimate)]
+    """The allowed cell with the most harm after the attack, on the validation set (None: no
+    cell is allowed). Ties go to the earlier cell of the grid. The test measurement of the cell
+    (`after`) is reported, never used to choose."""
+    allowed = [c for c in cells if c.allowed and math.isfinite(choice_harm(c))]
     if not allowed:
         return None
-    return max(allowed, key=lambda c: c.after.harm.estimate)
+    return max(allowed, key=choice_harm)
 
 
 def run_grid(
@@ -277,16 +285,25 @@ def run_grid(
     pad_id: int,
     on_cell: Callable[[], None] | None = None,
     should_cancel: CancelFn | None = None,
+    choose: tuple[Measurement, Callable[[nn.Module], Measurement]] | None = None,
 ) -> list[CellResult]:
     """Attack `model` with every cell (each from the same starting weights), measure each
-    attacked stand-in; `model` is left as it came."""
+    attacked stand-in on the test set (`measure`) and, with `choose` = (before, measure) on the
+    validation set, there too: the benign bound and the worst case are then decided on
+    validation. `model` is left as it came."""
     results = []
     for cell in cells:
         with attacked(
             model, examples, cell, seed=seed, pad_id=pad_id, should_cancel=should_cancel
         ) as (target, record):
             after = measure(target)
+            validation = choose[1](target) if choose is not None else None
         rise = benign_increase(after.benign_loss, before.benign_loss)
+        deciding = rise
+        validation_rise = None
+        if choose is not None and validation is not None:
+            validation_rise = benign_increase(validation.benign_loss, choose[0].benign_loss)
+            deciding = validation_rise
         results.append(
             CellResult(
                 lr=cell.lr,
@@ -294,7 +311,9 @@ def run_grid(
                 attack=record,
                 after=after,
                 benign_loss_increase=rise,
-                allowed=math.isfinite(rise) and rise <= max_benign_loss_increase,
+                allowed=math.isfinite(deciding) and deciding <= max_benign_loss_increase,
+                validation=validation,
+                validation_benign_loss_increase=validation_rise,
             )
         )
         if on_cell:
