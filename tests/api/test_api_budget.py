@@ -7,6 +7,8 @@ and 5):
   accepted (202);
 - a spec planned once without its attack grid is refused with it (the plan cache key);
 - 60,000 eval.validation.harmful prompts are refused, the field named;
+- a judge base model outside the model roots, a validation or fine-tune-attack dataset that is a
+  local path: the one 403 body (findings 1-3; private and gated repos: test_api_references.py);
 - SIGTERM to the API process ends its planner's child processes.
 
 One API process for all of it: each start spawns a planner child that imports torch.
@@ -23,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from harmprune.references import NOT_READABLE
 
 from tests.service_stack import ApiProcess, Namespace, bearer, stack_settings, wait_for
 from tests.support.tenancy import GENEROUS, write_tenants_file
@@ -95,7 +98,9 @@ def refused_over_the_limit(r: httpx.Response) -> None:
     assert f"over the job time limit of {LIMIT_S} s" in error["message"]
 
 
-def test_the_builtin_model_is_priced_and_sigterm_ends_the_planner(api: ApiProcess) -> None:
+def test_the_builtin_model_is_priced_and_sigterm_ends_the_planner(
+    api: ApiProcess, tmp_path: Path
+) -> None:
     # planned once without its attack grid (cached), then with it: refused all the same
     plain = post(api, spec())
     assert plain.status_code == 202, plain.text
@@ -114,6 +119,30 @@ def test_the_builtin_model_is_priced_and_sigterm_ends_the_planner(api: ApiProces
     r = post(api, spec(eval={"general_benign": False, "validation": {"harmful": many}}))
     assert r.status_code == 422, r.text
     assert "domain.eval.validation.harmful" in r.text and "at most 10000" in r.text
+
+    # every reference the spec names passes the tenant policy, with one 403 body (finding 1-3)
+    judge = tmp_path / "models" / "judge"
+    judge.mkdir(parents=True)
+    classifier = {"judges": ["nll", "classifier"], "general_benign": False}
+    local_set = [{"dataset": "/etc/passwd", "limit": 2, "response_field": "r"}]
+    refused = {
+        "domain.eval.classifier.base_model": spec(
+            eval={**classifier, "classifier": {"model": str(judge), "base_model": "/etc"}}
+        ),
+        "domain.eval.validation.harmful.0.dataset": spec(
+            eval={"general_benign": False, "validation": {"harmful": local_set}}
+        ),
+        "domain.attacks.finetune.train.0.dataset": spec(attacks={"finetune": {"train": local_set}}),
+    }
+    for field, domain in refused.items():
+        r = post(api, domain)
+        assert r.status_code == 403, r.text
+        assert r.json()["error"]["message"] == f"{field}: {NOT_READABLE}"
+    r = post(
+        api,
+        spec(eval={**classifier, "classifier": {"model": str(judge), "base_model": str(judge)}}),
+    )
+    assert r.status_code == 202, r.text
 
     # SIGTERM to the API process alone (as a process manager signals the main pid): its
     # planner's spawned children, ~470 MB each with torch, must not outlive it
