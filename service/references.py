@@ -171,12 +171,6 @@ class Permit:
             raise not_readable(field)
         return found
 
-    def __contains__(self, key: tuple[str, str, str | None]) -> bool:
-        return key in self._grants
-
-    def grants(self) -> list[Grant]:
-        return list(self._grants.values())
-
     def with_grants(self, more: Iterable[Grant]) -> Permit:
         """This permit plus `more` (the datasets the job's lm-eval tasks read, once the worker
         has looked them up and the same policy allowed them)."""

@@ -29,7 +29,6 @@ from harmprune.references import (
     ModelRef,
     Permit,
     Reference,
-    locate_for_operator,
     operator_permit,
     references,
     schema_string_fields,
@@ -212,10 +211,3 @@ def test_an_lm_eval_task_is_a_reference_to_the_datasets_it_reads(tmp_path: Path)
         ("beta/secret-data", "abc", "domain.eval.benchmarks.tasks.1"),
         ("meta/gated-data", None, "domain.eval.benchmarks.tasks.1"),
     ]
-    # the loader asks the permit for each of them before lm-eval reads anything
-    tasks_only = Permit(
-        [locate_for_operator(Reference("task", "secret_task", None, "t"))], policy="test"
-    )
-    with pytest.raises(NotPermitted, match=r"tasks\.0"):
-        for ref in task_dataset_references(["secret_task"], manager):
-            tasks_only.grant("dataset", ref.name, ref.revision, ref.field)

@@ -28,6 +28,7 @@ The model comes in HARDENED and leaves bit for bit hardened, also on errors and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -237,19 +238,7 @@ def run_attacks(
         raise SpecError(
             "attacks.finetune: the grid's worst case is chosen on a validation set; none was given"
         )
-    val_ctx = None
-    if validation is not None:
-        val_ctx = MeasureContext(
-            tokenizer,
-            validation,
-            eval_cfg,
-            fmt,
-            max_length,
-            batch_size,
-            cfg.harm_measure,
-            seed,
-            classifier,
-        )
+    val_ctx = dataclasses.replace(ctx, heldout=validation) if validation is not None else None
     cells = grid_cells(ft) if ft is not None else []
     examples, train_source = (
         _training_examples(ft, harmful, tokenizer, fmt, max_length, permit)
