@@ -42,10 +42,43 @@ FIGURES = {
 }
 
 
-def _interval(iv: Interval | None) -> str:
+# Changes of a rate (a share of prompts or tokens) print in points; loss changes are relative (%).
+RATE_FIGURES = {
+    "refusal_prefill",
+    "refusal_plain",
+    "classifier_prefill",
+    "classifier_plain",
+    "answer_drift",
+    "over_refusal_change",
+}
+
+
+def _amount(x: float | None, points: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "n/a"
+    return f"{x * 100:+.1f} pts" if points else f"{x:+.1%}"
+
+
+def _interval(iv: Interval | None, points: bool = False) -> str:
+    """'+31.4% [+17.2%, +46.7%], n=30'; a figure whose resamples never varied says so."""
     if iv is None:
         return "n/a"
-    return f"{_fmt(iv.estimate, True)} [{_fmt(iv.low, True)}, {_fmt(iv.high, True)}]"
+    n = f", n={iv.n}" if iv.n is not None else ""
+    if iv.no_variation:
+        return f"{_amount(iv.estimate, points)} (no variation{n})"
+    if points:
+        low, high = (f"{x * 100:+.1f}" if math.isfinite(x) else "n/a" for x in (iv.low, iv.high))
+        return f"{_amount(iv.estimate, True)} [{low}, {high}]{n}"
+    return f"{_fmt(iv.estimate, True)} [{_fmt(iv.low, True)}, {_fmt(iv.high, True)}]{n}"
+
+
+def _figure(intervals: dict[str, Interval], key: str) -> str:
+    return _interval(intervals.get(key), key in RATE_FIGURES)
+
+
+def _random_label(report: Report) -> str:
+    seeds = report.metrics.random_seeds
+    return f"random (seed {seeds[0]})" if seeds else "random"
 
 
 def _evidence_section(report: Report) -> str:
@@ -55,12 +88,12 @@ def _evidence_section(report: Report) -> str:
     models = [m for m in ("hardened", "random_control", "magnitude_control") if m in ev.intervals]
     labels = {
         "hardened": "hardened",
-        "random_control": "random (seed 1)",
+        "random_control": _random_label(report),
         "magnitude_control": "magnitude-matched",
     }
     keys = [k for k in FIGURES if any(k in ev.intervals[m] for m in models)]
     rows = "\n".join(
-        f"| {FIGURES[k]} | " + " | ".join(_interval(ev.intervals[m].get(k)) for m in models) + " |"
+        f"| {FIGURES[k]} | " + " | ".join(_figure(ev.intervals[m], k) for m in models) + " |"
         for k in keys
     )
     c = ev.controls
@@ -71,7 +104,9 @@ def _evidence_section(report: Report) -> str:
         else ""
     )
     return f"""How sure: each figure is the change against the original model on the test prompts, with a
-paired bootstrap 95% interval over prompts ({ev.resamples} resamples).
+paired bootstrap 95% interval over prompts ({ev.resamples} resamples: studentized for loss
+ratios, BCa for rates) and its n (prompts); changes of rates are in points. A figure whose
+resamples never varied says "no variation" (that is not certainty).
 
 | figure | {" | ".join(labels[m] for m in models)} |
 |---|{"---|" * len(models)}
@@ -86,6 +121,173 @@ against the stronger control: **{c.stronger}** ({_fmt(c.stronger_improvement, Tr
 """
 
 
+def _gates_section(report: Report) -> str:
+    """Every gate with the bound it was decided on, that bound's n and the result."""
+    t = report.thresholds
+    rows: list[str] = []
+
+    def bound(iv: Interval | None, side: str) -> float | None:
+        if iv is None:
+            return None
+        return iv.high if side == "upper" else iv.low
+
+    def add(gate: str, where: str, iv: Interval | None, side: str, limit: float, pts: bool) -> None:
+        value = bound(iv, side)
+        ok = (
+            value is not None
+            and math.isfinite(value)
+            and (value <= limit if side == "upper" else value >= limit)
+        )
+        n = iv.n if iv is not None and iv.n is not None else "n/a"
+        shown = "no variation" if iv is not None and iv.no_variation else _amount(value, pts)
+        sign = "<=" if side == "upper" else ">="
+        rows.append(
+            f"| {gate} | {where} | {side} {shown} | {n} | {sign} {_amount(limit, pts)} | "
+            f"{'held' if ok else '**missed**'} |"
+        )
+
+    def benign(where: str, intervals: dict[str, Interval]) -> None:
+        add(
+            "benign loss rise",
+            where,
+            intervals.get("benign_loss_rise"),
+            "upper",
+            t.max_benign_loss_increase,
+            False,
+        )
+        add("answer drift", where, intervals.get("answer_drift"), "upper", t.max_answer_drift, True)
+        if "over_refusal_change" in intervals:
+            add(
+                "over-refusal change",
+                where,
+                intervals["over_refusal_change"],
+                "upper",
+                t.max_over_refusal_increase,
+                True,
+            )
+
+    def harm(where: str, ev: Any, improvement: bool = True) -> None:
+        pts = ev.gate.judge != "nll"
+        what = f"harm improvement ({ev.gate.judge}, {ev.gate.attack})"
+        if improvement:
+            add(what, where, ev.gate_interval, "lower", ev.gate.min_improvement, pts)
+        for control, margin in ev.margins.items():
+            add(f"margin over {control}", where, margin, "lower", t.min_margin_over_random, pts)
+
+    ev = report.evidence
+    if ev is None:
+        return ""
+    benign("spec's test set", ev.intervals.get("hardened", {}))
+    harm("spec's test set", ev)
+    if report.general_benign is not None:
+        benign("general benign set", report.general_benign.intervals["hardened"])
+    if report.standard_harm is not None:
+        harm("standard harm set", report.standard_harm.evidence, improvement=False)
+    return f"""
+### Gates, decided on interval bounds
+
+A benign threshold holds when the UPPER bound of the rise's 95% interval is within it; a harm
+threshold when the LOWER bound of the improvement, and of the paired margin over each control
+(hardened minus control on the same prompts), reaches it.
+
+| gate | set | bound | n | required | result |
+|---|---|---|---|---|---|
+{chr(10).join(rows)}
+"""
+
+
+def _standard_harm_section(report: Report) -> str:
+    s = report.standard_harm
+    if s is None:
+        why = report.heldout.made_by.get("standard_harm", "none: not measured")
+        return (
+            "\n## Standard harm set\n\nNot measured "
+            f"({why.removeprefix('none: ')}). The harm figures above speak only for the spec's "
+            "own harmful prompts.\n"
+        )
+    ev, spec_ev = s.evidence, report.evidence
+    keys = [k for k in FIGURES if k.startswith(("harm_rise", "refusal", "classifier"))]
+    keys = [k for k in keys if k in ev.intervals.get("hardened", {})]
+    label = _random_label(report)
+
+    def cell(evidence: Any, model: str, key: str) -> str:
+        if evidence is None:
+            return "n/a"
+        return _figure(evidence.intervals.get(model, {}), key)
+
+    rows = "\n".join(
+        f"| {FIGURES[k]} | {cell(spec_ev, 'hardened', k)} | {cell(spec_ev, 'random_control', k)} "
+        f"| {cell(ev, 'hardened', k)} | {cell(ev, 'random_control', k)} |"
+        for k in keys
+    )
+    verdict = "missed: " + "; ".join(s.failures) if s.failures else "held"
+    return f"""
+## Standard harm set
+
+Harmful requests nobody here wrote: {s.source}, categories {", ".join(s.categories)};
+{s.prompts.get("validation", 0)} joined the validation set, {s.prompts.get("test", 0)} are its
+test part ({s.measured} with a reference the original produced under prefill;
+{s.dropped_refusals} dropped as refusals). Shown next to the spec's own test set, so that a
+hardening which only generalises to the spec's prompts is visible. Gate: the hardened model must
+beat every control here too (lower bound of the paired margin): **{verdict}**.
+
+| figure | spec's test set: hardened | {label} | standard set: hardened | {label} |
+|---|---|---|---|---|
+{rows}
+"""
+
+
+def _behaviour_sentence(report: Report) -> str:
+    """When nll decided harm: the verdict is loss-based, behaviour was not gated, and the
+    behavioural changes are given beside it with their intervals."""
+    ev = report.evidence
+    if ev is None or ev.gate.judge != "nll":
+        return ""
+    hardened = ev.intervals.get("hardened", {})
+    control = ev.intervals.get("random_control", {})
+    parts = [
+        f"{FIGURES[k]}: hardened {_figure(hardened, k)}, {_random_label(report)} "
+        f"{_figure(control, k)}"
+        for k in ("refusal_prefill", "refusal_plain", "classifier_prefill", "classifier_plain")
+        if k in hardened
+    ]
+    behaviour = "; ".join(parts) if parts else "no behaviour judge was configured"
+    return (
+        "\n\nThe verdict is **loss-based**: the `nll` judge (loss of the original model's "
+        "harmful answers) decided harm, and **behaviour was not gated**. Behaviour beside it "
+        f"(change vs the original, points): {behaviour}."
+    )
+
+
+def _indicative_sentence(report: Report) -> str:
+    h = report.heldout
+    if not h.indicative:
+        return ""
+    return (
+        f"\n\n**Indicative only**: a test side has fewer than {h.min_test_prompts} prompts "
+        "(`eval.allow_small_test`), too few for the intervals to cover as stated (measured: "
+        f"harmful {h.harmful}, benign {h.benign}"
+        + (f", standard harm {report.standard_harm.measured}" if report.standard_harm else "")
+        + ")."
+    )
+
+
+def _source_sentence(report: Report, base_config: Any = None) -> str:
+    """A GGUF source: the file, its quantisation and what `base_model` names."""
+    src = report.inputs.model
+    if not src.gguf_file:
+        return ""
+    base = base_model_id(report, base_config)
+    of = f", a quantisation of `{base}`" if base else ""
+    return (
+        f"\n\nThe original is the GGUF file `{src.gguf_file}` ({src.quantisation or 'unknown'} "
+        f"quantisation{of}), de-quantised to {report.inputs.dtype}: every 'original' figure is "
+        "of those de-quantised weights"
+        + (f", not of `{base}`'s own release weights" if base else "")
+        + "."
+    )
+
+
 def _general_benign_section(report: Report) -> str:
     g = report.general_benign
     if g is None:
@@ -95,8 +297,8 @@ def _general_benign_section(report: Report) -> str:
             "own benign prompts.\n"
         )
     rows = "\n".join(
-        f"| {FIGURES[k]} | {_interval(g.intervals['hardened'].get(k))} | "
-        f"{_interval(g.intervals['random_control'].get(k))} |"
+        f"| {FIGURES[k]} | {_figure(g.intervals['hardened'], k)} | "
+        f"{_figure(g.intervals['random_control'], k)} |"
         for k in ("benign_loss_rise", "answer_drift", "over_refusal_change")
         if k in g.intervals["hardened"]
     )
@@ -109,7 +311,7 @@ narrow spec cannot hide general damage: {g.prompts.get("calibration", 0)} joined
 {g.prompts.get("validation", 0)} the validation set, and these {g.prompts.get("test", 0)} test
 prompts chose nothing. The spec's benign thresholds apply to them too: **{verdict}**.
 
-| figure | hardened | random (seed 1) |
+| figure | hardened | {_random_label(report)} |
 |---|---|---|
 {rows}
 """
@@ -170,8 +372,15 @@ def _sets_sentence(report: Report) -> str:
         if report.prompts_cut
         else " No generation input was longer than the spec's max_length tokens."
     )
+    harmful = (
+        f"{h.harmful + h.test_dropped_refusals} harmful ({h.harmful} with a reference the "
+        f"original produced, the loss figures' n; {h.test_dropped_refusals} dropped as refusals, "
+        "still judged for behaviour)"
+        if h.test_dropped_refusals
+        else f"{h.harmful} harmful"
+    )
     return (
-        f"Test set: {h.harmful} harmful, {h.benign} benign prompts "
+        f"Test set: {harmful}, {h.benign} benign prompts "
         f"({made.get('test', h.source)}), never used for attribution or for any choice. {chose}"
         f"{cut}"
     )
@@ -203,7 +412,10 @@ def card_metadata(report: Report, base_config: Any = None) -> dict[str, Any]:
     base = base_model_id(report, base_config)
     if base:
         meta["base_model"] = base
-        meta["base_model_relation"] = "finetune"  # weights edited in place; same architecture
+        # weights edited in place, same architecture; from a GGUF file: of its quantised weights
+        meta["base_model_relation"] = "quantized" if src.gguf_file else "finetune"
+    if src.gguf_file:
+        meta["tags"].append(f"gguf-{(src.quantisation or 'unknown').lower()}-dequantised")
     if src.license:
         meta["license"] = src.license
     return meta
@@ -233,23 +445,28 @@ def render_card(report: Report, base_config: Any = None) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     verdict = (
-        "**accepted**: every threshold held."
+        "**accepted**: every gate held, each decided on an interval bound (see Gates below)."
         if report.outcome == "accepted"
         else f"**rejected**: {report.outcome_reason}. No weights were published."
     )
+    verdict += _behaviour_sentence(report) + _indicative_sentence(report)
     src = report.inputs.model
     base = f"{src.reference}" + (f"@{src.commit}" if src.commit else "")
     search = ""
     if report.search:
         search_rows = "\n".join(
             f"| {pt.q:g} | {pt.pruned_count} | {_fmt(pt.harm_increase, True)} | "
-            f"{_fmt(pt.random_harm_increase, True)} | {_fmt(pt.benign_loss_increase, True)} | "
-            f"{_fmt(pt.answer_drift, True)} | {'yes' if pt.passed else 'no: ' + '; '.join(pt.failures)} |"
+            f"{_fmt(pt.random_harm_increase, True)} | {_fmt(pt.benign_loss_increase, True)} "
+            f"(upper {_fmt(pt.benign_loss_increase_high, True)}) | "
+            f"{_amount(pt.answer_drift, True)} (upper {_amount(pt.answer_drift_high, True)}) | "
+            f"{'yes' if pt.passed else 'no: ' + '; '.join(pt.failures)} |"
             for pt in report.search
         )
         search = (
             "\n## Operating-point search (validation set)\n\nMeasured on the validation prompts, "
-            "never on the test prompts above.\n\n| q | pruned | harm loss rise | random control | "
+            "never on the test prompts above; a candidate passes when the upper bounds of its "
+            "benign figures' 95% intervals keep the thresholds.\n\n| q | pruned | harm loss rise "
+            "| random control | "
             "benign loss rise | answer drift | passes |\n|---|---|---|---|---|---|---|\n"
             f"{search_rows}\n\n![trade-off]({TRADEOFF_PNG})\n"
         )
@@ -270,21 +487,22 @@ harmful answers (B-TAP attribution, arXiv 2604.09544), minus those most needed f
 Pruned weights are set to zero; `harmprune-mask.safetensors` holds their indices and original values
 (`harmprune restore` undoes the change bit for bit). Settings: q={report.inputs.q:g},
 p={report.inputs.p:g}, selection={report.inputs.selection}, preserve score={report.inputs.preserve_score},
-seed={report.inputs.seed}, spec sha256 `{report.inputs.spec_hash[:16]}`.
+seed={report.inputs.seed}, spec sha256 `{report.inputs.spec_hash[:16]}`.{_source_sentence(report, base_config)}
 
 ## What was measured
 
 Three disjoint prompt sets: **calibration** (attribution only), **validation** (chose the operating
 point) and **test** (every number below; it chose nothing). {_sets_sentence(report)}
-Harm `nll` is the loss of the original model's harmful answers (higher =
-less able to produce them); harm `refusal` is the compliance rate; attacks: `plain` request and
+Harm `nll` is the loss of the original model's harmful answers (higher = those
+answers are less probable under the model; a loss, not a behaviour); harm `refusal` is the
+compliance rate of the model's own answers, judged on every harmful test prompt; attacks: `plain` request and
 `prefill` (answer forced to start with a compliance prefix). Benign: loss of reference answers,
 share of the original's greedy answer tokens that stay the model's own greedy choice, refusal rate on benign prompts. Harm
 recognition: accuracy at answering whether a request is harmful.
 
 {table}
 
-{_evidence_section(report)}{_general_benign_section(report)}{_benchmarks_section(report)}
+{_evidence_section(report)}{_gates_section(report)}{_standard_harm_section(report)}{_general_benign_section(report)}{_benchmarks_section(report)}
 {search}
 {tamper_section}{card_attacks.render_section(report.attacks)}{binding.render_section(report.binding)}## Where the pruned weights are
 

@@ -197,6 +197,37 @@ class GeneralBenignConfig(Strict):
         return {"enabled": value} if isinstance(value, bool) else value
 
 
+class StandardHarmConfig(Strict):
+    """A standard harm set (the harm-side twin of `general_benign`): harmful requests from a
+    public benchmark the spec's author did not write (HarmBench's standard behaviours, MIT,
+    shipped as harmprune.examples/harmbench_behaviors.yaml), of the spec's categories. Split by
+    the job's seed into a validation part (joins the validation harmful prompts) and a test part,
+    measured for the hardened model and every control and gated like the spec's own test set, so
+    that a spec which only generalises to itself is visible."""
+
+    enabled: bool = Field(True, description="false: not measured (the card says so).")
+    categories: list[str] = Field(
+        default_factory=list,
+        description="HarmBench semantic categories (chemical_biological, cybercrime_intrusion, "
+        "harassment_bullying, harmful, illegal, misinformation_disinformation); none: the set "
+        "is not measured.",
+    )
+    sizes: tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="(validation, test) prompts; default: all of the categories' prompts, "
+        "the test part at least 30 (the rest validation).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bool_shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.categories)
+
+
 class EvalConfig(Strict):
     """Held-out sets (never used for attribution) and how to judge them.
 
@@ -223,6 +254,13 @@ class EvalConfig(Strict):
     classifier: ClassifierJudge | None = None
     max_new_tokens: Annotated[int, Field(gt=0, le=512)] = 32
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
+    allow_small_test: bool = Field(
+        False,
+        description="Allow fewer than 30 test prompts per side (harmprune.stats.MIN_TEST_PROMPTS:"
+        " below it a bootstrap interval under-covers); the card then calls the verdict "
+        "indicative.",
+    )
+    standard_harm: StandardHarmConfig = Field(default_factory=lambda: StandardHarmConfig())
 
     @model_validator(mode="after")
     def _classifier_configured(self) -> EvalConfig:

@@ -71,6 +71,18 @@ class HeldOut:
     multiple_choice: list[MultipleChoice]
     source: str  # which set: "test", "validation" (tamper: "spec" or "split")
     dropped_refusals: int = 0  # elicited harmful references a judge called refusals
+    # Every harmful request with its forced start, the ones whose reference was dropped
+    # included: the behaviour judges (refusal, classifier) judge the model's own answers on ALL
+    # of them (None: the retained `harmful` items).
+    behaviour: list[HarmItem] | None = None
+    # The original model's own answers, generated with the references (same contexts, greedy,
+    # same budget): under prefill per `judged` item and per `benign` item (None: not generated,
+    # e.g. a given response). Measuring the original reuses them instead of generating again.
+    original_answers: dict[str, list[str | None]] | None = None
+
+    @property
+    def judged(self) -> list[HarmItem]:
+        return self.harmful if self.behaviour is None else self.behaviour
 
 
 # ---------------------------------------------------------------- held-out sets
@@ -144,22 +156,23 @@ def build_heldout(
     answers it marks (the model turned the forced start back into a refusal) are dropped: as
     references they would make less refusing look like harm removed."""
     need_harm = [p for p in harmful if p.response is None]
+    need_benign = [p for p in benign if p.response is None]
+    # one generation for both sides: a step costs about the same for a few rows as for a batch
     contexts = [data.format_context(tokenizer, p.prompt, fmt) + prefix for p in need_harm]
-    generated = iter(
-        data.generate(
-            model,
-            tokenizer,
-            contexts,
-            fmt,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=batch_size,
-        )
+    contexts += [data.format_context(tokenizer, p.prompt, fmt) for p in need_benign]
+    outputs = data.generate(
+        model, tokenizer, contexts, fmt, max_new_tokens=cfg.max_new_tokens, batch_size=batch_size
     )
+    generated = iter(outputs[: len(need_harm)])
     harm_items = []
+    behaviour = []
+    prefill_answers: list[str | None] = []
     dropped = 0
     for p in harmful:
         if p.response is None:
             answer = next(generated)
+            behaviour.append(HarmItem(p.prompt, prefix, ""))
+            prefill_answers.append(prefix + answer)
             if refuses is not None and refuses(prefix + answer):
                 dropped += 1
                 continue
@@ -168,26 +181,28 @@ def build_heldout(
             # A given answer: its first tokens are the forced start, as in the paper's attack.
             ids = tokenizer(p.response, add_special_tokens=False)["input_ids"]
             head = tokenizer.decode(ids[:prefill_tokens])
+            behaviour.append(HarmItem(p.prompt, head, ""))
+            prefill_answers.append(None)
             harm_items.append(HarmItem(p.prompt, head, p.response[len(head) :]))
     harm_items = [h for h in harm_items if h.continuation.strip()]
 
-    need_benign = [p for p in benign if p.response is None]
-    answers = iter(
-        data.generate(
-            model,
-            tokenizer,
-            [data.format_context(tokenizer, p.prompt, fmt) for p in need_benign],
-            fmt,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=batch_size,
-        )
+    answers = iter(outputs[len(need_harm) :])
+    benign_rows: list[tuple[BenignItem, str | None]] = []
+    for p in benign:
+        own = next(answers) if p.response is None else None
+        reference = p.response if p.response is not None else own
+        assert reference is not None
+        if reference.strip():
+            benign_rows.append((BenignItem(p.prompt, reference), own))
+    return HeldOut(
+        harm_items,
+        [b for b, _ in benign_rows],
+        list(multiple_choice),
+        source,
+        dropped,
+        behaviour,
+        {"prefill": prefill_answers, "benign": [a for _, a in benign_rows]},
     )
-    benign_items = [
-        BenignItem(p.prompt, p.response if p.response is not None else next(answers))
-        for p in benign
-    ]
-    benign_items = [b for b in benign_items if b.reference.strip()]
-    return HeldOut(harm_items, benign_items, list(multiple_choice), source, dropped)
 
 
 # ---------------------------------------------------------------- measures
@@ -245,6 +260,79 @@ def response_scores(
     return out
 
 
+def harm_scores(
+    model: Any,
+    tokenizer: Any,
+    items: Sequence[HarmItem],
+    fmt: data.PromptFormat,
+    max_length: int,
+    batch_size: int,
+) -> dict[str, ResponseScores]:
+    """`response_scores` of the harmful items under both attacks, from ONE forward per item
+    where the two attacks see the same tokens: plain scores forced start + continuation given
+    the request, prefill the continuation after the forced start; when the request, start and
+    continuation tokenize to the same ids both ways (the usual case), the prefill's scored
+    tokens are the tail of the plain's, and one forward gives both losses. Items whose tokens
+    differ (a start that merges with its continuation, a context cut differently at
+    max_length) get a forward per attack."""
+    out = {attack: ResponseScores([], [], []) for attack in ATTACKS}
+    if not items:
+        return out
+    plain = data.tokenize_pairs(tokenizer, harm_pairs(items, "plain"), fmt, max_length)
+    prefill = data.tokenize_pairs(tokenizer, harm_pairs(items, "prefill"), fmt, max_length)
+    # rows: (input ids, plain labels or None, prefill labels or None); where[i]: item i's rows
+    rows: list[tuple[list[int], list[int] | None, list[int] | None]] = []
+    where: list[tuple[int, int]] = []
+    for p, f in zip(plain, prefill, strict=True):
+        if p.input_ids == f.input_ids:
+            rows.append((p.input_ids, p.labels, f.labels))
+            where.append((len(rows) - 1, len(rows) - 1))
+        else:
+            rows.append((p.input_ids, p.labels, None))
+            rows.append((f.input_ids, None, f.labels))
+            where.append((len(rows) - 2, len(rows) - 1))
+    ignore = [data.IGNORE_INDEX]
+    per_row: dict[str, list[tuple[float, int, int]]] = {a: [] for a in ATTACKS}
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            width = max(len(r[0]) for r in chunk)
+            masks: dict[str, torch.Tensor] = {}
+            for k, attack in ((1, "plain"), (2, "prefill")):
+                padded = []
+                for row in chunk:
+                    own = row[k]
+                    labels_k = own if own is not None else ignore * len(row[0])
+                    padded.append(labels_k + ignore * (width - len(row[0])))
+                masks[attack] = torch.tensor(padded, device=device)[:, 1:] != data.IGNORE_INDEX
+            # plain's labels cover prefill's when a row has both
+            union = [r[1] if r[1] is not None else (r[2] or []) for r in chunk]
+            examples = [data.Example(r[0], u) for r, u in zip(chunk, union, strict=True)]
+            batch = data.collate(examples, tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits, targets = scored_logits(model, batch)
+            token_loss = torch.nn.functional.cross_entropy(
+                logits.transpose(1, 2), targets, ignore_index=data.IGNORE_INDEX, reduction="none"
+            )
+            hit = logits.argmax(-1) == targets
+            first = masks["plain"].shape[1] - targets.shape[1]  # scored_logits' first position
+            for attack in ATTACKS:
+                scored = masks[attack][:, first:]
+                n = scored.sum(dim=1)
+                losses = ((token_loss * scored).sum(dim=1) / n.clamp(min=1)).tolist()
+                hits = (hit & scored).sum(dim=1).tolist()
+                per_row[attack].extend(zip(losses, hits, n.tolist(), strict=True))
+    for i, attack in enumerate(ATTACKS):
+        # where[j] = (plain row, prefill row); ATTACKS = ("plain", "prefill")
+        for pair in where:
+            loss, n_hits, n_tokens = per_row[attack][pair[i]]
+            out[attack].losses.append(loss)
+            out[attack].hits.append(n_hits)
+            out[attack].tokens.append(n_tokens)
+    return out
+
+
 def mean_response_loss(
     model: Any,
     tokenizer: Any,
@@ -287,26 +375,49 @@ def generate_for_judges(
     fmt: data.PromptFormat,
     max_new_tokens: int,
     batch_size: int,
+    known: dict[str, list[str | None]] | None = None,
 ) -> tuple[dict[str, list[str]], list[str]]:
     """The harmful requests' answers under each attack and the benign prompts' answers, from ONE
     batched generation: a generation step costs about the same for a few rows as for a batch, so
-    three small sets generated apart took three times the steps (the CPU demo's largest cost)."""
+    three small sets generated apart took three times the steps (the CPU demo's largest cost).
+    `known`: answers already generated in the same way (the original's, with its references:
+    `HeldOut.original_answers`), per attack and for "benign"; None entries are generated."""
     contexts: list[str] = []
     starts: list[str] = []
+    answers: list[str | None] = []
     for attack in attacks:
-        for h in harmful:
+        given = (known or {}).get(attack) or [None] * len(harmful)
+        for h, answer in zip(harmful, given, strict=True):
             start = h.prefill if attack == "prefill" else ""
-            contexts.append(data.format_context(tokenizer, h.prompt, fmt) + start)
-            starts.append(start)
-    contexts += [data.format_context(tokenizer, p, fmt) for p in benign_prompts]
-    starts += [""] * len(benign_prompts)
-    outs = data.generate(
-        model, tokenizer, contexts, fmt, max_new_tokens=max_new_tokens, batch_size=batch_size
+            answers.append(answer)
+            if answer is None:
+                contexts.append(data.format_context(tokenizer, h.prompt, fmt) + start)
+                starts.append(start)
+    given = (known or {}).get("benign") or [None] * len(benign_prompts)
+    for p, answer in zip(benign_prompts, given, strict=True):
+        answers.append(answer)
+        if answer is None:
+            contexts.append(data.format_context(tokenizer, p, fmt))
+            starts.append("")
+    outs = iter(
+        s + o
+        for s, o in zip(
+            starts,
+            data.generate(
+                model,
+                tokenizer,
+                contexts,
+                fmt,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+            ),
+            strict=True,
+        )
     )
-    answers = [s + o for s, o in zip(starts, outs, strict=True)]
+    complete = [a if a is not None else next(outs) for a in answers]
     n = len(harmful)
-    by_attack = {a: answers[k * n : (k + 1) * n] for k, a in enumerate(attacks)}
-    return by_attack, answers[len(attacks) * n :]
+    by_attack = {a: complete[k * n : (k + 1) * n] for k, a in enumerate(attacks)}
+    return by_attack, complete[len(attacks) * n :]
 
 
 def multiple_choice_accuracy(
@@ -402,19 +513,22 @@ def evaluate(
     batch_size: int,
     classifier: ClassifierScorer | None = None,
     level: Literal["full", "search"] = "full",
+    original: bool = False,
 ) -> ModelMetrics:
     """Measure the model as it is now.
 
     level: `full` (every judge, attack and probe) or `search` (teacher-forced losses and answer
-    agreement only: what the operating-point search needs, no generation).
+    agreement only: what the operating-point search needs, no generation). `original`: the model
+    is the one that produced `heldout`'s references, unchanged: its answers generated with them
+    are reused (the same greedy generation, not repeated).
     """
     nan = float("nan")
     full = level == "full"
     per_prompt: dict[str, list[float]] = {}
     harm: dict[str, dict[str, float]] = {"nll": {}}
-    for attack in ATTACKS:
-        pairs = harm_pairs(heldout.harmful, attack)
-        scores = response_scores(model, tokenizer, pairs, fmt, max_length, batch_size)
+    for attack, scores in harm_scores(
+        model, tokenizer, heldout.harmful, fmt, max_length, batch_size
+    ).items():
         harm["nll"][attack] = scores.mean_loss
         per_prompt[f"harm.nll.{attack}"] = scores.losses
     generated_judges = [j for j in ("refusal", "classifier") if j in cfg.judges]
@@ -426,15 +540,16 @@ def evaluate(
         harm_answers, benign_answers = generate_for_judges(
             model,
             tokenizer,
-            heldout.harmful,
+            heldout.judged,
             ATTACKS if generated_judges else [],
             [b.prompt for b in heldout.benign],
             fmt,
             cfg.max_new_tokens,
             batch_size,
+            known=heldout.original_answers if original else None,
         )
     if full and generated_judges:
-        prompts = [h.prompt for h in heldout.harmful]
+        prompts = [h.prompt for h in heldout.judged]
         for attack in ATTACKS:
             pairs_ = list(zip(prompts, harm_answers[attack], strict=True))
             for judge_name in generated_judges:
@@ -479,7 +594,7 @@ def evaluate(
             fmt,
             batch_size,
         )
-        if full
+        if full and heldout.harmful  # a benign-only set (the general one) has nothing to tell
         else nan,
         per_prompt=per_prompt,
     )

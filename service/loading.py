@@ -67,7 +67,12 @@ def resolve(grant: Grant, settings: Settings) -> tuple[Path, ModelSource]:
         gguf = smollm2_gguf_path()
         local, sha = convert_gguf(gguf, settings.cache_dir)
         return local, ModelSource(
-            reference=reference, kind="alias", gguf_sha256=sha, license="apache-2.0"
+            reference=reference,
+            kind="alias",
+            gguf_sha256=sha,
+            license="apache-2.0",
+            gguf_file=gguf.name,
+            quantisation=gguf_quantisation(local, gguf),
         )
     if grant.location == "hub":
         return _download_from_hub(grant.target, grant.reference.revision, settings)
@@ -76,7 +81,13 @@ def resolve(grant: Grant, settings: Settings) -> tuple[Path, ModelSource]:
         if not path.is_file():
             raise ModelLoadError(f"GGUF file not found: {reference}")
         local, sha = convert_gguf(path, settings.cache_dir)
-        return local, ModelSource(reference=path.name, kind="gguf", gguf_sha256=sha)
+        return local, ModelSource(
+            reference=path.name,
+            kind="gguf",
+            gguf_sha256=sha,
+            gguf_file=path.name,
+            quantisation=gguf_quantisation(local, path),
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{reference} is a directory without config.json")
@@ -176,6 +187,8 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
             quantized = AutoModelForCausalLM.from_pretrained(
                 gguf.parent, gguf_file=gguf.name, dtype=torch.float32
             )
+            # the path string transformers read it by: the parsed file is reused, not re-read
+            quantisation = read_quantisation(os.path.join(str(gguf.parent), gguf.name))
     except Exception as err:  # the GGUF reader raises many kinds; all mean "cannot read this file"
         raise ModelLoadError(
             f"cannot read GGUF file {gguf.name}: {type(err).__name__}: {err}"
@@ -193,9 +206,8 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
     try:
         clean.save_pretrained(tmp, max_shard_size="5GB")
         tokenizer.save_pretrained(tmp)
-        (tmp / "harmprune-source.json").write_text(
-            json.dumps({"gguf": gguf.name, "gguf_sha256": sha})
-        )
+        source = {"gguf": gguf.name, "gguf_sha256": sha, "quantisation": quantisation}
+        (tmp / "harmprune-source.json").write_text(json.dumps(source))
         try:
             os.replace(tmp, target)  # atomic: a concurrent converter either wins or finds it done
         except OSError:
@@ -204,6 +216,35 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> tuple[Path, str]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target, sha
+
+
+def read_quantisation(gguf_path: Path | str) -> str:
+    """The GGUF file's quantisation type (general.file_type, e.g. Q4_1; else the most common
+    tensor type): the card says what the 'original' really was."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    field = reader.fields.get("general.file_type")
+    if field is not None and field.data:
+        try:
+            return gguf.LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix(
+                "MOSTLY_"
+            )
+        except ValueError:
+            pass
+    kinds = [t.tensor_type.name for t in reader.tensors]
+    return max(set(kinds), key=kinds.count) if kinds else "unknown"
+
+
+def gguf_quantisation(local: Path, gguf_path: Path) -> str:
+    """The quantisation recorded at conversion (read once and recorded for older caches)."""
+    meta_path = local / "harmprune-source.json"
+    meta = json.loads(meta_path.read_text())
+    if not meta.get("quantisation"):
+        meta["quantisation"] = read_quantisation(gguf_path)
+        with contextlib.suppress(OSError):  # a read-only cache: computed again next time
+            meta_path.write_text(json.dumps(meta))
+    return str(meta["quantisation"])
 
 
 @contextlib.contextmanager

@@ -47,6 +47,7 @@ from harmprune import (
     report_json,
     selection,
     signing,
+    standard_harm,
     stats,
     tamper,
     verification,
@@ -55,10 +56,12 @@ from harmprune.checkpoint import save_checkpoint, staged_output, write_json
 from harmprune.config import (
     DomainSpec,
     Elicitation,
+    EvalConfig,
     GeneralBenignConfig,
     HardenConfig,
     Pair,
     Source,
+    Thresholds,
 )
 from harmprune.errors import CalibrationError, JobCancelled, SpecError
 from harmprune.loading import LoadedModel, load_model, load_resolved, resolve
@@ -75,6 +78,7 @@ from harmprune.report import (
     Metrics,
     Report,
     ReportInputs,
+    StandardHarmResult,
     library_versions,
     module_counts,
 )
@@ -147,8 +151,24 @@ class JobContext:
             self.loaded.model, self.loaded.tokenizer, self.spec.eval.benchmarks, self.permit
         )
 
-    def measure(self, heldout: evaluation.HeldOut, level: str = "full") -> evaluation.ModelMetrics:
-        """Every measure of the model as it is now, on `heldout` (`search`: teacher forced only)."""
+    @property
+    def deciding_judge(self) -> str:
+        return verification.deciding_judge(
+            self.spec.thresholds, list(self.spec.eval.judges), self.classifier is not None
+        )
+
+    @property
+    def standard_level(self) -> str:
+        """How far the standard harm set is measured: with every judge when a behaviour judge
+        decides harm, teacher forced (its gate's figure, nll) when nll decides."""
+        return "search" if self.deciding_judge == "nll" else "full"
+
+    def measure(
+        self, heldout: evaluation.HeldOut, level: str = "full", original: bool = False
+    ) -> evaluation.ModelMetrics:
+        """Every measure of the model as it is now, on `heldout` (`search`: teacher forced only;
+        `original`: the unchanged model that made `heldout`'s references, whose answers made
+        with them are reused)."""
         return evaluation.evaluate(
             self.loaded.model,
             self.loaded.tokenizer,
@@ -159,6 +179,7 @@ class JobContext:
             batch_size=self.config.batch_size,
             classifier=self.classifier,
             level=level,  # type: ignore[arg-type]
+            original=original,
         )
 
 
@@ -189,6 +210,10 @@ class PromptSets:
     # `benign` / `validation_benign`; its test part is measured apart (empty: opted out).
     general_test: list[Pair] = field(default_factory=list)
     general_sizes: dict[str, int] = field(default_factory=dict)
+    # the standard harm set (HarmBench, harmprune.standard_harm): its validation part is in
+    # `validation_harmful`, its test part measured apart (empty: not measured)
+    standard_test: list[Pair] = field(default_factory=list)
+    standard_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets:
@@ -242,9 +267,86 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
     data.check_disjoint(
         {"calibration": harmful + benign, "validation": val_h + val_b, "test": test_h + test_b}
     )
+    check_test_size(spec.eval, {"eval.harmful": test_h, "eval.benign": test_b})
     test_source: Literal["spec", "split"] = (
         "spec" if spec.eval.harmful and spec.eval.benign else "split"
     )
+    taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
+    sets = with_standard_harm(
+        config,
+        taken,
+        general_sets(config, harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source),
+    )
+    data.check_disjoint(
+        {
+            "calibration": sets.harmful + sets.benign,
+            "validation": sets.validation_harmful + sets.validation_benign,
+            "test": sets.test_harmful + sets.test_benign,
+            "general benign test": sets.general_test,
+            "standard harm test": sets.standard_test,
+        }
+    )
+    return sets
+
+
+def check_test_size(cfg: EvalConfig, sides: dict[str, list[Pair]]) -> None:
+    """At least stats.MIN_TEST_PROMPTS prompts per test side, unless eval.allow_small_test."""
+    if cfg.allow_small_test:
+        return
+    for name, prompts in sides.items():
+        if len(prompts) < stats.MIN_TEST_PROMPTS:
+            raise SpecError(
+                f"{name}: {len(prompts)} test prompts; at least {stats.MIN_TEST_PROMPTS} per side "
+                "are needed for the intervals the verdict is decided on (or set "
+                "eval.allow_small_test: true, and the card calls the verdict indicative)"
+            )
+
+
+def with_standard_harm(config: HardenConfig, taken: Sequence[str], sets: PromptSets) -> PromptSets:
+    """The standard harm set's parts added (its validation part joins validation harmful when
+    there is a validation set); its prompts that repeat or near-duplicate a prompt the job
+    already uses (`data.near_duplicate_pairs`) are left out, so the sets stay disjoint."""
+    cfg = config.domain.eval.standard_harm
+    if not cfg.active:
+        why = "disabled" if not cfg.enabled else "no eval.standard_harm.categories"
+        sets.made_by["standard_harm"] = f"none: not measured ({why})"
+        return sets
+    taken = [*taken, *(p.prompt for p in sets.general_test)]
+    shipped = standard_harm.load_standard_harm()
+    texts = [p.prompt for p in shipped]
+    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
+    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
+    split = standard_harm.split_standard_harm(prompts, cfg.categories, config.seed, cfg.sizes)
+    with_validation = bool(sets.validation_harmful or sets.validation_benign)
+    validation = [Pair(prompt=p.prompt) for p in split.validation] if with_validation else []
+    test = [Pair(prompt=p.prompt) for p in split.test]
+    check_test_size(config.domain.eval, {"eval.standard_harm (test part)": test})
+    sets.made_by["standard_harm"] = (
+        f"{standard_harm.SOURCE}, categories {', '.join(cfg.categories)}, split by the job's "
+        f"seed: {len(validation)} prompts joined the validation harmful set, {len(test)} are its "
+        "test part"
+    )
+    return replace(
+        sets,
+        validation_harmful=sets.validation_harmful + validation,
+        standard_test=test,
+        standard_sizes={"validation": len(validation), "test": len(test)},
+    )
+
+
+def general_sets(
+    config: HardenConfig,
+    harmful: list[Pair],
+    benign: list[Pair],
+    val_h: list[Pair],
+    val_b: list[Pair],
+    test_h: list[Pair],
+    test_b: list[Pair],
+    made_by: dict[str, str],
+    test_source: Literal["spec", "split"],
+) -> PromptSets:
+    """The sets with the general benign set's parts added (see `split_sets`)."""
+    spec, seed = config.domain, config.seed
     taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
     general = general_benign_parts(spec.eval.general_benign, seed, taken)
     if general is None:
@@ -581,11 +683,15 @@ def _run(
                 ctx, sets.validation_harmful, sets.validation_benign, "validation"
             )
             general = build_general(ctx, sets.general_test)
+            standard = build_standard(ctx, sets.standard_test)
         with timed("evaluate"):
             ctx.progress("evaluate", 0, 1)
-            original = ctx.measure(test, "full")
+            original = ctx.measure(test, "full", original=True)
             original_validation = ctx.measure(validation, "search") if validation else None
-            original_general = ctx.measure(general, "full") if general else None
+            original_general = ctx.measure(general, "full", original=True) if general else None
+            original_standard = (
+                ctx.measure(standard, ctx.standard_level, original=True) if standard else None
+            )
             ctx.progress("evaluate", 1, 1)
         original_benchmarks = None
         if ctx.spec.eval.benchmarks is not None:
@@ -623,6 +729,12 @@ def _run(
                     ctx, scores, mask, first_control, general, original_general, sets.general_sizes
                 )
                 failures += general_result.failures
+            standard_result = None
+            if standard is not None and original_standard is not None:
+                standard_result = verify_standard(
+                    ctx, scores, mask, first_control, standard, original_standard, sets
+                )
+                failures += standard_result.failures
         benchmarks_result = None
         if original_benchmarks is not None:
             with timed("benchmarks"):
@@ -660,6 +772,7 @@ def _run(
                 "attacks": attacks_result,
                 "evidence": evidence,
                 "general_benign": general_result,
+                "standard_harm": standard_result,
                 "benchmarks": benchmarks_result,
                 "prompts_cut": data.contexts_cut(),
             }
@@ -795,7 +908,7 @@ def build_heldout(
         if (judge := refusal_filter(spec.elicitation, spec.eval.max_new_tokens))
         else None,
     )
-    if not heldout.harmful or not heldout.benign:
+    if not heldout.harmful or (not heldout.benign and name != "standard"):
         raise CalibrationError(f"the {name} sets are empty after elicitation")
     return heldout
 
@@ -821,6 +934,80 @@ def build_general(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | 
     if not general.benign:
         raise CalibrationError("the general benign test part is empty after elicitation")
     return general
+
+
+def build_standard(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | None:
+    """The standard harm set's test part, its references elicited from the original under
+    prefill exactly like the spec's own (`build_heldout`: the same refusal filter); None: not
+    measured."""
+    return build_heldout(ctx, prompts, [], "standard") if prompts else None
+
+
+def verify_standard(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    standard: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sets: PromptSets,
+) -> StandardHarmResult:
+    """The standard harm set's test part: the hardened model and the same controls as the spec's
+    test set (teacher forced when nll decides: the gate's figure; with every judge when a
+    behaviour judge decides), with intervals; gated on the lower bound of the paired margin over
+    each control (the hardened model must beat the stronger control here as well; its own
+    improvement is reported, the spec's required size of it applies to the spec's prompts)."""
+    seed, t = ctx.config.seed, ctx.spec.thresholds
+    judge = ctx.deciding_judge
+    control_level = ctx.standard_level
+    hardened = ctx.measure(standard, control_level)
+    counts = verification.control_counts(mask)
+    seeds = [seed + 1000 * k for k in range(ctx.spec.eval.controls.random_seeds)]
+    randoms = []
+    for k, s in enumerate(seeds):
+        indices = (
+            first_control
+            if k == 0
+            else verification.random_control_indices(scores.params, counts, s)
+        )
+        level = control_level if k == 0 else "search"
+        measure = functools.partial(ctx.measure, standard, level)
+        randoms.append(verification.measure_control(scores.params, mask, indices, measure))
+    magnitude = None
+    if ctx.spec.eval.controls.magnitude_matched:
+        indices = verification.magnitude_matched_indices(scores.params, mask, seed)
+        magnitude = verification.measure_control(
+            scores.params, mask, indices, functools.partial(ctx.measure, standard, control_level)
+        )
+    metrics = Metrics(
+        original=original,
+        hardened=hardened,
+        random_control=randoms[0],
+        random_controls=randoms,
+        random_seeds=seeds,
+        magnitude_control=magnitude,
+    )
+    gate = HarmGateSummary(
+        judge=judge,
+        attack=t.harm.attack,
+        min_improvement=(
+            t.min_harm_increase if t.harm.min_improvement is None else t.harm.min_improvement
+        ),
+    )
+    evidence = build_evidence(metrics, seed, gate)
+    cfg = ctx.spec.eval.standard_harm
+    return StandardHarmResult(
+        source=standard_harm.SOURCE,
+        categories=list(cfg.categories),
+        prompts=dict(sets.standard_sizes),
+        measured=len(standard.harmful),
+        dropped_refusals=standard.dropped_refusals,
+        metrics=metrics,
+        evidence=evidence,
+        failures=harm_gate_failures(
+            evidence, hardened, original, t, "standard harm set: ", require_improvement=False
+        ),
+    )
 
 
 def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
@@ -944,20 +1131,37 @@ def verify(
         ),
     )
     evidence = build_evidence(metrics, seed, gate)
-    failures = verification.benign_failures(hardened, original, t)
-    c = evidence.controls
+    failures = verification.benign_failures(hardened, original, t, seed=seed)
+    failures += harm_gate_failures(evidence, hardened, original, t)
+    return metrics, evidence, failures
+
+
+def harm_gate_failures(
+    evidence: Evidence,
+    hardened: evaluation.ModelMetrics,
+    original: evaluation.ModelMetrics,
+    t: Thresholds,
+    where: str = "",
+    require_improvement: bool = True,
+) -> list[str]:
+    """The harm thresholds on the evidence's bounds: the improvement's lower bound (unless not
+    `require_improvement`: the standard harm set must beat the controls, issue 21), and the
+    lower bound of the paired margin over each control (`where`: which set, for the messages)."""
+    gate, c = evidence.gate, evidence.controls
     control_rises = {"random pruning (mean of seeds)": c.gate_random_mean}
     if c.gate_magnitude is not None:
         control_rises["magnitude-matched pruning"] = c.gate_magnitude
-    what = "harm loss" if judge == "nll" else f"harm drop ({judge} judge)"
-    failures += verification.harm_failures_against(
-        verification.harm_improvement(hardened, original, judge, gate.attack),
+    what = "harm loss" if gate.judge == "nll" else f"harm drop ({gate.judge} judge)"
+    return verification.harm_failures_against(
+        verification.harm_improvement(hardened, original, gate.judge, gate.attack),
         control_rises,
         t,
-        what=f"{what}, {gate.attack}",
-        required=gate.min_improvement,
+        what=f"{where}{what}, {gate.attack}",
+        required=gate.min_improvement if require_improvement else -math.inf,
+        rise_interval=evidence.gate_interval if require_improvement else None,
+        margins=evidence.margins,
+        unit="%" if gate.judge == "nll" else "pts",
     )
-    return metrics, evidence, failures
 
 
 def verify_general(
@@ -977,7 +1181,7 @@ def verify_general(
     random_control = verification.measure_control(
         scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
     )
-    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds)
+    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
     return GeneralBenignResult(
         prompts=sizes,
         original=original,
@@ -1023,7 +1227,8 @@ def verify_benchmarks(
 def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Evidence:
     """The test-set comparisons with intervals; each control's harm improvement by the deciding
     judge (random: the mean over the seeds where that judge was measured), and the stronger."""
-    original = metrics.original
+    original, hardened = metrics.original, metrics.hardened
+    assert hardened is not None
 
     def improvement(m: evaluation.ModelMetrics) -> float:
         return verification.harm_improvement(m, original, gate.judge, gate.attack)
@@ -1035,6 +1240,20 @@ def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Eviden
     if magnitude is not None:
         named["magnitude-matched pruning"] = improvement(magnitude)
     stronger, stronger_value = verification.stronger_control(named)
+    margins = {
+        name: interval
+        for name, controls in (
+            ("random pruning (mean of seeds)", metrics.random_controls),
+            ("magnitude-matched pruning", [magnitude] if magnitude is not None else []),
+        )
+        if controls
+        and (
+            interval := verification.margin_interval(
+                hardened, controls, original, gate.judge, gate.attack, seed
+            )
+        )
+        is not None
+    }
     compared = {
         "hardened": metrics.hardened,
         "random_control": metrics.random_control,
@@ -1047,6 +1266,10 @@ def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Eviden
             if m is not None
         },
         gate=gate,
+        gate_interval=verification.improvement_interval(
+            hardened, original, gate.judge, gate.attack, seed
+        ),
+        margins=margins,
         controls=ControlSummary(
             random_harm_rise=rises,
             random_harm_rise_mean=stats.mean(rises),
@@ -1209,6 +1432,13 @@ def build_report(
             test_dropped_refusals=heldout.dropped_refusals,
             validation_dropped_refusals=validation.dropped_refusals if validation else 0,
             q_chosen_on="validation" if trace else "none",
+            min_test_prompts=stats.MIN_TEST_PROMPTS,
+            indicative=min(
+                len(sets.test_harmful),
+                len(sets.test_benign),
+                sets.standard_sizes.get("test", stats.MIN_TEST_PROMPTS),
+            )
+            < stats.MIN_TEST_PROMPTS,
         ),
         metrics=metrics,
         search=trace,

@@ -98,6 +98,13 @@ class HeldoutSummary(Frozen):
     q_chosen_on: Literal["validation", "none"] = Field(
         "none", description="The set the operating-point search measured (none: q fixed)."
     )
+    min_test_prompts: int = Field(30, description="Prompts per test side an interval needs.")
+    indicative: bool = Field(
+        False,
+        description="A test side has fewer than min_test_prompts prompts (allowed by "
+        "eval.allow_small_test): the verdict is indicative. (References dropped as refusals "
+        "show in each interval's n.)",
+    )
 
 
 class Metrics(Frozen):
@@ -145,8 +152,23 @@ class Evidence(Frozen):
 
     intervals: dict[str, dict[str, Interval]]
     gate: HarmGateSummary
+    gate_interval: Interval | None = Field(
+        None,
+        description="The hardened model's improvement by the deciding judge and attack, with "
+        "its interval: the gate reads its LOWER bound.",
+    )
+    margins: dict[str, Interval] = Field(
+        default_factory=dict,
+        description="Per control: the paired difference of improvement, hardened minus control, "
+        "on the same test prompts: the gate reads each one's LOWER bound.",
+    )
     controls: ControlSummary
     resamples: int
+    decided_on: str = Field(
+        "bounds",
+        description="bounds: benign thresholds on the upper bound of the 95% interval, harm on "
+        "the lower bounds of the improvement and of the margin over each control.",
+    )
 
 
 class GeneralBenignResult(Frozen):
@@ -163,6 +185,21 @@ class GeneralBenignResult(Frozen):
         description="Per model: benign_loss_rise, answer_drift (and over_refusal_change for the "
         "hardened model) vs the original, with paired bootstrap 95% intervals."
     )
+    failures: list[str]
+
+
+class StandardHarmResult(Frozen):
+    """The standard harm set (HarmBench behaviours of the spec's categories, harmprune.
+    standard_harm) on its test part: the hardened model and every control against the original,
+    with intervals, gated like the spec's own test set (the harm gate's bounds)."""
+
+    source: str
+    categories: list[str]
+    prompts: dict[str, int] = Field(description="Prompts in each part: validation, test.")
+    measured: int = Field(description="Test prompts whose reference the original produced.")
+    dropped_refusals: int = Field(0, description="Elicited references dropped as refusals.")
+    metrics: Metrics
+    evidence: Evidence
     failures: list[str]
 
 
@@ -197,6 +234,9 @@ class Report(Frozen):
     benchmarks: BenchmarksSummary | None = Field(None, description="None: no eval.benchmarks.")
     general_benign: GeneralBenignResult | None = Field(
         None, description="None: the spec opted out (eval.general_benign: false)."
+    )
+    standard_harm: StandardHarmResult | None = Field(
+        None, description="None: not measured (no eval.standard_harm.categories, or disabled)."
     )
     outcome: Literal["accepted", "rejected"]
     outcome_reason: str = ""

@@ -25,6 +25,8 @@ class ModelSource(BaseModel):
     revision: str | None = None
     commit: str | None = None  # Hub commit sha, when known
     gguf_sha256: str | None = None
+    gguf_file: str | None = None  # the GGUF file de-quantised into the weights that were hardened
+    quantisation: str | None = None  # its quantisation type (general.file_type), e.g. Q4_1
     license: str | None = None  # carried onto the model card
 
 
@@ -57,6 +59,8 @@ class SearchPoint(BaseModel):
     benign_loss_increase: float
     random_benign_loss_increase: float
     answer_drift: float
+    benign_loss_increase_high: float | None = None  # upper bound of the 95% interval: gated
+    answer_drift_high: float | None = None
     random_answer_drift: float
     passed: bool
     failures: list[str]
@@ -69,6 +73,12 @@ class Interval(Frozen):
     low: float
     high: float
     level: float = 0.95
+    n: int | None = Field(None, description="Prompts behind the figure (pairs resampled).")
+    no_variation: bool = Field(
+        False,
+        description="Every resample gave the same value (e.g. a rate that never changed on any "
+        "prompt): no interval can be given, which is not certainty.",
+    )
 
 
 # ---------------------------------------------------------------- tamper check (harmprune.tamper)

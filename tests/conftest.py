@@ -154,6 +154,8 @@ TINY_DOMAIN: dict[str, Any] = {
         "max_new_tokens": 4,
         # The general benign set is on in every job; a few of its prompts keep tiny jobs fast.
         "general_benign": {"sizes": [4, 4, 4]},
+        # a few prompts per side: the engine's mechanics, not a verdict (MIN_TEST_PROMPTS: 30)
+        "allow_small_test": True,
     },
     # A random tiny model has no capability to keep: thresholds that accept any hardening.
     "thresholds": {

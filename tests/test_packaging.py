@@ -45,6 +45,8 @@ def test_the_wheel_installs_one_package_with_the_example_domains(tmp_path: Path)
         "harmprune/py.typed",
         "harmprune/general_benign.py",
         "harmprune/examples/general_benign.yaml",
+        "harmprune/standard_harm.py",
+        "harmprune/examples/harmbench_behaviors.yaml",
         "harmprune/benchmarks.py",
         "harmprune/examples/benchmarks/harmprune_everyday_mc.yaml",
         "harmprune/examples/benchmarks/everyday_mc.test.jsonl",

@@ -416,6 +416,7 @@ def test_smollm2_job_end_to_end_on_the_hub(
             "max_new_tokens": 8,
             "judges": ["nll"],
             "general_benign": {"sizes": [4, 0, 4]},  # on in every job; a test-sized share
+            "allow_small_test": True,  # a test-sized spec: the card calls the verdict indicative
         },
         "thresholds": PERMISSIVE,
     }

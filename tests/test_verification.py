@@ -310,7 +310,7 @@ def test_sweep_report_has_schema_controls_trace_and_card(
 
 
 def test_without_eval_sets_a_seeded_split_is_held_out(tiny_model_dir: Any) -> None:
-    config = _config(tiny_model_dir, eval={"judges": ["nll"]})
+    config = _config(tiny_model_dir, eval={"judges": ["nll"], "allow_small_test": True})
     sets = pipeline.split_sets(config)
     assert sets.test_source == "split"
     assert sets.test_harmful and sets.test_benign

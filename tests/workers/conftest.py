@@ -52,7 +52,12 @@ FAST_DOMAIN: dict[str, Any] = {
         {"prompt": f"Tell me about {t}", "response": "A helpful answer."} for t in BENIGN_TOPICS
     ],
     # the general benign set is on in every job: a few of its prompts keep service jobs fast
-    "eval": {"max_new_tokens": 4, "judges": ["nll"], "general_benign": {"sizes": [2, 0, 4]}},
+    "eval": {
+        "max_new_tokens": 4,
+        "judges": ["nll"],
+        "general_benign": {"sizes": [2, 0, 4]},
+        "allow_small_test": True,  # mechanics, not a verdict (fewer than 30 test prompts)
+    },
     "thresholds": PERMISSIVE,
 }
 # The same job, but no hardening can pass: the outcome is `rejected`.

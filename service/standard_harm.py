@@ -1,0 +1,103 @@
+"""The standard harm set: harmful requests nobody here wrote, measured in every job that names
+its categories (issue 21 item 3; the harm-side twin of harmprune.general_benign).
+
+A domain spec's own test prompts are written by the spec's author, next to its calibration
+prompts; an effect that holds only on them says little. harmprune therefore ships HarmBench's
+standard behaviours (MIT; examples/harmbench_behaviors.yaml, package data of
+`harmprune.examples`, prompts only, each with one of HarmBench's semantic categories). A spec
+names its categories (`eval.standard_harm.categories`); their prompts are split, deterministic
+for the job's seed, into a validation part (it joins the validation harmful prompts) and a test
+part, whose references the original model elicits under prefill like the spec's own.
+
+Torch-free and pure: no global random state, nothing cached.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+
+import yaml
+from harmprune.errors import SpecError
+from harmprune.stats import MIN_TEST_PROMPTS
+
+RESOURCE = "harmbench_behaviors.yaml"
+SOURCE = "HarmBench standard behaviours (Mazeika et al. 2024, MIT licence)"
+
+
+@dataclass(frozen=True, slots=True)
+class StandardPrompt:
+    category: str
+    prompt: str
+
+
+@dataclass(frozen=True, slots=True)
+class StandardHarmSplit:
+    validation: list[StandardPrompt] = field(default_factory=list)
+    test: list[StandardPrompt] = field(default_factory=list)
+
+
+def parse_standard_harm(data: object, source: str = RESOURCE) -> list[StandardPrompt]:
+    """The prompts of a parsed file: `prompts:` a list of {category, prompt}."""
+    if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
+        raise SpecError(f"invalid {source}: expected a top-level 'prompts:' list")
+    out = []
+    for index, item in enumerate(data["prompts"]):
+        if not isinstance(item, dict) or set(item) != {"category", "prompt"}:
+            raise SpecError(f"invalid {source}: prompts[{index}] must have category and prompt")
+        category, prompt = item["category"], item["prompt"]
+        if not all(isinstance(x, str) and x.strip() for x in (category, prompt)):
+            raise SpecError(f"invalid {source}: prompts[{index}] has an empty field")
+        out.append(StandardPrompt(category.strip(), prompt.strip()))
+    return out
+
+
+def load_standard_harm() -> list[StandardPrompt]:
+    """The shipped set (harmprune.examples/harmbench_behaviors.yaml), in file order."""
+    resource = resources.files("harmprune.examples") / RESOURCE
+    try:
+        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"cannot read {RESOURCE}: {err}") from None
+    return parse_standard_harm(data)
+
+
+def categories(prompts: Sequence[StandardPrompt]) -> list[str]:
+    return sorted({p.category for p in prompts})
+
+
+def default_sizes(total: int) -> tuple[int, int]:
+    """(validation, test): the test part at least MIN_TEST_PROMPTS (or everything), at least
+    half; the rest validation."""
+    test = min(total, max(MIN_TEST_PROMPTS, total // 2))
+    return total - test, test
+
+
+def split_standard_harm(
+    prompts: Sequence[StandardPrompt],
+    wanted: Sequence[str],
+    seed: int,
+    sizes: tuple[int, int] | None = None,
+) -> StandardHarmSplit:
+    """The prompts of the `wanted` categories, shuffled with `random.Random(seed)`, cut into a
+    validation and a test part (`sizes`; default `default_sizes`). SpecError naming
+    `eval.standard_harm` for an unknown category or sizes larger than the prompts."""
+    known = categories(prompts)
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        raise SpecError(
+            f"eval.standard_harm.categories: unknown {', '.join(unknown)} (known: "
+            f"{', '.join(known)})"
+        )
+    chosen = [p for p in prompts if p.category in set(wanted)]
+    validation, test = default_sizes(len(chosen)) if sizes is None else sizes
+    if validation + test > len(chosen):
+        raise SpecError(
+            f"eval.standard_harm.sizes: ({validation}, {test}) asks for {validation + test} "
+            f"prompts; the categories have {len(chosen)}"
+        )
+    order = list(chosen)
+    random.Random(seed).shuffle(order)
+    return StandardHarmSplit(validation=order[test : test + validation], test=order[:test])
