@@ -175,7 +175,11 @@ def test_a_dataset_with_near_duplicates_splits_without_refusal() -> None:
     raw = {
         **TINY_DOMAIN,
         "harmful": [{"prompt": p} for p in CLUSTERED],
-        "eval": {"judges": ["nll"], "general_benign": {"sizes": [4, 4, 4]}},
+        "eval": {
+            "judges": ["nll"],
+            "allow_small_test": True,
+            "general_benign": {"sizes": [4, 4, 4]},
+        },
         "search": {"mode": "sweep", "q_values": [0.01, 0.05]},
     }
     for seed in range(4):
