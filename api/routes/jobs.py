@@ -19,7 +19,15 @@ from harmprune.api.deps import (
 )
 from harmprune.api.errors import ApiError
 from harmprune.api.logs import audit
-from harmprune.api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
+from harmprune.api.schemas import (
+    REQUEST_ERRORS,
+    ErrorOut,
+    JobCreate,
+    JobListOut,
+    JobOut,
+    ReportOut,
+    error_responses,
+)
 from harmprune.jobs.store import JobRecord, JobState, NotCancellable
 from harmprune.jobs.submission import submit
 from harmprune.settings import Settings
@@ -33,22 +41,15 @@ router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
     dependencies=[Depends(get_tenant)],
-    responses={
-        400: {"model": ErrorOut, "description": "The body is not readable (not UTF-8 JSON)."},
-        401: {"model": ErrorOut, "description": "Missing or invalid API key."},
-        403: {
-            "model": ErrorOut,
-            "description": "Not permitted for this API key: a model it may not read (answered "
-            "the same whether the repo exists or not), or a namespace it may not publish to.",
-        },
-        413: {"model": ErrorOut, "description": "Request body over the limit."},
-        422: {"model": ErrorOut, "description": "Invalid request; `fields` names each problem."},
-        429: {
-            "model": ErrorOut,
-            "description": "Over the API key's request rate or job quota; see Retry-After.",
-        },
-        503: {"model": ErrorOut, "description": "The job store, queue or Hub is unavailable."},
-    },
+    responses=error_responses(
+        {
+            **REQUEST_ERRORS,
+            403: "Not permitted for this API key: a model it may not read (answered the same "
+            "whether the repo exists or not), or a namespace it may not publish to.",
+            429: "Over the API key's request rate or job quota; see Retry-After.",
+            503: "The job store, queue or Hub is unavailable.",
+        }
+    ),
 )
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No such job for this API key."}
