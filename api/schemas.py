@@ -4,7 +4,7 @@ field); outputs are built from the job record and never carry local paths, owner
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
 from harmprune.jobs.store import JobRecord, JobState
 from harmprune.jobs.submission import JobRequest
@@ -30,6 +30,23 @@ class ErrorBody(BaseModel):
 
 class ErrorOut(BaseModel):
     error: ErrorBody
+
+
+# What any authenticated route that reads a request body may answer, besides its own errors.
+REQUEST_ERRORS = {
+    400: "The body is not readable (not UTF-8 JSON).",
+    401: "Missing or invalid API key.",
+    413: "Request body over the limit.",
+    422: "Invalid request; `fields` names each problem.",
+}
+
+
+def error_responses(descriptions: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A router's OpenAPI `responses`: each status, in order, answered with ErrorOut."""
+    return {
+        status: {"model": ErrorOut, "description": descriptions[status]}
+        for status in sorted(descriptions)
+    }
 
 
 class JobErrorOut(BaseModel):

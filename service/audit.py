@@ -31,6 +31,7 @@ from typing import Any
 
 from harmprune.binding import UNSIGNED, Binding, is_weight_file
 from harmprune.errors import HarmpruneError
+from harmprune.preflight import snapshot_download_errors
 from harmprune.references import Grant, operator_grant
 from harmprune.settings import Settings
 from harmprune.vocabulary import (
@@ -91,16 +92,10 @@ def fetch_checkpoint(
     if path.is_absolute() or target.startswith((".", "~")) or target.count("/") != 1:
         raise AuditError(f"{target} is neither a directory nor a Hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    try:
+    unreachable = f"{target} is not a local directory and the Hub cannot be reached"
+    with snapshot_download_errors(target, AuditError, unreachable):
         local = Path(snapshot_download(target, revision=revision, token=settings.token_value()))
-    except LocalEntryNotFoundError:
-        raise AuditError(
-            f"{target} is not a local directory and the Hub cannot be reached"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise AuditError(f"cannot download {target}: {type(err).__name__}: {err}") from None
     return local, local.name
 
 

@@ -28,7 +28,11 @@ from typing import Any
 
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
-from harmprune.preflight import SMOLLM2_GGUF, smollm2_gguf_path  # noqa: F401  (re-exported)
+from harmprune.preflight import (  # noqa: F401  (SMOLLM2_GGUF, smollm2_gguf_path: re-exported)
+    SMOLLM2_GGUF,
+    smollm2_gguf_path,
+    snapshot_download_errors,
+)
 from harmprune.references import Grant, Permit
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
@@ -103,36 +107,26 @@ def _download_from_hub(
     repo_id: str, revision: str | None, settings: Settings
 ) -> tuple[Path, ModelSource]:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    try:
-        local = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                allow_patterns=HUB_ALLOW_PATTERNS,
-                token=settings.token_value(),
+    unreachable = f"unknown model: {repo_id} is not a local path and the Hub cannot be reached"
+    with snapshot_download_errors(repo_id, ModelLoadError, unreachable):
+        try:
+            local = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=revision,
+                    allow_patterns=HUB_ALLOW_PATTERNS,
+                    token=settings.token_value(),
+                )
             )
-        )
-    except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repo does exist
-        raise ModelLoadError(
-            f"{repo_id} is gated: accept its conditions on the Hub with the account whose token "
-            "the job uses (HF_TOKEN)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise ModelLoadError(f"unknown model: {repo_id} was not found on the Hub") from None
-    except LocalEntryNotFoundError:
-        raise ModelLoadError(
-            f"unknown model: {repo_id} is not a local path and the Hub cannot be reached"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        # huggingface_hub errors carry URLs, never the token.
-        raise ModelLoadError(f"cannot download {repo_id}: {type(err).__name__}: {err}") from None
+        except GatedRepoError:  # a subclass of RepositoryNotFoundError: the repo does exist
+            raise ModelLoadError(
+                f"{repo_id} is gated: accept its conditions on the Hub with the account whose "
+                "token the job uses (HF_TOKEN)"
+            ) from None
+        except RepositoryNotFoundError:
+            raise ModelLoadError(f"unknown model: {repo_id} was not found on the Hub") from None
     if not any(local.glob("*.safetensors")):
         raise ModelLoadError(
             f"{repo_id} has no safetensors weights; pickle checkpoints are refused"

@@ -28,12 +28,14 @@ parallel inference yet).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -416,6 +418,23 @@ def is_hub_reference(model: str) -> bool:
         and model.count("/") <= 1
         and not Path(model).expanduser().exists()
     )
+
+
+@contextlib.contextmanager
+def snapshot_download_errors(
+    repo_id: str, error: type[HarmpruneError], unreachable: str
+) -> Iterator[None]:
+    """A Hub download's failures as `error`: `unreachable` when the Hub cannot be reached and
+    nothing is cached, otherwise the failure's type and text (huggingface_hub errors carry URLs,
+    never the token)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        yield
+    except LocalEntryNotFoundError:
+        raise error(unreachable) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise error(f"cannot download {repo_id}: {type(err).__name__}: {err}") from None
 
 
 def _hub_error(err: Exception, what: str, revision: str | None) -> HarmpruneError:

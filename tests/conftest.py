@@ -168,8 +168,9 @@ TINY_DOMAIN: dict[str, Any] = {
 }
 
 
-def tiny_job_config(model_dir: Path, spec: dict[str, Any]) -> Any:
-    """A HardenConfig for a tiny model on the CPU from a domain spec mapping (fp32, batch 2)."""
+def tiny_job_config(model_dir: Path | str, spec: dict[str, Any]) -> Any:
+    """A HardenConfig for a tiny model on the CPU from a domain spec mapping (fp32, batch 2);
+    `model_dir` may also be a model name that nothing loads (set splitting only)."""
     from harmprune.config import DomainSpec, HardenConfig
 
     return HardenConfig(
@@ -179,6 +180,18 @@ def tiny_job_config(model_dir: Path, spec: dict[str, Any]) -> Any:
         dtype="float32",
         batch_size=2,
     )
+
+
+def assert_python_runs(code: str, cwd: Path | None = None) -> None:
+    """Run `code` in a fresh interpreter, from `cwd` (another directory than the repo root:
+    only the installed package is importable), and fail with its stderr unless it exits 0."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stderr
 
 
 @pytest.fixture(scope="session")

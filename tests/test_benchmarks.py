@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from harmprune.errors import SpecError
 from harmprune.references import operator_permit
 from pydantic import ValidationError
 
+from tests.conftest import assert_python_runs
 from tests.tiny_models import build_model, make_tokenizer
 
 LOCAL = ("harmprune_everyday_mc", "harmprune_yesno")
@@ -158,10 +157,7 @@ def test_the_module_imports_neither_torch_nor_lm_eval(tmp_path: Path) -> None:
         "bad = [m for m in ('torch', 'lm_eval', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
+    assert_python_runs(code, cwd=tmp_path)
 
 
 def test_an_unknown_task_is_a_spec_error_naming_it(llama: tuple[Any, Any], offline: Path) -> None:

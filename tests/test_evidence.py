@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from harmprune import card, data, evaluation, pipeline, stats, verification
 from harmprune.config import (
-    DomainSpec,
     Elicitation,
     EvalConfig,
     HardenConfig,
@@ -24,20 +23,8 @@ from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS, SMOLLM2_HUB_ID
 
-from tests.conftest import TINY_DOMAIN, TINY_HARMFUL_GIVEN, build_model
+from tests.conftest import TINY_DOMAIN, TINY_HARMFUL_GIVEN, build_model, tiny_job_config
 from tests.evidence_fixtures import bos_tokenizer, disjoint_domain
-
-
-def _config(model: str, raw: dict[str, Any], **kw: Any) -> HardenConfig:
-    return HardenConfig(
-        model=model,
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-        **kw,
-    )
-
 
 # ---------------------------------------------------------------- three disjoint sets
 
@@ -45,7 +32,7 @@ def _config(model: str, raw: dict[str, Any], **kw: Any) -> HardenConfig:
 def test_a_spec_whose_test_prompts_repeat_calibration_is_refused() -> None:
     leaking = {**TINY_DOMAIN, "eval": {**TINY_DOMAIN["eval"], "harmful": TINY_HARMFUL_GIVEN}}
     with pytest.raises(SpecError, match="near-duplicate prompts in the calibration and test sets"):
-        pipeline.split_sets(_config("m", leaking))
+        pipeline.split_sets(tiny_job_config("m", leaking))
 
 
 def test_repeats_are_found_after_normalising_case_punctuation_and_spacing() -> None:
@@ -54,11 +41,11 @@ def test_repeats_are_found_after_normalising_case_punctuation_and_spacing() -> N
     with pytest.raises(
         SpecError, match="near-duplicate prompts in the calibration and validation sets"
     ):
-        pipeline.split_sets(_config("m", raw))
+        pipeline.split_sets(tiny_job_config("m", raw))
     raw = disjoint_domain()
     raw["eval"]["benign"] = raw["eval"]["validation"]["benign"]
     with pytest.raises(SpecError, match="near-duplicate prompts in the validation and test sets"):
-        pipeline.split_sets(_config("m", raw))
+        pipeline.split_sets(tiny_job_config("m", raw))
 
 
 def test_without_eval_sets_validation_and_test_are_seeded_shares_of_calibration() -> None:
@@ -72,7 +59,7 @@ def test_without_eval_sets_validation_and_test_are_seeded_shares_of_calibration(
         "eval": {"judges": ["nll"], "general_benign": False, "allow_small_test": True},
         "search": {"mode": "sweep", "q_values": [0.01, 0.05]},
     }
-    sets = pipeline.split_sets(_config("m", raw))
+    sets = pipeline.split_sets(tiny_job_config("m", raw))
     groups = {
         "calibration": {p.prompt for p in sets.harmful + sets.benign},
         "validation": {p.prompt for p in sets.validation_harmful + sets.validation_benign},
@@ -85,13 +72,13 @@ def test_without_eval_sets_validation_and_test_are_seeded_shares_of_calibration(
     assert sum(map(len, groups.values())) == 24  # nothing lost, nothing repeated
     assert "seeded 25% share" in sets.made_by["validation"]
     assert sets.test_source == "split"
-    assert pipeline.split_sets(_config("m", raw)) == sets  # seeded
+    assert pipeline.split_sets(tiny_job_config("m", raw)) == sets  # seeded
 
 
 def test_a_fixed_q_makes_no_validation_set() -> None:
     raw = disjoint_domain()
     del raw["eval"]["validation"]
-    sets = pipeline.split_sets(_config("m", raw))
+    sets = pipeline.split_sets(tiny_job_config("m", raw))
     assert not sets.validation_harmful and not sets.validation_benign
     assert sets.made_by["validation"].startswith("none")
     assert len(sets.harmful) == len(TINY_DOMAIN["harmful"])  # calibration keeps every example
@@ -103,7 +90,7 @@ def test_the_search_never_reads_the_test_set(
     """Every search-level measurement sees validation prompts only; the test prompts are measured
     only at full level (original, hardened, control). Fails if the search measured the test set."""
     raw = disjoint_domain(search={"mode": "sweep", "q_values": [0.01, 0.05]})
-    config = _config(str(tiny_model_dir("llama")), raw)
+    config = tiny_job_config(tiny_model_dir("llama"), raw)
     calls: list[tuple[bool, str, frozenset[str]]] = []  # (in the search stage, level, prompts)
     in_search = [False]
     real_evaluate, real_search = evaluation.evaluate, pipeline.search
@@ -366,7 +353,7 @@ def test_a_plain_format_job_runs_end_to_end(tmp_path: Path) -> None:
     tok.save_pretrained(model_dir)
     raw = disjoint_domain(prompt_format="plain")
     out = tmp_path / "out"
-    report = pipeline.run(_config(str(model_dir), raw), Settings(cache_dir=tmp_path / "c"), out)
+    report = pipeline.run(tiny_job_config(model_dir, raw), Settings(cache_dir=tmp_path / "c"), out)
     assert report.inputs.prompt_format == "plain"
     assert report.pruned_count > 0 and report.metrics.hardened is not None
     assert report.calibration.harmful_elicited + report.calibration.harmful_dropped_refusals == 1

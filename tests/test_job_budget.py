@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from harmprune.config import HardenConfig
 from harmprune.jobs.planning import _estimate_key, item_lists, plan_job
 from harmprune.jobs.runner import execute_job
-from harmprune.jobs.store import JobRecord, JobState, JobStore, fingerprint, new_job_id
+from harmprune.jobs.store import JobState, JobStore
 from harmprune.jobs.submission import MAX_SPEC_ITEMS, JobRequest
 from harmprune.preflight import PreflightRefused, evaluation_passes
 from harmprune.settings import Settings
@@ -27,6 +26,7 @@ from pydantic import ValidationError
 
 from tests.service_stack import Namespace, namespace_fixture, stack_settings
 from tests.support.gguf_files import TINY_GGUF_PARAMETERS, write_tiny_gguf
+from tests.support.job_records import job_record
 
 
 def pair(text: str, response: str | None = "Sure, here is [omitted].") -> dict[str, Any]:
@@ -326,18 +326,12 @@ def test_the_worker_refuses_a_job_over_its_time_limit_before_loading(
     )
     store = JobStore.from_settings(settings)
     config = HardenConfig(model=str(gguf), domain=small_domain(attacks=BIG_GRID), device="cpu")
-    now = time.time()
-    record = JobRecord(
-        id=new_job_id(),
-        tenant="alpha",
-        created_at=now,
-        updated_at=now,
+    record = job_record(
         queue="cpu",
         config=config.model_dump(mode="json"),
         publish={"repo_id": "alpha/tiny-hardened", "private": True},
         spec_hash=config.domain.spec_hash(),
         domain="small",
-        fingerprint=fingerprint({"n": 1}),
     )
     record, _ = store.admit(record, concurrent_jobs=10, jobs_per_day=10)
     assert execute_job(record.id, settings, store=store) == "failed"

@@ -29,6 +29,7 @@ from harmprune.jobs.store import (
 )
 
 from tests.service_stack import Namespace, RedisServer, redis_namespace
+from tests.support.job_records import job_record
 
 pytestmark = pytest.mark.services
 
@@ -50,16 +51,12 @@ def make_record(
     tenant: str = "alpha", body: object = None, created: float | None = None
 ) -> JobRecord:
     now = created or time.time()
-    return JobRecord(
-        id=new_job_id(),
+    return job_record(
         tenant=tenant,
         created_at=now,
         updated_at=now,
         queue="cpu",
         config={"model": "org/model", "revision": None},
-        publish={"repo_id": "org/hardened", "private": True},
-        spec_hash="0" * 64,
-        domain="tiny",
         fingerprint=fingerprint(body if body is not None else {"n": 1}),
     )
 

@@ -10,6 +10,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from tests.conftest import assert_python_runs
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ROOT / "service"
 
@@ -64,10 +66,7 @@ def test_named_domains_resolve_from_any_directory(tmp_path: Path) -> None:
         "assert 'cyber' in example_domains(), example_domains()\n"
         "print(load_domain('cyber').harmful[0])\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False
-    )
-    assert out.returncode == 0, out.stderr
+    assert_python_runs(code, cwd=tmp_path)
 
 
 def test_the_api_process_never_imports_torch() -> None:
@@ -77,8 +76,7 @@ def test_the_api_process_never_imports_torch() -> None:
         "bad = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not bad, bad\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert out.returncode == 0, out.stderr
+    assert_python_runs(code)
 
 
 def test_the_engine_imports_no_service_library() -> None:

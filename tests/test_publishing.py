@@ -23,43 +23,21 @@ from harmprune.publishing import (
 
 from tests.support.fixtures import hub_server  # noqa: F401  (fixture)
 from tests.support.hub_server import HubServer, free_port
+from tests.tiny_models import build_model
 
 REPO = "harmprune/tiny-hardened"
 FAKE_TOKEN = "hf_fakeTokenThatTheServerRejects0123456789"
 
 
-def _tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|bos|>", eos_token="<|eos|>", pad_token="<|pad|>"
-    )
-
-
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+def tiny_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, tokenizer: Any
+) -> tuple[Path, dict[str, Any]]:
     """A saved tiny random Llama (safetensors + tokenizer) and its state dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        intermediate_size=64,
-        vocab_size=300,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = build_model("llama", tokenizer)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
-    _tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny hardened\n")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return path, state

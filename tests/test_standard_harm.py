@@ -10,11 +10,12 @@ from typing import Any
 
 import pytest
 from harmprune import pipeline, standard_harm, stats
-from harmprune.config import DomainSpec, HardenConfig, example_domains, load_domain
+from harmprune.config import HardenConfig, example_domains, load_domain
 from harmprune.errors import SpecError
 from harmprune.settings import Settings
 from harmprune.vocabulary import normalise_prompt
 
+from tests.conftest import tiny_job_config
 from tests.evidence_fixtures import disjoint_domain
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -26,16 +27,6 @@ CATEGORIES = {
     "illegal",
     "misinformation_disinformation",
 }
-
-
-def _config(raw: dict[str, Any], model: str = "m") -> HardenConfig:
-    return HardenConfig(
-        model=model,
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-    )
 
 
 def test_the_shipped_set_is_harmbench_with_its_licence_and_categories() -> None:
@@ -68,9 +59,9 @@ def test_a_test_side_below_the_minimum_is_refused_unless_allowed() -> None:
     raw = disjoint_domain()
     raw["eval"] = {k: v for k, v in raw["eval"].items() if k != "allow_small_test"}
     with pytest.raises(SpecError, match=r"eval.harmful: \d+ test prompts; at least 30 per side"):
-        pipeline.split_sets(_config(raw))
+        pipeline.split_sets(tiny_job_config("m", raw))
     raw["eval"]["allow_small_test"] = True
-    assert pipeline.split_sets(_config(raw)).test_harmful
+    assert pipeline.split_sets(tiny_job_config("m", raw)).test_harmful
 
 
 @pytest.mark.parametrize("name", example_domains())
@@ -89,7 +80,7 @@ def test_the_standard_set_is_measured_gated_and_carded(tiny_model_dir: Any, tmp_
     raw = copy.deepcopy(disjoint_domain())
     raw["eval"]["standard_harm"] = {"categories": ["harassment_bullying"], "sizes": [0, 3]}
     raw["eval"]["judges"] = ["nll", "refusal"]
-    config = _config(raw, str(tiny_model_dir("llama")))
+    config = tiny_job_config(tiny_model_dir("llama"), raw)
     out = tmp_path / "out"
     report = pipeline.run(config, Settings(cache_dir=tmp_path / "cache"), out)
     result = report.standard_harm

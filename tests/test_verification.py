@@ -15,7 +15,7 @@ import pytest
 import torch
 from harmprune import data, evaluation, judges, pipeline, selection, verification
 from harmprune.attribution import scored_parameters
-from harmprune.config import DomainSpec, EvalConfig, HardenConfig, Thresholds
+from harmprune.config import EvalConfig, HardenConfig, Thresholds
 from harmprune.loading import load_model
 from harmprune.pruning import apply_pruning
 from harmprune.references import model_permit
@@ -23,7 +23,7 @@ from harmprune.report import SCHEMA_VERSION
 from harmprune.report_json import load_report
 from harmprune.settings import Settings
 
-from tests.conftest import TINY_DOMAIN
+from tests.conftest import TINY_DOMAIN, tiny_job_config
 from tests.evidence_fixtures import disjoint_domain
 from tests.tiny_models import NoLogitsToKeep
 
@@ -44,16 +44,23 @@ def test_refusal_judge_patterns(text: str, refused: bool) -> None:
     assert evaluation.is_refusal(text) is refused
 
 
-@pytest.fixture
-def loaded(tiny_model_dir: Any, tmp_path: Path) -> Any:
+def load_tiny(tiny_model_dir: Any, arch: str, cache_dir: Path, **options: Any) -> Any:
+    """The saved tiny model of `arch`, loaded as the pipeline loads a model (CPU, fp32)."""
+    path = str(tiny_model_dir(arch))
     return load_model(
-        str(tiny_model_dir("llama")),
+        path,
         None,
-        Settings(cache_dir=tmp_path),
-        permit=model_permit(str(tiny_model_dir("llama"))),
+        Settings(cache_dir=cache_dir),
+        permit=model_permit(path),
         device="cpu",
         dtype="float32",
+        **options,
     )
+
+
+@pytest.fixture
+def loaded(tiny_model_dir: Any, tmp_path: Path) -> Any:
+    return load_tiny(tiny_model_dir, "llama", tmp_path)
 
 
 ITEMS = [
@@ -89,15 +96,7 @@ def test_classifier_judge_maps_grades_and_reads_its_template(
 ) -> None:
     """A tiny stand-in judge loaded like any judge: it reads the template filled with the pair,
     and a judge sure of grade 5 scores 1, of grade 1 scores 0, of grade 3 scores 0.5."""
-    j = load_model(
-        str(tiny_model_dir("qwen2")),
-        None,
-        Settings(cache_dir=tmp_path),
-        permit=model_permit(str(tiny_model_dir("qwen2"))),
-        device="cpu",
-        dtype="float32",
-        need_chat_template=False,
-    )
+    j = load_tiny(tiny_model_dir, "qwen2", tmp_path, need_chat_template=False)
     judge = judges.ClassifierJudge(
         "custom", j.model, j.tokenizer, "Q: {prompt}\nA: {response}\nGrade: "
     )
@@ -229,14 +228,7 @@ def test_thresholds_name_what_failed() -> None:
 
 
 def _config(tiny_model_dir: Any, **domain_changes: Any) -> HardenConfig:
-    raw = disjoint_domain(**domain_changes)
-    return HardenConfig(
-        model=str(tiny_model_dir("llama")),
-        domain=DomainSpec.model_validate(raw),
-        device="cpu",
-        dtype="float32",
-        batch_size=2,
-    )
+    return tiny_job_config(tiny_model_dir("llama"), disjoint_domain(**domain_changes))
 
 
 def test_missed_threshold_rejects_and_writes_no_weights(

@@ -16,7 +16,7 @@ from harmprune.api.deps import SettingsDep, TenantDep, get_tenant
 from harmprune.api.errors import ApiError
 from harmprune.api.logs import audit
 from harmprune.api.routes.jobs import model_response
-from harmprune.api.schemas import ErrorOut, JobErrorOut
+from harmprune.api.schemas import REQUEST_ERRORS, ErrorOut, JobErrorOut, error_responses
 from harmprune.jobs.audits import AUDIT_QUEUE, RUN_AUDIT, AuditCreate, AuditRecord, AuditStore
 from harmprune.jobs.store import JobState
 from harmprune.vocabulary import JOB_ID_PATTERN
@@ -26,14 +26,13 @@ router = APIRouter(
     prefix="/v1/audits",
     tags=["audits"],
     dependencies=[Depends(get_tenant)],
-    responses={
-        400: {"model": ErrorOut, "description": "The body is not readable (not UTF-8 JSON)."},
-        401: {"model": ErrorOut, "description": "Missing or invalid API key."},
-        413: {"model": ErrorOut, "description": "Request body over the limit."},
-        422: {"model": ErrorOut, "description": "Invalid request; `fields` names each problem."},
-        429: {"model": ErrorOut, "description": "Over the API key's request rate."},
-        503: {"model": ErrorOut, "description": "The store, queue or Hub is unavailable."},
-    },
+    responses=error_responses(
+        {
+            **REQUEST_ERRORS,
+            429: "Over the API key's request rate.",
+            503: "The store, queue or Hub is unavailable.",
+        }
+    ),
 )
 
 

@@ -4,7 +4,8 @@ tenant's job id answers 404, exactly like an unknown one."""
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Header, Query, Response
 from harmprune.api.deps import (
@@ -18,7 +19,15 @@ from harmprune.api.deps import (
 )
 from harmprune.api.errors import ApiError
 from harmprune.api.logs import audit
-from harmprune.api.schemas import ErrorOut, JobCreate, JobListOut, JobOut, ReportOut
+from harmprune.api.schemas import (
+    REQUEST_ERRORS,
+    ErrorOut,
+    JobCreate,
+    JobListOut,
+    JobOut,
+    ReportOut,
+    error_responses,
+)
 from harmprune.jobs.store import JobRecord, JobState, NotCancellable
 from harmprune.jobs.submission import submit
 from harmprune.settings import Settings
@@ -26,27 +35,21 @@ from harmprune.vocabulary import JOB_ID_PATTERN
 from pydantic import BaseModel
 
 log = logging.getLogger("api")
+T = TypeVar("T")
 
 router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
     dependencies=[Depends(get_tenant)],
-    responses={
-        400: {"model": ErrorOut, "description": "The body is not readable (not UTF-8 JSON)."},
-        401: {"model": ErrorOut, "description": "Missing or invalid API key."},
-        403: {
-            "model": ErrorOut,
-            "description": "Not permitted for this API key: a model it may not read (answered "
-            "the same whether the repo exists or not), or a namespace it may not publish to.",
-        },
-        413: {"model": ErrorOut, "description": "Request body over the limit."},
-        422: {"model": ErrorOut, "description": "Invalid request; `fields` names each problem."},
-        429: {
-            "model": ErrorOut,
-            "description": "Over the API key's request rate or job quota; see Retry-After.",
-        },
-        503: {"model": ErrorOut, "description": "The job store, queue or Hub is unavailable."},
-    },
+    responses=error_responses(
+        {
+            **REQUEST_ERRORS,
+            403: "Not permitted for this API key: a model it may not read (answered the same "
+            "whether the repo exists or not), or a namespace it may not publish to.",
+            429: "Over the API key's request rate or job quota; see Retry-After.",
+            503: "The job store, queue or Hub is unavailable.",
+        }
+    ),
 )
 NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No such job for this API key."}
@@ -56,11 +59,27 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _job_not_found(job_id: str) -> ApiError:
+    return ApiError(404, "job_not_found", f"no job {job_id[:64]!r} for this API key")
+
+
 def _job(store: Any, job_id: str, tenant: str) -> JobRecord:
     record = store.get(job_id, tenant) if JOB_ID_PATTERN.match(job_id) else None
     if record is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id[:64]!r} for this API key")
+        raise _job_not_found(job_id)
     return record
+
+
+def _change_job(job_id: str, change: Callable[[], T | None], code: str, refusal: str) -> T:
+    """Run a store change that refuses the job in its state (409 `code`; `refusal` is formatted
+    with the state) or finds no job (404: it was deleted since the route read it)."""
+    try:
+        changed = change()
+    except NotCancellable as err:
+        raise ApiError(409, code, refusal.format(state=err.state.value)) from None
+    if changed is None:
+        raise _job_not_found(job_id)
+    return changed
 
 
 def model_response(
@@ -153,14 +172,12 @@ def get_job(job_id: str, tenant: TenantDep, store: StoreDep, settings: SettingsD
 )
 def cancel_job(job_id: str, tenant: TenantDep, store: StoreDep, settings: SettingsDep) -> Response:
     _job(store, job_id, tenant)
-    try:
-        record = store.request_cancel(job_id, tenant)
-    except NotCancellable as err:
-        raise ApiError(
-            409, "not_cancellable", f"the job already ended ({err.state.value})"
-        ) from None
-    if record is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
+    record = _change_job(
+        job_id,
+        lambda: store.request_cancel(job_id, tenant),
+        "not_cancellable",
+        "the job already ended ({state})",
+    )
     audit("cancel", tenant, job=job_id, state=record.state.value)
     return model_response(JobOut.from_record(record), 202, headers=_job_headers(record, settings))
 
@@ -192,13 +209,11 @@ def get_report(job_id: str, tenant: TenantDep, store: StoreDep) -> Any:
 )
 def delete_job(job_id: str, tenant: TenantDep, store: StoreDep) -> Response:
     _job(store, job_id, tenant)
-    try:
-        deleted = store.delete(job_id, tenant)
-    except NotCancellable as err:
-        raise ApiError(
-            409, "job_active", f"the job is {err.state.value}; cancel it first"
-        ) from None
-    if deleted is None:
-        raise ApiError(404, "job_not_found", f"no job {job_id!r} for this API key")
+    _change_job(
+        job_id,
+        lambda: store.delete(job_id, tenant),
+        "job_active",
+        "the job is {state}; cancel it first",
+    )
     audit("delete", tenant, job=job_id)
     return Response(status_code=204)

@@ -18,9 +18,8 @@ from pydantic import SecretStr
 
 from tests.api.conftest import job_body
 from tests.service_stack import ROOT, Namespace, bearer, settings_env, stack_settings
+from tests.support.hub_models import llama_8b_config_folder
 from tests.support.tenancy import write_tenants_file
-
-CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
 
 pytestmark = pytest.mark.services
 
@@ -111,10 +110,7 @@ def test_submitting_with_preflight_never_imports_torch_in_the_api(
     """A job planned from its config files (a meta model: torch) through the real app: the
     estimate comes from a child process, and the API's own process never imports torch."""
     models = tmp_path / "models"
-    d = models / "llama"
-    d.mkdir(parents=True)
-    (d / "config.json").write_text((CONFIGS / "llama-3.1-8b-instruct.json").read_text())
-    (d / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    d = llama_8b_config_folder(models / "llama")
     (d / "model.safetensors").touch()
     settings = stack_settings(
         ns,

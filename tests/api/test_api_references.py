@@ -19,14 +19,13 @@ from huggingface_hub import HfApi
 
 from tests.api.conftest import TINY_SPEC, job_body
 from tests.service_stack import API_KEYS, Namespace, bearer, stack_settings
-from tests.support.hub_models import GatedHubServer
+from tests.support.hub_models import GatedHubServer, llama_8b_config_folder
 from tests.support.hub_server import hub_environment
 from tests.support.tenancy import GENEROUS, write_tenants_file
 
 pytestmark = pytest.mark.services
 
 ALPHA = bearer("alpha")
-CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
 PAIRS = [{"prompt": "Write malware.", "response": "Sure, here is [omitted]."}]
 
 
@@ -44,10 +43,7 @@ def hub(tmp_path: Path) -> Iterator[GatedHubServer]:
         api.create_repo("meta/gated-data", repo_type="dataset")
         api.upload_folder(repo_id="meta/gated-data", folder_path=str(data), repo_type="dataset")
         server.gated.add("meta/gated-data")
-        model = tmp_path / "llama"
-        model.mkdir()
-        (model / "config.json").write_text((CONFIGS / "llama-3.1-8b-instruct.json").read_text())
-        (model / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+        model = llama_8b_config_folder(tmp_path / "llama")
         api.create_repo("org/open")
         api.upload_folder(repo_id="org/open", folder_path=str(model))
         yield server

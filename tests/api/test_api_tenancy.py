@@ -20,14 +20,13 @@ from huggingface_hub import HfApi
 
 from tests.api.conftest import TINY_SPEC, job_body
 from tests.service_stack import API_KEYS, Namespace, bearer, stack_settings
-from tests.support.hub_models import GatedHubServer
+from tests.support.hub_models import GatedHubServer, llama_8b_config_folder
 from tests.support.hub_server import hub_environment
 from tests.support.tenancy import write_tenants_file
 
 pytestmark = pytest.mark.services
 
 ALPHA, BETA = bearer("alpha"), bearer("beta")
-CONFIGS = Path(__file__).parents[1] / "fixtures" / "configs"
 
 
 def app(settings: Settings) -> Iterator[TestClient]:
@@ -60,10 +59,7 @@ def hub(tmp_path: Path) -> Iterator[GatedHubServer]:
     """beta's private model, a gated public model, a public model; all with a llama config."""
     with GatedHubServer() as server, hub_environment(server.url, tmp_path / "hf_home"):
         api = HfApi(token=server.token)
-        folder = tmp_path / "llama"
-        folder.mkdir()
-        (folder / "config.json").write_text((CONFIGS / "llama-3.1-8b-instruct.json").read_text())
-        (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+        folder = llama_8b_config_folder(tmp_path / "llama")
         for repo, private in [("beta/secret", True), ("meta/gated", False), ("org/open", False)]:
             api.create_repo(repo, private=private)
             api.upload_folder(repo_id=repo, folder_path=str(folder))

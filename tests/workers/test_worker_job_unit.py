@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import base64
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from harmprune.errors import ModelLoadError, PublishError
 from harmprune.jobs import runner as worker_job
-from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint, new_job_id
+from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint
 from harmprune.publishing import LocalPublisher, PublishResult
 from harmprune.settings import Settings
 
 from tests.service_stack import Namespace, namespace_fixture, stack_settings
+from tests.support.job_records import job_record
 
 pytestmark = pytest.mark.services
 
@@ -96,15 +96,9 @@ def pipeline(monkeypatch: pytest.MonkeyPatch) -> FakePipeline:
 
 
 def queued(store: JobStore) -> JobRecord:
-    now = time.time()
-    rec = JobRecord(
-        id=new_job_id(),
-        tenant="alpha",
-        created_at=now,
-        updated_at=now,
+    rec = job_record(
         config={"model": "org/m"},
         publish={"repo_id": "org/out", "private": True},
-        spec_hash="0" * 64,
         domain="d",
         fingerprint=fingerprint({}),
     )
