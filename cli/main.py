@@ -8,8 +8,11 @@ harmprune audit REPO_OR_DIR --public-key KEY            check a hardened checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ class StageBars:
                 leave=True,
                 file=sys.stderr,
                 dynamic_ncols=True,
+                disable=False,  # TQDM_DISABLE (cmd_harden) is for the libraries' bars
             )
         if self.bar.total != max(total, 1):
             self.bar.total = max(total, 1)
@@ -48,6 +52,46 @@ class StageBars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class OneLineLogHandler(logging.Handler):
+    """Warnings logged during a job (harmprune's, the libraries', Python warnings) as one line
+    each, `harmprune: warning [logger]: message`, written between bar redraws (tqdm.write)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            lines = record.getMessage().strip().splitlines()
+            if record.name == "py.warnings":  # "file:line: Category: text" + the source line
+                lines = lines[:1]
+            text = " ".join(line.strip() for line in lines if line.strip())
+            if record.exc_info and record.exc_info[1] is not None:
+                error = record.exc_info[1]
+                text += f" ({type(error).__name__}: {error})"
+            tqdm.write(f"harmprune: {record.levelname.lower()} [{record.name}]: {text}", sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def library_output_as_lines() -> Iterator[None]:
+    """While a job runs: third-party log records and Python warnings through OneLineLogHandler."""
+    from harmprune.jobs.logs import route_library_logs
+
+    route_library_logs()
+    handler = OneLineLogHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
 
 
 def _add_harden(sub: Any) -> None:
@@ -219,6 +263,10 @@ def build_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_harden(args: argparse.Namespace) -> int:
+    # The stage bars are the only progress display. tqdm reads TQDM_* once, when first imported
+    # (here, later): every library's bar (lm-eval's have no switch of their own) starts disabled.
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets loads
     from harmprune.pipeline import run
     from harmprune.settings import Settings
 
@@ -231,14 +279,15 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _quiet_library_bars()
     bars = StageBars()
     try:
-        report = run(
-            config,
-            settings,
-            args.out,
-            on_progress=bars,
-            overwrite=args.overwrite,
-            attribution_processes=args.attribution_processes,
-        )
+        with library_output_as_lines():
+            report = run(
+                config,
+                settings,
+                args.out,
+                on_progress=bars,
+                overwrite=args.overwrite,
+                attribution_processes=args.attribution_processes,
+            )
     finally:
         bars.close()
     print_summary(report, args.out)
@@ -246,7 +295,9 @@ def cmd_harden(args: argparse.Namespace) -> int:
 
 
 def _quiet_library_bars() -> None:
-    """Our stage bars are the progress display; transformers' and the Hub client's would interleave."""
+    """Our stage bars are the progress display; transformers' and the Hub client's would
+    interleave. Their own switches too: TQDM_DISABLE misses when tqdm was imported before
+    cmd_harden (main() called inside another program)."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 
