@@ -68,7 +68,7 @@ def route_library_logs() -> None:
     """transformers' and the Hub client's records go to the root logger's handlers (JSON lines
     in a worker, one line each in the CLI) instead of their own handlers. Imports no torch."""
     import huggingface_hub.utils.logging  # noqa: F401  (adds its handler when imported)
-    import transformers.utils.logging  # noqa: F401  (adds its handler when first used)
+    import transformers.utils.logging  # adds its handler when first used
 
     transformers.utils.logging.disable_default_handler()
     for name in LIBRARY_LOGGERS:
