@@ -41,7 +41,7 @@ class StageBars:
                 leave=True,
                 file=sys.stderr,
                 dynamic_ncols=True,
-                disable=False,  # TQDM_DISABLE (cmd_harden) is for the libraries' bars
+                disable=False,  # LIBRARY_BARS_OFF's TQDM_DISABLE is for the libraries' bars
             )
         if self.bar.total != max(total, 1):
             self.bar.total = max(total, 1)
@@ -262,11 +262,23 @@ def build_config(args: argparse.Namespace) -> Any:
         raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None
 
 
+# The stage bars are the only progress display. tqdm reads TQDM_* once, when first imported
+# (in a `harmprune` process: during the job): every library's bar starts disabled, lm-eval's
+# too (its task builder's has no switch of its own). datasets reads its variable when loaded.
+LIBRARY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
 def cmd_harden(args: argparse.Namespace) -> int:
-    # The stage bars are the only progress display. tqdm reads TQDM_* once, when first imported
-    # (here, later): every library's bar (lm-eval's have no switch of their own) starts disabled.
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets loads
+    added = {name: value for name, value in LIBRARY_BARS_OFF.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        return _harden(args)
+    finally:  # main() called inside another program leaves its environment as it was
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _harden(args: argparse.Namespace) -> int:
     from harmprune.pipeline import run
     from harmprune.settings import Settings
 

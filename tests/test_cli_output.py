@@ -9,10 +9,13 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+from harmprune.cli.main import library_output_as_lines
 
 from tests.conftest import TINY_DOMAIN
 from tests.support.smollm2 import run_cli
@@ -82,3 +85,18 @@ def test_library_warnings_in_a_worker_are_json_lines() -> None:
         ("transformers.modeling_utils", "from transformers"),
         ("huggingface_hub.file_download", "from the hub"),
     ]
+
+
+def test_warnings_during_a_job_still_show_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    """Quiet is not silent: a library's warning and a Python warning reach the user, each as one
+    `harmprune: warning [...]` line."""
+    from transformers.utils import logging as hf_logging
+
+    with library_output_as_lines():
+        hf_logging.get_logger("transformers.generation").warning("first line\nsecond line")
+        warnings.warn("a deprecated option", FutureWarning, stacklevel=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0] == "harmprune: warning [transformers.generation]: first line second line"
+    assert lines[1].startswith("harmprune: warning [py.warnings]: ")
+    assert lines[1].endswith("FutureWarning: a deprecated option")
