@@ -8,8 +8,11 @@ harmprune audit REPO_OR_DIR --public-key KEY            check a hardened checkpo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ class StageBars:
                 leave=True,
                 file=sys.stderr,
                 dynamic_ncols=True,
+                disable=False,  # LIBRARY_BARS_OFF's TQDM_DISABLE is for the libraries' bars
             )
         if self.bar.total != max(total, 1):
             self.bar.total = max(total, 1)
@@ -48,6 +52,46 @@ class StageBars:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+class OneLineLogHandler(logging.Handler):
+    """Warnings logged during a job (harmprune's, the libraries', Python warnings) as one line
+    each, `harmprune: warning [logger]: message`, written between bar redraws (tqdm.write)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            lines = record.getMessage().strip().splitlines()
+            if record.name == "py.warnings":  # "file:line: Category: text" + the source line
+                lines = lines[:1]
+            text = " ".join(line.strip() for line in lines if line.strip())
+            if record.exc_info and record.exc_info[1] is not None:
+                error = record.exc_info[1]
+                text += f" ({type(error).__name__}: {error})"
+            tqdm.write(f"harmprune: {record.levelname.lower()} [{record.name}]: {text}", sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def library_output_as_lines() -> Iterator[None]:
+    """While a job runs: third-party log records and Python warnings through OneLineLogHandler."""
+    from harmprune.jobs.logs import route_library_logs
+
+    route_library_logs()
+    handler = OneLineLogHandler()
+    root = logging.getLogger()
+    root.addHandler(handler)
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        root.removeHandler(handler)
 
 
 def _add_harden(sub: Any) -> None:
@@ -218,7 +262,23 @@ def build_config(args: argparse.Namespace) -> Any:
         raise SpecError(f"invalid options:\n{format_validation_error(err)}") from None
 
 
+# The stage bars are the only progress display. tqdm reads TQDM_* once, when first imported
+# (in a `harmprune` process: during the job): every library's bar starts disabled, lm-eval's
+# too (its task builder's has no switch of its own). datasets reads its variable when loaded.
+LIBRARY_BARS_OFF = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+
 def cmd_harden(args: argparse.Namespace) -> int:
+    added = {name: value for name, value in LIBRARY_BARS_OFF.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        return _harden(args)
+    finally:  # main() called inside another program leaves its environment as it was
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def _harden(args: argparse.Namespace) -> int:
     from harmprune.pipeline import run
     from harmprune.settings import Settings
 
@@ -231,14 +291,15 @@ def cmd_harden(args: argparse.Namespace) -> int:
     _quiet_library_bars()
     bars = StageBars()
     try:
-        report = run(
-            config,
-            settings,
-            args.out,
-            on_progress=bars,
-            overwrite=args.overwrite,
-            attribution_processes=args.attribution_processes,
-        )
+        with library_output_as_lines():
+            report = run(
+                config,
+                settings,
+                args.out,
+                on_progress=bars,
+                overwrite=args.overwrite,
+                attribution_processes=args.attribution_processes,
+            )
     finally:
         bars.close()
     print_summary(report, args.out)
@@ -246,7 +307,9 @@ def cmd_harden(args: argparse.Namespace) -> int:
 
 
 def _quiet_library_bars() -> None:
-    """Our stage bars are the progress display; transformers' and the Hub client's would interleave."""
+    """Our stage bars are the progress display; transformers' and the Hub client's would
+    interleave. Their own switches too: TQDM_DISABLE misses when tqdm was imported before
+    cmd_harden (main() called inside another program)."""
     from huggingface_hub.utils import disable_progress_bars
     from transformers.utils import logging as hf_logging
 

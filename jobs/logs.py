@@ -56,3 +56,23 @@ def configure_json_logging(level: int = logging.INFO) -> None:
     handler.addFilter(ContextFilter())
     root.handlers = [handler]
     root.setLevel(level)
+
+
+# Libraries that give their root logger a plain stderr handler of their own when imported
+# (transformers' does not even propagate): in a worker those lines would not be JSON, and in the
+# CLI they would cut through the stage bars.
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub")
+
+
+def route_library_logs() -> None:
+    """transformers' and the Hub client's records go to the root logger's handlers (JSON lines
+    in a worker, one line each in the CLI) instead of their own handlers. Imports no torch."""
+    import huggingface_hub.utils.logging  # noqa: F401  (adds its handler when imported)
+    import transformers.utils.logging  # adds its handler when first used
+
+    transformers.utils.logging.disable_default_handler()
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True

@@ -17,8 +17,12 @@ This module imports neither torch nor lm_eval at import time (the report process
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -210,7 +214,6 @@ def run_benchmarks(
 
     import lm_eval
     import torch
-    from lm_eval.models.huggingface import HFLM
 
     local = local_tasks()
     specs: list[str | dict[str, Any]] = [
@@ -222,8 +225,8 @@ def run_benchmarks(
     try:
         if target != home:
             model.to(target)
-        with torch.no_grad():
-            lm = HFLM(
+        with torch.no_grad(), _without_call_warnings():
+            lm = _quiet_hflm()(
                 pretrained=model,
                 tokenizer=copy.deepcopy(tokenizer),
                 batch_size=config.batch_size,
@@ -254,6 +257,54 @@ def run_benchmarks(
         for name in config.tasks
         for result in _results(out, name, chat_template=config.apply_chat_template)
     ]
+
+
+# lm-eval warnings about how this module calls it, on every run: harmprune passes an
+# in-memory model on purpose and sets num_fewshot explicitly (0 included). Nothing for a user.
+CALL_WARNINGS = (
+    "Passed an already-initialized model through `pretrained`",
+    "`pretrained` model kwarg is not of type `str`",
+    "Overwriting default num_fewshot of ",
+)
+LM_EVAL_CALL_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.evaluator")
+
+
+def _not_a_call_warning(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(CALL_WARNINGS)
+
+
+@contextlib.contextmanager
+def _without_call_warnings() -> Iterator[None]:
+    """Drops CALL_WARNINGS (only those: other lm-eval warnings still reach the handlers)."""
+    loggers = [logging.getLogger(name) for name in LM_EVAL_CALL_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_a_call_warning)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_a_call_warning)
+
+
+@functools.cache
+def _quiet_hflm() -> type:
+    """lm-eval's HFLM without its per-request progress bars ("Tokenizing inputs", "Running
+    loglikelihood requests"): the pipeline reports progress per stage (the CLI's bars, the job
+    store), and a worker's log is JSON lines. lm-eval's evaluator calls these methods without
+    `disable_tqdm`, so it is set here."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):  # type: ignore[misc]
+        def loglikelihood(self, requests: list[Any], disable_tqdm: bool = True) -> Any:
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = True) -> Any:
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests: list[Any], disable_tqdm: bool = True) -> Any:
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _results(out: dict[str, Any], name: str, *, chat_template: bool) -> list[BenchmarkResult]:

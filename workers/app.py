@@ -21,7 +21,7 @@ from celery.signals import (
     worker_ready,
     worker_shutting_down,
 )
-from harmprune.jobs.logs import configure_json_logging
+from harmprune.jobs.logs import configure_json_logging, route_library_logs
 from harmprune.jobs.store import JobStore
 from harmprune.settings import Settings
 from harmprune.workers.client import make_celery, recover_lost_jobs
@@ -60,6 +60,8 @@ def _child_start(**_: Any) -> None:
     # Progress goes to the job store; terminal progress bars would only fill the log.
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # After the two above (this imports tqdm, which reads TQDM_* once): library warnings as JSON.
+    route_library_logs()
     empty = settings.job_work_dir() / ".cwd"
     empty.mkdir(parents=True, exist_ok=True)
     os.chdir(empty)
