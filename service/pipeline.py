@@ -33,27 +33,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from harmprune import (
-    attacks,
-    attribution,
-    benchmarks,
-    binding,
-    card,
-    data,
-    evaluation,
-    general_benign,
-    judges,
-    preflight,
-    report_json,
-    selection,
-    signing,
-    standard_harm,
-    stats,
-    tamper,
-    verification,
-)
-from harmprune.checkpoint import save_checkpoint, staged_output, write_json
-from harmprune.config import (
+from harmprune import attacks
+from harmprune.errors import CalibrationError, JobCancelled, SpecError
+from harmprune.inputs import data, general_benign, preflight, standard_harm
+from harmprune.inputs.config import (
     DomainSpec,
     Elicitation,
     EvalConfig,
@@ -63,11 +46,14 @@ from harmprune.config import (
     Source,
     Thresholds,
 )
-from harmprune.errors import CalibrationError, JobCancelled, SpecError
-from harmprune.loading import LoadedModel, load_model, load_resolved, resolve
-from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
-from harmprune.references import Permit, locate_for_operator, operator_permit
-from harmprune.report import (
+from harmprune.inputs.loading import LoadedModel, load_model, load_resolved, resolve
+from harmprune.inputs.references import Permit, locate_for_operator, operator_permit
+from harmprune.measure import benchmarks, evaluation, judges, stats, tamper, verification
+from harmprune.method import attribution, selection
+from harmprune.method.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
+from harmprune.output import binding, card, report_json, signing
+from harmprune.output.checkpoint import save_checkpoint, staged_output, write_json
+from harmprune.output.report import (
     BenchmarksSummary,
     CalibrationSummary,
     ControlSummary,
@@ -128,7 +114,7 @@ class JobContext:
     should_cancel: CancelFn | None
     classifier: judges.ClassifierJudge | None
     recompute: bool  # gradient checkpointing in the attribution (decided by the preflight)
-    permit: Permit  # what this job may load (harmprune.references)
+    permit: Permit  # what this job may load (harmprune.inputs.references)
     attribution_processes: int = 1
     job_id: str | None = None
 
@@ -210,7 +196,7 @@ class PromptSets:
     # `benign` / `validation_benign`; its test part is measured apart (empty: opted out).
     general_test: list[Pair] = field(default_factory=list)
     general_sizes: dict[str, int] = field(default_factory=dict)
-    # the standard harm set (HarmBench, harmprune.standard_harm): its validation part is in
+    # the standard harm set (HarmBench, harmprune.inputs.standard_harm): its validation part is in
     # `validation_harmful`, its test part measured apart (empty: not measured)
     standard_test: list[Pair] = field(default_factory=list)
     standard_sizes: dict[str, int] = field(default_factory=dict)

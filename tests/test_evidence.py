@@ -8,8 +8,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from harmprune import card, data, evaluation, pipeline, stats, verification
-from harmprune.config import (
+from harmprune import pipeline
+from harmprune.errors import CalibrationError, SpecError
+from harmprune.inputs import data
+from harmprune.inputs.config import (
     DomainSpec,
     Elicitation,
     EvalConfig,
@@ -18,8 +20,9 @@ from harmprune.config import (
     example_domains,
     load_domain,
 )
-from harmprune.errors import CalibrationError, SpecError
-from harmprune.report import Report, ReportInputs
+from harmprune.measure import evaluation, stats, verification
+from harmprune.output import card
+from harmprune.output.report import Report, ReportInputs
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS, SMOLLM2_HUB_ID

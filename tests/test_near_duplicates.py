@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune import data, pipeline
-from harmprune.config import DomainSpec, HardenConfig, Pair, load_domain
+from harmprune import pipeline
 from harmprune.errors import SpecError
-from harmprune.general_benign import load_general_benign
+from harmprune.inputs import data
+from harmprune.inputs.config import DomainSpec, HardenConfig, Pair, load_domain
+from harmprune.inputs.general_benign import load_general_benign
 from harmprune.vocabulary import normalise_prompt
 
 from tests.conftest import TINY_DOMAIN
@@ -157,7 +158,7 @@ CLUSTERED = [
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_seeded_split_keeps_near_duplicates_on_one_side(seed: int) -> None:
-    from harmprune import evaluation
+    from harmprune.measure import evaluation
 
     kept, held = evaluation.split_heldout(pairs(*CLUSTERED), 0.25, seed)
     assert kept and held and len(kept) + len(held) == len(CLUSTERED)
@@ -184,7 +185,7 @@ def test_a_dataset_with_near_duplicates_splits_without_refusal() -> None:
 
 
 def test_a_split_of_near_duplicates_only_is_refused_naming_them() -> None:
-    from harmprune import evaluation
+    from harmprune.measure import evaluation
 
     group = [SPEC_PHONE, GENERAL_PHONE]  # one near-duplicate group: it cannot stay whole
     kept, held = evaluation.split_heldout(pairs(*group), 0.5, 0)

@@ -43,11 +43,11 @@ def test_the_wheel_installs_one_package_with_the_example_domains(tmp_path: Path)
         "harmprune/cli/main.py",
         "harmprune/pipeline.py",
         "harmprune/py.typed",
-        "harmprune/general_benign.py",
+        "harmprune/inputs/general_benign.py",
         "harmprune/examples/general_benign.yaml",
-        "harmprune/standard_harm.py",
+        "harmprune/inputs/standard_harm.py",
         "harmprune/examples/harmbench_behaviors.yaml",
-        "harmprune/benchmarks.py",
+        "harmprune/measure/benchmarks.py",
         "harmprune/examples/benchmarks/harmprune_everyday_mc.yaml",
         "harmprune/examples/benchmarks/everyday_mc.test.jsonl",
         "harmprune/examples/benchmarks/harmprune_yesno.yaml",
@@ -60,7 +60,7 @@ def test_the_wheel_installs_one_package_with_the_example_domains(tmp_path: Path)
 
 def test_named_domains_resolve_from_any_directory(tmp_path: Path) -> None:
     code = (
-        "from harmprune.config import load_domain, example_domains\n"
+        "from harmprune.inputs.config import load_domain, example_domains\n"
         "assert 'cyber' in example_domains(), example_domains()\n"
         "print(load_domain('cyber').harmful[0])\n"
     )

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune import pipeline, standard_harm, stats
-from harmprune.config import DomainSpec, HardenConfig, example_domains, load_domain
+from harmprune import pipeline
 from harmprune.errors import SpecError
+from harmprune.inputs import standard_harm
+from harmprune.inputs.config import DomainSpec, HardenConfig, example_domains, load_domain
+from harmprune.measure import stats
 from harmprune.settings import Settings
 from harmprune.vocabulary import normalise_prompt
 

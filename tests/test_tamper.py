@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune import attribution, card, data, evaluation, selection, tamper
-from harmprune.checkpoint import save_checkpoint
-from harmprune.config import DomainSpec, EvalConfig
 from harmprune.errors import JobCancelled
-from harmprune.pruning import PruneMask, apply_pruning
-from harmprune.references import model_permit, operator_permit
-from harmprune.tamper import TamperConfig, TamperResult
+from harmprune.inputs import data
+from harmprune.inputs.config import DomainSpec, EvalConfig
+from harmprune.inputs.references import model_permit, operator_permit
+from harmprune.measure import evaluation, tamper
+from harmprune.measure.tamper import TamperConfig, TamperResult
+from harmprune.method import attribution, selection
+from harmprune.method.pruning import PruneMask, apply_pruning
+from harmprune.output import card
+from harmprune.output.checkpoint import save_checkpoint
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -324,7 +327,7 @@ SMOLLM2_MIN_MARGIN_OVER_RANDOM = 0.02
 @pytest.mark.timeout(1800)
 def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     """A complete tamper check on SmolLM2-135M-Instruct in a test-sized budget (CPU)."""
-    from harmprune.loading import load_model
+    from harmprune.inputs.loading import load_model
     from harmprune.settings import Settings
 
     # One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run

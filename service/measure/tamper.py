@@ -47,20 +47,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from harmprune import data, evaluation
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
-from harmprune.config import EvalConfig, TamperConfig
 from harmprune.errors import SpecError
-from harmprune.pruning import PruneMask, apply_pruning, restore_weights
-from harmprune.references import Permit
+from harmprune.inputs import data
+from harmprune.inputs.config import EvalConfig, TamperConfig
+from harmprune.inputs.references import Permit
+from harmprune.measure import evaluation
+from harmprune.measure.verification import random_control_indices
+from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
     AttackSettings,
     ModelTamper,
     PhaseMetrics,
     TamperResult,
 )
-from harmprune.verification import random_control_indices
 from torch import nn
 
 MODELS = ("original", "hardened", "random_control")

@@ -22,13 +22,15 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from harmprune import data
-from harmprune.attribution import response_losses, scored_logits, takes_logits_to_keep
-from harmprune.config import EvalConfig
-from harmprune.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
+from harmprune.inputs import data
+from harmprune.inputs.config import EvalConfig
+from harmprune.measure.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
+from harmprune.measure.stats import mean
+from harmprune.measure.stats import (
+    relative_change as relative_change,  # verification imports it here
+)
+from harmprune.method.attribution import response_losses, scored_logits, takes_logits_to_keep
 from harmprune.results import ModelMetrics
-from harmprune.stats import mean
-from harmprune.stats import relative_change as relative_change  # verification imports it here
 
 ATTACKS = ("plain", "prefill")
 
@@ -495,7 +497,7 @@ def dissociation_accuracy(
 
 # ---------------------------------------------------------------- classifier judge
 
-# The classifier judge lives in harmprune.judges (one interface for every judge).
+# The classifier judge lives in harmprune.measure.judges (one interface for every judge).
 ClassifierScorer = ClassifierJudge
 
 
