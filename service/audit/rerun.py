@@ -64,11 +64,13 @@ def rerun_check(
 def measure_again(config: Any, published_dir: Path, settings: Settings) -> tuple[Any, Any]:
     """(base, published) teacher-forced metrics on the job's test set, rebuilt."""
     from harmprune import pipeline
+    from harmprune.inputs.sets import split_sets
+    from harmprune.measure.job import build_heldout
 
     pipeline.seed_everything(config.seed)
-    sets = pipeline.split_sets(config)
+    sets = split_sets(config)
     ctx = pipeline.load(config, settings, lambda *_: None, None)
-    test = pipeline.build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
+    test = build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
     assert test is not None  # split_sets always makes a test set
     original = ctx.measure(test, "search")
     load_published(ctx.loaded.model, published_dir)
