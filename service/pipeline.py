@@ -37,6 +37,7 @@ from harmprune import attacks
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.inputs import data, preflight, standard_harm
 from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
     Elicitation,
     HardenConfig,
     Pair,
@@ -1025,13 +1026,13 @@ def build_report(
             test_dropped_refusals=heldout.dropped_refusals,
             validation_dropped_refusals=validation.dropped_refusals if validation else 0,
             q_chosen_on="validation" if trace else "none",
-            min_test_prompts=stats.MIN_TEST_PROMPTS,
+            min_test_prompts=MIN_TEST_PROMPTS,
             indicative=min(
                 len(sets.test_harmful),
                 len(sets.test_benign),
-                sets.standard_sizes.get("test", stats.MIN_TEST_PROMPTS),
+                sets.standard_sizes.get("test", MIN_TEST_PROMPTS),
             )
-            < stats.MIN_TEST_PROMPTS,
+            < MIN_TEST_PROMPTS,
         ),
         metrics=verified.metrics,
         evidence=verified.evidence,

@@ -12,6 +12,7 @@ from harmprune import pipeline
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.inputs import data
 from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
     DomainSpec,
     Elicitation,
     EvalConfig,
@@ -208,7 +209,7 @@ def test_ratio_of_means_interval_covers_at_the_minimum_test_size() -> None:
     import random
 
     rng = random.Random(1)
-    n, runs, truth = stats.MIN_TEST_PROMPTS, 200, 0.2
+    n, runs, truth = MIN_TEST_PROMPTS, 200, 0.2
     covered = 0
     for run in range(runs):
         old = [rng.lognormvariate(0.5, 0.5) for _ in range(n)]

@@ -15,7 +15,8 @@ from harmprune.errors import JobCancelled
 from harmprune.inputs import data
 from harmprune.inputs.config import DomainSpec, EvalConfig
 from harmprune.inputs.references import model_permit, operator_permit
-from harmprune.measure import evaluation, tamper
+from harmprune.inputs.sets import split_heldout
+from harmprune.measure import tamper
 from harmprune.measure.tamper import TamperConfig, TamperResult
 from harmprune.method import attribution, selection
 from harmprune.method.pruning import PruneMask, apply_pruning
@@ -362,7 +363,7 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     t0 = time.perf_counter()
     # Only training pairs that the tamper check trains on: its held-out in-domain share (the
     # same seeded split, seed + 2) must stay unseen by the hardening too.
-    trained, _ = evaluation.split_heldout(list(cfg.train), cfg.heldout_fraction, 0 + 2)
+    trained, _ = split_heldout(list(cfg.train), cfg.heldout_fraction, 0 + 2)
     harmful = [data.CalibrationPair(p.prompt, p.response) for p in trained[:6]]
     benign = [
         data.CalibrationPair(q, a)

@@ -228,6 +228,9 @@ class StandardHarmConfig(Strict):
         return self.enabled and bool(self.categories)
 
 
+MIN_TEST_PROMPTS = 30  # per side; fewer only with eval.allow_small_test (the card: "indicative")
+
+
 class EvalConfig(Strict):
     """Held-out sets (never used for attribution) and how to judge them.
 
@@ -256,7 +259,7 @@ class EvalConfig(Strict):
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     allow_small_test: bool = Field(
         False,
-        description="Allow fewer than 30 test prompts per side (harmprune.measure.stats.MIN_TEST_PROMPTS:"
+        description="Allow fewer than 30 test prompts per side (MIN_TEST_PROMPTS:"
         " below it a bootstrap interval under-covers); the card then calls the verdict "
         "indicative.",
     )

@@ -5,15 +5,22 @@ near-duplicates one in another set."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from harmprune.errors import SpecError
 from harmprune.inputs import data, general_benign, standard_harm
-from harmprune.inputs.config import EvalConfig, GeneralBenignConfig, HardenConfig, Pair, Source
+from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
+    EvalConfig,
+    GeneralBenignConfig,
+    HardenConfig,
+    Pair,
+    Source,
+)
 from harmprune.inputs.references import Permit, operator_permit
-from harmprune.measure import evaluation, stats
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
                 f"{kind.strip('.')}: give eval.{set_name}{kind} or at least 2 calibration "
                 "examples (a share is held out)"
             )
-        kept, held = evaluation.split_heldout(pairs, frac, split_seed, pool)
+        kept, held = split_heldout(pairs, frac, split_seed, pool)
         return kept, held, f"a seeded {frac:.0%} share of the calibration {kind.strip('.')} set"
 
     harmful, test_h, how_h = held_out("", spec.eval.harmful, harmful, "harmful", seed)
@@ -114,13 +121,13 @@ def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets
 
 
 def check_test_size(cfg: EvalConfig, sides: dict[str, list[Pair]]) -> None:
-    """At least stats.MIN_TEST_PROMPTS prompts per test side, unless eval.allow_small_test."""
+    """At least MIN_TEST_PROMPTS prompts per test side, unless eval.allow_small_test."""
     if cfg.allow_small_test:
         return
     for name, prompts in sides.items():
-        if len(prompts) < stats.MIN_TEST_PROMPTS:
+        if len(prompts) < MIN_TEST_PROMPTS:
             raise SpecError(
-                f"{name}: {len(prompts)} test prompts; at least {stats.MIN_TEST_PROMPTS} per side "
+                f"{name}: {len(prompts)} test prompts; at least {MIN_TEST_PROMPTS} per side "
                 "are needed for the intervals the verdict is decided on (or set "
                 "eval.allow_small_test: true, and the card calls the verdict indicative)"
             )
@@ -237,3 +244,51 @@ def general_benign_parts(
         return general_benign.split_general_benign(prompts, seed, cfg.sizes)
     except ValueError as exc:
         raise SpecError(f"eval.general_benign.sizes: {exc}") from exc
+
+
+def split_heldout(
+    pairs: Sequence[data.Pair], fraction: float, seed: int, pool: Sequence[str] | None = None
+) -> tuple[list[data.Pair], list[data.Pair]]:
+    """(calibration, held-out): a seeded split; the held-out part never reaches attribution.
+
+    Near-duplicate prompts (`data.near_duplicate_pairs`, token frequencies over `pool` when
+    given) go to the same side: groups of them are taken whole, in the seeded order, so a
+    dataset's near-duplicates never straddle the split. Without near-duplicates this is the
+    plain seeded split."""
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_out = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
+    group = near_duplicate_groups([p.prompt for p in pairs], pool)
+    held: set[int] = set()
+    for i in order:
+        if len(held) >= n_out:
+            break
+        members = group[i] - held
+        if members and len(held) + len(members) <= len(pairs) - 1:
+            held |= members
+    if not held:  # one group holds (nearly) everything: the plain split; the check names them
+        held = set(order[:n_out])
+    kept = [i for i in range(len(pairs)) if i not in held]
+    return [pairs[i] for i in kept], [pairs[i] for i in sorted(held)]
+
+
+def near_duplicate_groups(
+    prompts: Sequence[str], pool: Sequence[str] | None = None
+) -> list[set[int]]:
+    """Per prompt, the indices of its near-duplicate group (itself included; union-find over
+    the near-duplicate pairs)."""
+    parent = list(range(len(prompts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j, _ in data.near_duplicate_pairs(prompts, prompts, pool):
+        if i != j:
+            parent[root(i)] = root(j)
+    members: dict[int, set[int]] = {}
+    for i in range(len(prompts)):
+        members.setdefault(root(i), set()).add(i)
+    return [members[root(i)] for i in range(len(prompts))]

@@ -21,7 +21,7 @@ from importlib import resources
 
 import yaml
 from harmprune.errors import SpecError
-from harmprune.measure.stats import MIN_TEST_PROMPTS
+from harmprune.inputs.config import MIN_TEST_PROMPTS
 
 RESOURCE = "harmbench_behaviors.yaml"
 SOURCE = "HarmBench standard behaviours (Mazeika et al. 2024, MIT licence)"
