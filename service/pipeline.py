@@ -107,6 +107,130 @@ class Scores:
     selector: selection.RankedScores | selection.FullScores  # .select(q) -> per-matrix selections
 
 
+def run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    overwrite: bool = False,
+    job_id: str | None = None,
+    attribution_processes: int = 1,
+    permit: Permit | None = None,
+) -> Report:
+    """Harden one model for one domain; write the result into `out_dir` (see the module doc).
+
+    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
+    `permit`: what the job may load, made by the tenant's policy on a worker; default: the
+    operator's own (the CLI), which grants every reference the config names.
+    Every generation input of the job is cut to the spec's max_length tokens (the report and
+    the card say how many were)."""
+    with data.generation_budget(config.domain.max_length):
+        return _run(
+            config,
+            settings,
+            out_dir,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            overwrite=overwrite,
+            job_id=job_id,
+            attribution_processes=attribution_processes,
+            permit=permit or operator_permit(config),
+        )
+
+
+def _run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    overwrite: bool,
+    job_id: str | None,
+    attribution_processes: int,
+    permit: Permit,
+) -> Report:
+    timings: dict[str, float] = {}
+    seed_everything(config.seed)
+
+    def timed(stage: str) -> _Timer:
+        return _Timer(stage, timings)
+
+    # The output target is checked first so that a bad path fails before minutes of work.
+    with staged_output(out_dir, overwrite=overwrite) as staging:
+        with timed("load"):
+            sets = split_sets(config, permit)
+            progress = on_progress or _noop_progress
+            ctx = load(
+                config, settings, progress, should_cancel, attribution_processes, job_id, permit
+            )
+        ctx.check_cancel()
+        with timed("elicit"):
+            calibration = build_calibration(ctx, sets.harmful, sets.benign)
+            ctx.check_cancel()
+            heldouts = build_heldouts(ctx, sets)
+        with timed("evaluate"):
+            originals = measure_originals(ctx, heldouts)
+        original_benchmarks = None
+        if ctx.spec.eval.benchmarks is not None:
+            with timed("benchmarks_original"):
+                original_benchmarks = ctx.run_benchmarks()
+        ctx.check_cancel()
+        q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
+        with timed("attribute"):
+            ctx, scores = attribute(ctx, calibration, max(q_values))
+        with timed("search"):
+            trace = search(ctx, scores, q_values, heldouts, originals)
+        with timed("select"):
+            q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
+        ctx.check_cancel()
+        with timed("verify"):
+            verified = verify_sets(ctx, scores, mask, heldouts, originals, sets)
+        benchmarks_result = None
+        if original_benchmarks is not None:
+            with timed("benchmarks"):
+                first_control = verified.first_control
+                benchmarks_result = verify_benchmarks(
+                    ctx, scores, mask, first_control, original_benchmarks
+                )
+        ctx.check_cancel()
+        tamper_result = None
+        if ctx.spec.tamper is not None:
+            with timed("tamper"):
+                tamper_result = tamper_check(ctx, scores, mask, heldouts.test)
+        attacks_result = None
+        if ctx.spec.attacks is not None:
+            with timed("attacks"):
+                attacks_result = run_attacks(ctx, scores, mask, calibration, heldouts)
+        found = (verified, benchmarks_result, tamper_result, attacks_result)
+        failures += [f for result in found if result is not None for f in result.failures]
+        report = build_report(
+            ctx, sets, calibration, scores, chosen, mask, q, heldouts, verified, trace, failures
+        ).model_copy(
+            update={
+                "benchmarks": benchmarks_result,
+                "tamper": tamper_result,
+                "attacks": attacks_result,
+            }
+        )
+        with timed("save"):
+            report = save(ctx, report, mask, staging, timings)
+    return report
+
+
+class _Timer:
+    def __init__(self, stage: str, timings: dict[str, float]) -> None:
+        self.stage, self.timings = stage, timings
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.stage] = round(time.perf_counter() - self.start, 3)
+
+
 def _noop_progress(stage: str, done: int, total: int) -> None:
     pass
 
@@ -114,6 +238,104 @@ def _noop_progress(stage: str, done: int, total: int) -> None:
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+def load(
+    config: HardenConfig,
+    settings: Settings,
+    progress: ProgressFn,
+    should_cancel: CancelFn | None,
+    attribution_processes: int = 1,
+    job_id: str | None = None,
+    permit: Permit | None = None,
+) -> JobContext:
+    """Preflight (config files only: a job this machine cannot run fails before any weight is
+    read), then the model and the judge model."""
+    progress("load", 0, 1)
+    permit = permit or operator_permit(config)
+    if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
+        tasks = config.domain.eval.benchmarks.tasks
+        manager = benchmarks.check_tasks(tasks)
+        if permit.policy == "operator":  # a tenant's permit already holds its tasks' datasets
+            refs = benchmarks.task_dataset_references(tasks, manager)
+            permit = permit.with_grants(locate_for_operator(r) for r in refs)
+    model_grant = permit.grant("model", config.model, config.revision, "model")
+    planned = preflight.check_before_loading(
+        config, settings, attribution_processes, hub_only=model_grant.location == "hub"
+    )
+    # the estimate decides `auto` (it knows the device); without one, only "on" is on.
+    # FSDP2 ranks never recompute.
+    recompute = attribution_processes == 1 and (
+        planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
+    )
+    loaded = load_model(
+        config.model,
+        config.revision,
+        settings,
+        permit=permit,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        need_chat_template=config.domain.prompt_format == "chat",
+    )
+    ctx = JobContext(
+        config=config,
+        settings=settings,
+        loaded=loaded,
+        progress=progress,
+        should_cancel=should_cancel,
+        classifier=_load_classifier(config, settings, permit),
+        recompute=recompute,
+        permit=permit,
+        attribution_processes=attribution_processes,
+        job_id=job_id,
+    )
+    progress("load", 1, 1)
+    return ctx
+
+
+def _load_classifier(
+    config: HardenConfig, settings: Settings, permit: Permit
+) -> judges.ClassifierJudge | None:
+    """The classifier judge, loaded once per job; its references are validated like any model
+    reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
+    base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
+    cfg = config.domain.eval.classifier
+    if cfg is None or "classifier" not in config.domain.eval.judges:
+        return None
+    field = "domain.eval.classifier"
+    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype, permit=permit)
+    if cfg.base_model is None:
+        loaded = load_model(
+            cfg.model,
+            None,
+            settings,
+            field=f"{field}.model",
+            need_chat_template=cfg.preset == "llama_guard_3",
+            **common,
+        )
+        return judges.ClassifierJudge(cfg.preset, loaded.model, loaded.tokenizer, cfg.template)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_model(
+        cfg.base_model,
+        None,
+        settings,
+        field=f"{field}.base_model",
+        need_chat_template=False,
+        **common,
+    )
+    grant = permit.grant("model", cfg.model, None, f"{field}.model")
+    adapter = Path(grant.target)
+    if grant.location != "local":
+        adapter, _ = resolve(grant, settings)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
+    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if has_tokenizer else base.tokenizer
+    return judges.ClassifierJudge(cfg.preset, model, tokenizer, cfg.template)
 
 
 def build_calibration(
@@ -171,6 +393,23 @@ def drop_refusals(
             "spec, more prompts, or another elicitation.harmful_prefix"
         )
     return kept, dropped
+
+
+def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
+    """Harm and preserve scores, in process or on FSDP2 ranks (which reload the model)."""
+    if ctx.attribution_processes > 1:
+        loaded, scores = distributed_scores(ctx, calibration, q_max)
+        return replace(ctx, loaded=loaded), scores
+    scores = compute_scores(
+        ctx.loaded,
+        calibration,
+        ctx.config,
+        q_max,
+        ctx.progress,
+        ctx.should_cancel,
+        ctx.recompute,
+    )
+    return ctx, scores
 
 
 def compute_scores(
@@ -297,268 +536,6 @@ def distributed_scores(
         loaded.dtype,
     )
     return reloaded, Scores(attribution.scored_parameters(reloaded.model), result.scores)
-
-
-def run(
-    config: HardenConfig,
-    settings: Settings,
-    out_dir: Path,
-    *,
-    on_progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    overwrite: bool = False,
-    job_id: str | None = None,
-    attribution_processes: int = 1,
-    permit: Permit | None = None,
-) -> Report:
-    """Harden one model for one domain; write the result into `out_dir` (see the module doc).
-
-    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
-    `permit`: what the job may load, made by the tenant's policy on a worker; default: the
-    operator's own (the CLI), which grants every reference the config names.
-    Every generation input of the job is cut to the spec's max_length tokens (the report and
-    the card say how many were)."""
-    with data.generation_budget(config.domain.max_length):
-        return _run(
-            config,
-            settings,
-            out_dir,
-            on_progress=on_progress,
-            should_cancel=should_cancel,
-            overwrite=overwrite,
-            job_id=job_id,
-            attribution_processes=attribution_processes,
-            permit=permit or operator_permit(config),
-        )
-
-
-def _run(
-    config: HardenConfig,
-    settings: Settings,
-    out_dir: Path,
-    *,
-    on_progress: ProgressFn | None,
-    should_cancel: CancelFn | None,
-    overwrite: bool,
-    job_id: str | None,
-    attribution_processes: int,
-    permit: Permit,
-) -> Report:
-    timings: dict[str, float] = {}
-    seed_everything(config.seed)
-
-    def timed(stage: str) -> _Timer:
-        return _Timer(stage, timings)
-
-    # The output target is checked first so that a bad path fails before minutes of work.
-    with staged_output(out_dir, overwrite=overwrite) as staging:
-        with timed("load"):
-            sets = split_sets(config, permit)
-            progress = on_progress or _noop_progress
-            ctx = load(
-                config, settings, progress, should_cancel, attribution_processes, job_id, permit
-            )
-        ctx.check_cancel()
-        with timed("elicit"):
-            calibration = build_calibration(ctx, sets.harmful, sets.benign)
-            ctx.check_cancel()
-            heldouts = build_heldouts(ctx, sets)
-        with timed("evaluate"):
-            originals = measure_originals(ctx, heldouts)
-        original_benchmarks = None
-        if ctx.spec.eval.benchmarks is not None:
-            with timed("benchmarks_original"):
-                original_benchmarks = ctx.run_benchmarks()
-        ctx.check_cancel()
-        q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
-        with timed("attribute"):
-            ctx, scores = attribute(ctx, calibration, max(q_values))
-        with timed("search"):
-            trace = search(ctx, scores, q_values, heldouts, originals)
-        with timed("select"):
-            q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
-        ctx.check_cancel()
-        with timed("verify"):
-            verified = verify_sets(ctx, scores, mask, heldouts, originals, sets)
-        benchmarks_result = None
-        if original_benchmarks is not None:
-            with timed("benchmarks"):
-                first_control = verified.first_control
-                benchmarks_result = verify_benchmarks(
-                    ctx, scores, mask, first_control, original_benchmarks
-                )
-        ctx.check_cancel()
-        tamper_result = None
-        if ctx.spec.tamper is not None:
-            with timed("tamper"):
-                tamper_result = tamper_check(ctx, scores, mask, heldouts.test)
-        attacks_result = None
-        if ctx.spec.attacks is not None:
-            with timed("attacks"):
-                attacks_result = run_attacks(ctx, scores, mask, calibration, heldouts)
-        found = (verified, benchmarks_result, tamper_result, attacks_result)
-        failures += [f for result in found if result is not None for f in result.failures]
-        report = build_report(
-            ctx, sets, calibration, scores, chosen, mask, q, heldouts, verified, trace, failures
-        ).model_copy(
-            update={
-                "benchmarks": benchmarks_result,
-                "tamper": tamper_result,
-                "attacks": attacks_result,
-            }
-        )
-        with timed("save"):
-            report = save(ctx, report, mask, staging, timings)
-    return report
-
-
-def load(
-    config: HardenConfig,
-    settings: Settings,
-    progress: ProgressFn,
-    should_cancel: CancelFn | None,
-    attribution_processes: int = 1,
-    job_id: str | None = None,
-    permit: Permit | None = None,
-) -> JobContext:
-    """Preflight (config files only: a job this machine cannot run fails before any weight is
-    read), then the model and the judge model."""
-    progress("load", 0, 1)
-    permit = permit or operator_permit(config)
-    if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
-        tasks = config.domain.eval.benchmarks.tasks
-        manager = benchmarks.check_tasks(tasks)
-        if permit.policy == "operator":  # a tenant's permit already holds its tasks' datasets
-            refs = benchmarks.task_dataset_references(tasks, manager)
-            permit = permit.with_grants(locate_for_operator(r) for r in refs)
-    model_grant = permit.grant("model", config.model, config.revision, "model")
-    planned = preflight.check_before_loading(
-        config, settings, attribution_processes, hub_only=model_grant.location == "hub"
-    )
-    # the estimate decides `auto` (it knows the device); without one, only "on" is on.
-    # FSDP2 ranks never recompute.
-    recompute = attribution_processes == 1 and (
-        planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
-    )
-    loaded = load_model(
-        config.model,
-        config.revision,
-        settings,
-        permit=permit,
-        device=config.device,
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-        need_chat_template=config.domain.prompt_format == "chat",
-    )
-    ctx = JobContext(
-        config=config,
-        settings=settings,
-        loaded=loaded,
-        progress=progress,
-        should_cancel=should_cancel,
-        classifier=_load_classifier(config, settings, permit),
-        recompute=recompute,
-        permit=permit,
-        attribution_processes=attribution_processes,
-        job_id=job_id,
-    )
-    progress("load", 1, 1)
-    return ctx
-
-
-def _load_classifier(
-    config: HardenConfig, settings: Settings, permit: Permit
-) -> judges.ClassifierJudge | None:
-    """The classifier judge, loaded once per job; its references are validated like any model
-    reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
-    base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
-    cfg = config.domain.eval.classifier
-    if cfg is None or "classifier" not in config.domain.eval.judges:
-        return None
-    field = "domain.eval.classifier"
-    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype, permit=permit)
-    if cfg.base_model is None:
-        loaded = load_model(
-            cfg.model,
-            None,
-            settings,
-            field=f"{field}.model",
-            need_chat_template=cfg.preset == "llama_guard_3",
-            **common,
-        )
-        return judges.ClassifierJudge(cfg.preset, loaded.model, loaded.tokenizer, cfg.template)
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base = load_model(
-        cfg.base_model,
-        None,
-        settings,
-        field=f"{field}.base_model",
-        need_chat_template=False,
-        **common,
-    )
-    grant = permit.grant("model", cfg.model, None, f"{field}.model")
-    adapter = Path(grant.target)
-    if grant.location != "local":
-        adapter, _ = resolve(grant, settings)
-    if not (adapter / "adapter_config.json").is_file():
-        raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
-    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if has_tokenizer else base.tokenizer
-    return judges.ClassifierJudge(cfg.preset, model, tokenizer, cfg.template)
-
-
-def verify_standard(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    standard: evaluation.HeldOut,
-    original: evaluation.ModelMetrics,
-    sets: PromptSets,
-) -> StandardHarmResult:
-    """The standard harm set's test part: the hardened model and the same controls as the spec's
-    test set (teacher forced when nll decides: the gate's figure; with every judge when a
-    behaviour judge decides), with intervals; gated on the lower bound of the paired margin over
-    each control (the hardened model must beat the stronger control here as well; its own
-    improvement is reported, the spec's required size of it applies to the spec's prompts)."""
-    t = ctx.spec.thresholds
-    hardened = ctx.measure(standard, ctx.standard_level)
-    metrics, evidence = with_controls(
-        ctx, scores, mask, first_control, standard, original, hardened, ctx.standard_level
-    )
-    cfg = ctx.spec.eval.standard_harm
-    return StandardHarmResult(
-        source=standard_harm.SOURCE,
-        categories=list(cfg.categories),
-        prompts=dict(sets.standard_sizes),
-        measured=len(standard.harmful),
-        dropped_refusals=standard.dropped_refusals,
-        metrics=metrics,
-        evidence=evidence,
-        failures=harm_gate_failures(
-            evidence, hardened, original, t, "standard harm set: ", require_improvement=False
-        ),
-    )
-
-
-def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
-    """Harm and preserve scores, in process or on FSDP2 ranks (which reload the model)."""
-    if ctx.attribution_processes > 1:
-        loaded, scores = distributed_scores(ctx, calibration, q_max)
-        return replace(ctx, loaded=loaded), scores
-    scores = compute_scores(
-        ctx.loaded,
-        calibration,
-        ctx.config,
-        q_max,
-        ctx.progress,
-        ctx.should_cancel,
-        ctx.recompute,
-    )
-    return ctx, scores
 
 
 def search(
@@ -759,66 +736,6 @@ def harm_gate_failures(
     )
 
 
-def verify_general(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    general: evaluation.HeldOut,
-    original: evaluation.ModelMetrics,
-    sizes: dict[str, int],
-) -> GeneralBenignResult:
-    """The general benign test part: the hardened model (every measure) and the first random
-    control (teacher forced) against the original, with intervals; the spec's benign thresholds
-    apply to it too, so a narrow spec cannot hide general damage."""
-    seed = ctx.config.seed
-    hardened = ctx.measure(general, "full")
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
-    )
-    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
-    return GeneralBenignResult(
-        prompts=sizes,
-        original=original,
-        hardened=hardened,
-        random_control=random_control,
-        intervals={
-            "hardened": verification.headline(hardened, original, seed),
-            "random_control": verification.headline(random_control, original, seed),
-        },
-        failures=[f"general benign set: {f}" for f in failures],
-    )
-
-
-def verify_benchmarks(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    original: list[benchmarks.BenchmarkResult],
-) -> BenchmarksSummary:
-    """The lm-eval tasks on the hardened model and the first random control; any score that
-    drops by more than thresholds.max_benchmark_drop fails the job."""
-    hardened = ctx.run_benchmarks()
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, ctx.run_benchmarks
-    )
-    limit = ctx.spec.thresholds.max_benchmark_drop
-    failures = [
-        f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
-        f"(drop {d.drop:.3f} > {limit:.3f})"
-        for d in benchmarks.compare_benchmarks(original, hardened)
-        if limit is not None and not d.drop <= limit  # NaN fails too
-    ]
-    return BenchmarksSummary(
-        original=original,
-        hardened=hardened,
-        random_control=random_control,
-        max_drop=limit,
-        failures=failures,
-    )
-
-
 def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Evidence:
     """The test-set comparisons with intervals; each control's harm improvement by the deciding
     judge (random: the mean over the seeds where that judge was measured), and the stronger."""
@@ -883,6 +800,100 @@ def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Eviden
     )
 
 
+def verify_general(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    general: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sizes: dict[str, int],
+) -> GeneralBenignResult:
+    """The general benign test part: the hardened model (every measure) and the first random
+    control (teacher forced) against the original, with intervals; the spec's benign thresholds
+    apply to it too, so a narrow spec cannot hide general damage."""
+    seed = ctx.config.seed
+    hardened = ctx.measure(general, "full")
+    random_control = verification.measure_control(
+        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
+    )
+    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
+    return GeneralBenignResult(
+        prompts=sizes,
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        intervals={
+            "hardened": verification.headline(hardened, original, seed),
+            "random_control": verification.headline(random_control, original, seed),
+        },
+        failures=[f"general benign set: {f}" for f in failures],
+    )
+
+
+def verify_standard(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    standard: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sets: PromptSets,
+) -> StandardHarmResult:
+    """The standard harm set's test part: the hardened model and the same controls as the spec's
+    test set (teacher forced when nll decides: the gate's figure; with every judge when a
+    behaviour judge decides), with intervals; gated on the lower bound of the paired margin over
+    each control (the hardened model must beat the stronger control here as well; its own
+    improvement is reported, the spec's required size of it applies to the spec's prompts)."""
+    t = ctx.spec.thresholds
+    hardened = ctx.measure(standard, ctx.standard_level)
+    metrics, evidence = with_controls(
+        ctx, scores, mask, first_control, standard, original, hardened, ctx.standard_level
+    )
+    cfg = ctx.spec.eval.standard_harm
+    return StandardHarmResult(
+        source=standard_harm.SOURCE,
+        categories=list(cfg.categories),
+        prompts=dict(sets.standard_sizes),
+        measured=len(standard.harmful),
+        dropped_refusals=standard.dropped_refusals,
+        metrics=metrics,
+        evidence=evidence,
+        failures=harm_gate_failures(
+            evidence, hardened, original, t, "standard harm set: ", require_improvement=False
+        ),
+    )
+
+
+def verify_benchmarks(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    original: list[benchmarks.BenchmarkResult],
+) -> BenchmarksSummary:
+    """The lm-eval tasks on the hardened model and the first random control; any score that
+    drops by more than thresholds.max_benchmark_drop fails the job."""
+    hardened = ctx.run_benchmarks()
+    random_control = verification.measure_control(
+        scores.params, mask, first_control, ctx.run_benchmarks
+    )
+    limit = ctx.spec.thresholds.max_benchmark_drop
+    failures = [
+        f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
+        f"(drop {d.drop:.3f} > {limit:.3f})"
+        for d in benchmarks.compare_benchmarks(original, hardened)
+        if limit is not None and not d.drop <= limit  # NaN fails too
+    ]
+    return BenchmarksSummary(
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        max_drop=limit,
+        failures=failures,
+    )
+
+
 def tamper_check(
     ctx: JobContext, scores: Scores, mask: PruneMask, heldout: evaluation.HeldOut
 ) -> tamper.TamperResult:
@@ -939,38 +950,6 @@ def run_attacks(
         should_cancel=ctx.should_cancel,
         permit=ctx.permit,
     )
-
-
-def save(
-    ctx: JobContext, report: Report, mask: PruneMask, staging: Path, timings: dict[str, float]
-) -> Report:
-    """Weights and mask only when accepted; the report, card and plots always."""
-    ctx.progress("save", 0, 1)
-    if report.outcome == "accepted":
-        save_checkpoint(
-            ctx.loaded.model, ctx.loaded.tokenizer, staging, ctx.settings.max_shard_size
-        )
-        save_mask(
-            mask,
-            staging / MASK_FILE,
-            {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
-        )
-    ctx.check_cancel()
-    key = ctx.settings.signing_key
-    src = ctx.loaded.source
-    bound = binding.bind(
-        staging,
-        report.inputs.spec_hash,
-        signing.signer_identity(key) if key is not None else None,
-        base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
-    )
-    report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
-    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
-    card.write_card(report, staging, base_config=ctx.loaded.model.config)
-    if key is not None:  # last: the signature covers every file, the report and card included
-        signing.sign_checkpoint(staging, key)
-    ctx.progress("save", 1, 1)
-    return report
 
 
 def build_report(
@@ -1046,12 +1025,33 @@ def build_report(
     )
 
 
-class _Timer:
-    def __init__(self, stage: str, timings: dict[str, float]) -> None:
-        self.stage, self.timings = stage, timings
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.timings[self.stage] = round(time.perf_counter() - self.start, 3)
+def save(
+    ctx: JobContext, report: Report, mask: PruneMask, staging: Path, timings: dict[str, float]
+) -> Report:
+    """Weights and mask only when accepted; the report, card and plots always."""
+    ctx.progress("save", 0, 1)
+    if report.outcome == "accepted":
+        save_checkpoint(
+            ctx.loaded.model, ctx.loaded.tokenizer, staging, ctx.settings.max_shard_size
+        )
+        save_mask(
+            mask,
+            staging / MASK_FILE,
+            {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
+        )
+    ctx.check_cancel()
+    key = ctx.settings.signing_key
+    src = ctx.loaded.source
+    bound = binding.bind(
+        staging,
+        report.inputs.spec_hash,
+        signing.signer_identity(key) if key is not None else None,
+        base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
+    )
+    report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
+    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
+    card.write_card(report, staging, base_config=ctx.loaded.model.config)
+    if key is not None:  # last: the signature covers every file, the report and card included
+        signing.sign_checkpoint(staging, key)
+    ctx.progress("save", 1, 1)
+    return report
