@@ -16,6 +16,11 @@ Lifecycle of a job (each stage reports progress as (stage, done, total)):
   save       checkpoint + mask + report.json + model card + plots, atomically into out_dir;
              a rejected job writes the report, card and plots but no weights
 
+Each stage is a function below, in the order `run` calls them; the work is done in the
+subpackages: the prompt sets, the model and its answers in `harmprune.inputs`, the scores and
+the pruning in `harmprune.method`, measuring and deciding in `harmprune.measure` (with the
+job's `JobContext`) and `harmprune.attacks`, what is written in `harmprune.output`.
+
 Used in-process by the CLI (the embedded default) and by the Celery workers alike.
 """
 
