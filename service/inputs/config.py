@@ -259,7 +259,7 @@ class EvalConfig(Strict):
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     allow_small_test: bool = Field(
         False,
-        description="Allow fewer than 30 test prompts per side (MIN_TEST_PROMPTS:"
+        description="Allow fewer than 30 test prompts per side (harmprune.inputs.config.MIN_TEST_PROMPTS:"
         " below it a bootstrap interval under-covers); the card then calls the verdict "
         "indicative.",
     )
