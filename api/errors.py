@@ -20,7 +20,7 @@ from harmprune.errors import (
     RequestRefused,
     ServiceUnavailable,
 )
-from harmprune.preflight import HubUnreachable
+from harmprune.inputs.preflight import HubUnreachable
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("api")

@@ -6,10 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from harmprune.inputs.preflight import Estimate
 from harmprune.jobs.store import JobRecord, JobState
 from harmprune.jobs.submission import JobRequest
 from harmprune.jobs.submission import PublishIn as PublishIn
-from harmprune.preflight import Estimate
 from pydantic import BaseModel, ConfigDict, Field
 
 # The request body is the job layer's (harmprune.jobs.submission): one schema for the API and

@@ -3,10 +3,10 @@
 Five strategies over one calibration set (N harmful + N benign examples of T tokens), each in a
 fresh subprocess so that its peak RSS is its own:
 
-  a  ours, batch 1:  harmprune.attribution.score_harm (batch 8, back-propagated in slices of at
+  a  ours, batch 1:  harmprune.method.attribution.score_harm (batch 8, back-propagated in slices of at
                  most --max-backward-tokens padded tokens, the pipeline's default 1024) +
                  score_preserve(sum_abs, sum_abs_strategy="per_sample": one backward per
-                 sample), then harmprune.selection.select per matrix
+                 sample), then harmprune.method.selection.select per matrix
   b  reference:  gradients for ONE decoder layer at a time; the whole set forward+backward once
                  per layer (harm batched like ours, preserve one sample at a time), same score
                  formulas, same selection (btap-method.md, "Cost of the reference implementation")
@@ -55,11 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harmprune.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
+from harmprune.inputs.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
 
 if TYPE_CHECKING:
     import torch
-    from harmprune.data import Example
+    from harmprune.inputs.data import Example
 
 
 def _import_heavy() -> None:
@@ -67,8 +67,8 @@ def _import_heavy() -> None:
     global torch, attribution, selection, IGNORE_INDEX, CalibrationPair, Example, collate
     global tokenize_pair
     import torch
-    from harmprune import attribution, selection
-    from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
+    from harmprune.inputs.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
+    from harmprune.method import attribution, selection
 
 
 HARM_BATCH = 8  # the pipeline's default batch size (HardenConfig.batch_size)
@@ -105,8 +105,8 @@ def load(args: argparse.Namespace) -> tuple[torch.nn.Module, int, Any]:
         config = llama_config(BENCH_LLAMA)
         model = LlamaForCausalLM(config).float().eval()
         return model, 0, None
-    from harmprune.loading import load_model
-    from harmprune.references import model_permit
+    from harmprune.inputs.loading import load_model
+    from harmprune.inputs.references import model_permit
     from harmprune.settings import Settings
 
     loaded = load_model(

@@ -13,11 +13,11 @@ import json
 import time
 
 import torch
-from harmprune import data
-from harmprune.config import load_domain
-from harmprune.generation import generate_greedy
-from harmprune.loading import load_model
-from harmprune.references import model_permit
+from harmprune.inputs import data
+from harmprune.inputs.config import load_domain
+from harmprune.inputs.generation import generate_greedy
+from harmprune.inputs.loading import load_model
+from harmprune.inputs.references import model_permit
 from harmprune.settings import Settings
 
 

@@ -4,7 +4,7 @@ A prepared script for a lent H100 (no download: the model is built from a LlamaC
 on the GPU in bf16 with random weights; the tokens are random ids). Runs over the SAME
 batches, in one process:
 
-  ours         harmprune.pipeline.compute_scores: harmprune.attribution.score_harm (batch 8)
+  ours         harmprune.pipeline.compute_scores: harmprune.method.attribution.score_harm (batch 8)
                then score_preserve (batch 8; sum_abs by per-sample products of each layer in one
                batched backward, the default), each score map reduced to the per-matrix
                RankedScores as soon as it is computed
@@ -42,8 +42,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from harmprune import attribution, pipeline  # noqa: E402
-from harmprune.data import IGNORE_INDEX, Example, collate  # noqa: E402
+from harmprune import pipeline  # noqa: E402
+from harmprune.inputs.data import IGNORE_INDEX, Example, collate  # noqa: E402
+from harmprune.method import attribution  # noqa: E402
 
 from tests.tiny_models import BENCH_LLAMA_2_LAYERS  # noqa: E402
 
@@ -279,7 +280,7 @@ def goal_verdict(report: dict[str, Any]) -> dict[str, Any]:
 
 def a_priori(n_params: int, tokens: int, args: argparse.Namespace) -> str:
     """What to expect before running: planned sustained TFLOP/s from the preflight."""
-    from harmprune.preflight import PLANNED_TFLOPS
+    from harmprune.inputs.preflight import PLANNED_TFLOPS
 
     planned = PLANNED_TFLOPS["nvidia-h100" if args.device.startswith("cuda") else "cpu"]
     tflop = 6 * n_params * tokens / 1e12

@@ -1,4 +1,4 @@
-"""`harmprune audit`: check a hardened checkpoint you did not make (harmprune.audit does it).
+"""`harmprune audit`: check a hardened checkpoint you did not make (harmprune.audit.checks does it).
 
 Exit codes: 0 every check holds, 3 a check failed (the verdict says which), 2 bad input.
 """
@@ -46,7 +46,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from harmprune.audit import render_table, run_audit
+    from harmprune.audit.checks import render_table, run_audit
     from harmprune.errors import SpecError
 
     if args.public_key is not None and not args.public_key.is_file():

@@ -200,7 +200,7 @@ def _add_preflight(sub: Any) -> None:
 
 
 def cmd_preflight(args: argparse.Namespace) -> int:
-    from harmprune.preflight import estimate
+    from harmprune.inputs.preflight import estimate
 
     result = estimate(
         args.model_dir,
@@ -223,8 +223,8 @@ def cmd_preflight(args: argparse.Namespace) -> int:
 
 
 def build_config(args: argparse.Namespace) -> Any:
-    from harmprune.config import format_validation_error, harden_config, load_domain
     from harmprune.errors import SpecError
+    from harmprune.inputs.config import format_validation_error, harden_config, load_domain
     from pydantic import ValidationError
 
     spec = load_domain(args.domain)
@@ -285,7 +285,7 @@ def _harden(args: argparse.Namespace) -> int:
     config = build_config(args)
     settings = Settings(**({"signing_key": args.signing_key} if args.signing_key else {}))
     if settings.signing_key is not None:  # a bad key fails now, not after the whole job
-        from harmprune.signing import signer_identity
+        from harmprune.output.signing import signer_identity
 
         signer_identity(settings.signing_key)
     _quiet_library_bars()
@@ -339,7 +339,7 @@ def print_summary(report: Any, out: Path) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from harmprune.restore import restore_checkpoint
+    from harmprune.output.restore import restore_checkpoint
 
     restore_checkpoint(args.checkpoint, args.out)
     print(f"restored original weights into {args.out}")

@@ -111,7 +111,7 @@ def _check_signing_key() -> None:
 
     key = Settings().signing_key
     if key is not None:
-        from harmprune.signing import signer_identity
+        from harmprune.output.signing import signer_identity
 
         signer_identity(key)
 
@@ -322,7 +322,7 @@ def _add_pull(sub: Any) -> None:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from harmprune.publishing import LOCAL_URL_SCHEME
+    from harmprune.output.publishing import LOCAL_URL_SCHEME
 
     repo_id, revision, url = args.ref, args.revision, None
     if JOB_ID_PATTERN.match(args.ref):
@@ -345,7 +345,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _local_directory(repo_id: str) -> Path:
-    from harmprune.publishing import LocalPublisher
+    from harmprune.output.publishing import LocalPublisher
     from harmprune.settings import Settings
 
     return LocalPublisher(Settings().local_publish_dir()).directory(repo_id)
@@ -354,7 +354,7 @@ def _local_directory(repo_id: str) -> Path:
 def _copy_local(source: Path, out: Path, commit_sha: str | None = None) -> None:
     import shutil
 
-    from harmprune.publishing import JOB_MARKER, list_folder_files, tree_digest
+    from harmprune.output.publishing import JOB_MARKER, list_folder_files, tree_digest
 
     if not source.is_dir():
         raise ServiceCommandError(

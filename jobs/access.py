@@ -2,7 +2,7 @@
 that the API runs before queueing (fast 4xx answers) and the worker runs again before any byte
 is fetched (the guarantee; the policy file or a repo's visibility may have changed since).
 
-References are found by type (harmprune.references), never by a list of field names. What a
+References are found by type (harmprune.inputs.references), never by a list of field names. What a
 tenant may name:
 
     model    the built-in alias; an absolute path under the operator's model roots
@@ -23,11 +23,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from harmprune.config import HardenConfig
 from harmprune.errors import ModelLoadError, ServiceUnavailable
-from harmprune.jobs.tenants import TenantPolicy
-from harmprune.preflight import HubUnreachable, RepoFacts, RepoNotVisible, hub_repo_facts
-from harmprune.references import (
+from harmprune.inputs.config import HardenConfig
+from harmprune.inputs.preflight import HubUnreachable, RepoFacts, RepoNotVisible, hub_repo_facts
+from harmprune.inputs.references import (
     TASK_NAME,
     Grant,
     Permit,
@@ -37,6 +36,7 @@ from harmprune.references import (
     references,
     under_roots,
 )
+from harmprune.jobs.tenants import TenantPolicy
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS
 

@@ -19,8 +19,8 @@ import uuid
 from typing import Any
 
 import redis
+from harmprune.inputs.references import RevisionedModelRef
 from harmprune.jobs.store import JobError, JobState
-from harmprune.references import RevisionedModelRef
 from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,7 +62,7 @@ class AuditRecord(BaseModel):
     finished_at: float | None = None
     request: AuditCreate
     verdict: dict[str, Any] | None = Field(
-        None, description="harmprune.audit.Verdict as JSON: every check, and `passed`."
+        None, description="harmprune.audit.checks.Verdict as JSON: every check, and `passed`."
     )
     error: JobError | None = None
 
@@ -143,9 +143,9 @@ def execute_audit(audit_id: str, settings: Settings, store: AuditStore | None = 
     from pathlib import Path
 
     from harmprune.errors import HarmpruneError
+    from harmprune.inputs.references import Grant, Reference
     from harmprune.jobs.access import grant
     from harmprune.jobs.tenants import TenantPolicies
-    from harmprune.references import Grant, Reference
 
     log = logging.getLogger(__name__)
     store = store or AuditStore.from_settings(settings)
@@ -159,7 +159,7 @@ def execute_audit(audit_id: str, settings: Settings, store: AuditStore | None = 
         return grant(Reference("model", reference, revision, "base model"), policy, settings)
 
     try:
-        from harmprune.audit import run_audit  # the engine: in the worker's job process only
+        from harmprune.audit.checks import run_audit  # the engine: in the worker's job process only
 
         grant(Reference("model", request.repo_id, request.revision, "repo_id"), policy, settings)
         with tempfile.TemporaryDirectory(prefix="harmprune-audit-") as tmp:

@@ -3,8 +3,8 @@ what will it cost? Torch-free at import.
 
     access     every reference the job names, by the tenant's policy (harmprune.jobs.access);
                the model's Hub facts come with its config files here
-    files      config.json and tokenizer files only (harmprune.preflight.locate_config_files)
-    estimate   harmprune.preflight.estimate_job builds a meta model with torch: the API runs it
+    files      config.json and tokenizer files only (harmprune.inputs.preflight.locate_config_files)
+    estimate   harmprune.inputs.preflight.estimate_job builds a meta model with torch: the API runs it
                in a small pool of child processes (`Planner`), never in its own process
     route      a gpu job whose attribution does not fit one GPU goes to gpu-multi when the
                deployment has multi-GPU workers; a job that fits no worker is refused
@@ -27,16 +27,14 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from harmprune.config import (
+from harmprune.errors import HarmpruneError
+from harmprune.inputs.config import (
     HardenConfig,
     HubDataset,
     MultipleChoiceItem,
     Pair,
 )
-from harmprune.errors import HarmpruneError
-from harmprune.jobs.access import check_repo_access
-from harmprune.jobs.tenants import TenantPolicy
-from harmprune.preflight import (
+from harmprune.inputs.preflight import (
     CONFIG_FILES,
     ConfigFiles,
     Estimate,
@@ -45,7 +43,9 @@ from harmprune.preflight import (
     locate_config_files,
     write_gguf_config,
 )
-from harmprune.references import is_hub_id, not_readable
+from harmprune.inputs.references import is_hub_id, not_readable
+from harmprune.jobs.access import check_repo_access
+from harmprune.jobs.tenants import TenantPolicy
 from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict
 
@@ -92,7 +92,7 @@ def route(config: HardenConfig, directory: Path, hardware: str, capacity: Capaci
     `hardware` is what the job asked for. A GPU job whose attribution does not fit one GPU goes
     to the multi-GPU workers if the deployment has them; a job that fits no worker is refused
     with what is missing."""
-    from harmprune.preflight import estimate_job, refuse_unless_fits
+    from harmprune.inputs.preflight import estimate_job, refuse_unless_fits
 
     queue = hardware
     if queue == QUEUE_MULTI_GPU and capacity.multi_gpu_count < 2:
@@ -143,7 +143,7 @@ def check_time_limit(
     missing (preflight off, a repo the API could not see) or made under other limits: this is
     the guarantee. `devices`: 0 on the CPU; `hub_only`: the model was granted as a Hub id.
     Builds a meta model (torch)."""
-    from harmprune.preflight import estimate_job, fetch_config_files
+    from harmprune.inputs.preflight import estimate_job, fetch_config_files
 
     directory = fetch_config_files(config.model, config.revision, settings, hub_only=hub_only)
     if directory is None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from harmprune.errors import AttributionError, HarmpruneError, JobCancelled, PublishError
+from harmprune.inputs.references import Permit
 from harmprune.jobs.logs import JOB_ID, TENANT
 from harmprune.jobs.store import (
     Claim,
@@ -38,7 +39,6 @@ from harmprune.jobs.store import (
     Owner,
     ReportSummary,
 )
-from harmprune.references import Permit
 from harmprune.settings import Settings
 from harmprune.vocabulary import REPORT_FILE, overall_progress
 
@@ -195,7 +195,7 @@ def make_publisher(settings: Settings) -> Any:
     LocalPublisher into `publish_dir`. The token comes from the worker's environment only."""
     import os
 
-    from harmprune.publishing import HubPublisher, LocalPublisher
+    from harmprune.output.publishing import HubPublisher, LocalPublisher
 
     if settings.hub_enabled:
         return HubPublisher(token=settings.token_value(), endpoint=os.environ.get("HF_ENDPOINT"))
@@ -368,10 +368,10 @@ def permit_on_worker(record: JobRecord, settings: Settings) -> Permit:
     have changed since the job was queued, and a repo's visibility too): the permit the
     pipeline's loaders check. Here, where lm-eval is at hand, a built-in task's datasets become
     references too."""
-    from harmprune.benchmarks import task_dataset_references
-    from harmprune.config import HardenConfig
+    from harmprune.inputs.config import HardenConfig
     from harmprune.jobs.access import grant, permit_job
     from harmprune.jobs.tenants import TenantPolicies
+    from harmprune.measure.benchmarks import task_dataset_references
 
     policy = TenantPolicies.from_settings(settings).get(record.tenant)
     policy.check_publish(record.publish.repo_id)
@@ -383,9 +383,9 @@ def permit_on_worker(record: JobRecord, settings: Settings) -> Permit:
 
 
 def _run_pipeline(runner: JobRunner, record: JobRecord, out_dir: Path) -> dict[str, Any]:
-    from harmprune.config import HardenConfig
+    from harmprune.inputs.config import HardenConfig
+    from harmprune.output.report_json import report_json
     from harmprune.pipeline import run
-    from harmprune.report_json import report_json
 
     permit = permit_on_worker(record, runner.settings)
     config = HardenConfig.model_validate(record.config)

@@ -163,7 +163,7 @@ class JobRecord(_Model):
     queue: str = "gpu"
     config: dict[str, Any] = Field(description="HardenConfig as JSON: the worker reads it here.")
     preflight: dict[str, Any] | None = Field(
-        None, description="harmprune.preflight.Estimate as JSON: expected memory and time."
+        None, description="harmprune.inputs.preflight.Estimate as JSON: expected memory and time."
     )
     publish: PublishTarget
     spec_hash: str

@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from harmprune.config import (
+from harmprune.errors import QuotaExceeded, RequestRefused, ServiceUnavailable
+from harmprune.inputs.config import (
     RUN_OPTIONS,
     DomainSpec,
     HardenConfig,
@@ -30,7 +31,7 @@ from harmprune.config import (
     harden_config,
     load_domain,
 )
-from harmprune.errors import QuotaExceeded, RequestRefused, ServiceUnavailable
+from harmprune.inputs.references import RevisionedModelRef
 from harmprune.jobs.access import permit_job
 from harmprune.jobs.planning import Plan, Planner, item_lists
 from harmprune.jobs.store import (
@@ -45,7 +46,6 @@ from harmprune.jobs.store import (
     new_job_id,
 )
 from harmprune.jobs.tenants import TenantPolicy
-from harmprune.references import RevisionedModelRef
 from harmprune.settings import Settings
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -55,7 +55,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 # The largest request body (a domain spec with its inline examples) the API reads; the
 # OpenAPI schema states it (`x-max-body-bytes`), the API's body limit enforces it.
 # Prompt items a job may hold in all: every list of pairs, Hub datasets (by their `limit`) or
-# multiple-choice items anywhere in the spec, together (harmprune.preflight prices each list).
+# multiple-choice items anywhere in the spec, together (harmprune.inputs.preflight prices each list).
 MAX_SPEC_ITEMS = 10_000
 
 

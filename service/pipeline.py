@@ -16,6 +16,11 @@ Lifecycle of a job (each stage reports progress as (stage, done, total)):
   save       checkpoint + mask + report.json + model card + plots, atomically into out_dir;
              a rejected job writes the report, card and plots but no weights
 
+Each stage is a function below, in the order `run` calls them; the work is done in the
+subpackages: the prompt sets, the model and its answers in `harmprune.inputs`, the scores and
+the pruning in `harmprune.method`, measuring and deciding in `harmprune.measure` (with the
+job's `JobContext`) and `harmprune.attacks`, what is written in `harmprune.output`.
+
 Used in-process by the CLI (the embedded default) and by the Celery workers alike.
 """
 
@@ -27,47 +32,42 @@ import math
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from harmprune import (
-    attacks,
-    attribution,
-    benchmarks,
-    binding,
-    card,
-    data,
-    evaluation,
-    general_benign,
-    judges,
-    preflight,
-    report_json,
-    selection,
-    signing,
-    standard_harm,
-    stats,
-    tamper,
-    verification,
-)
-from harmprune.checkpoint import save_checkpoint, staged_output, write_json
-from harmprune.config import (
-    DomainSpec,
+from harmprune import attacks
+from harmprune.errors import CalibrationError, SpecError
+from harmprune.inputs import data, preflight, standard_harm
+from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
     Elicitation,
-    EvalConfig,
-    GeneralBenignConfig,
     HardenConfig,
     Pair,
-    Source,
     Thresholds,
 )
-from harmprune.errors import CalibrationError, JobCancelled, SpecError
-from harmprune.loading import LoadedModel, load_model, load_resolved, resolve
-from harmprune.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
-from harmprune.references import Permit, locate_for_operator, operator_permit
-from harmprune.report import (
+from harmprune.inputs.loading import LoadedModel, load_model, load_resolved, resolve
+from harmprune.inputs.references import Permit, locate_for_operator, operator_permit
+from harmprune.inputs.sets import PromptSets, split_sets
+from harmprune.measure import benchmarks, evaluation, judges, stats, tamper, verification
+from harmprune.measure.job import (
+    CancelFn,
+    HeldOuts,
+    JobContext,
+    Originals,
+    ProgressFn,
+    build_heldouts,
+    measure_controls,
+    measure_originals,
+    refusal_filter,
+)
+from harmprune.method import attribution, selection
+from harmprune.method.pruning import MASK_FILE, PruneMask, apply_pruning, save_mask
+from harmprune.output import binding, card, report_json, signing
+from harmprune.output.checkpoint import save_checkpoint, staged_output, write_json
+from harmprune.output.report import (
     BenchmarksSummary,
     CalibrationSummary,
     ControlSummary,
@@ -84,9 +84,6 @@ from harmprune.report import (
 )
 from harmprune.settings import Settings
 from harmprune.vocabulary import REPORT_FILE
-
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 
 
 @dataclass
@@ -115,72 +112,128 @@ class Scores:
     selector: selection.RankedScores | selection.FullScores  # .select(q) -> per-matrix selections
 
 
-@dataclass(frozen=True)
-class JobContext:
-    """What the stages of one job share: the job's config and settings, the loaded model, the
-    judge model (if any) and the progress and cancel callbacks. Built once by `load`; the
-    distributed attribution replaces `loaded` (it reloads the model) via `dataclasses.replace`."""
+def run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None = None,
+    should_cancel: CancelFn | None = None,
+    overwrite: bool = False,
+    job_id: str | None = None,
+    attribution_processes: int = 1,
+    permit: Permit | None = None,
+) -> Report:
+    """Harden one model for one domain; write the result into `out_dir` (see the module doc).
 
-    config: HardenConfig
-    settings: Settings
-    loaded: LoadedModel
-    progress: ProgressFn
-    should_cancel: CancelFn | None
-    classifier: judges.ClassifierJudge | None
-    recompute: bool  # gradient checkpointing in the attribution (decided by the preflight)
-    permit: Permit  # what this job may load (harmprune.references)
-    attribution_processes: int = 1
-    job_id: str | None = None
-
-    @property
-    def spec(self) -> DomainSpec:
-        return self.config.domain
-
-    @property
-    def fmt(self) -> data.PromptFormat:
-        return self.spec.prompt_format
-
-    def check_cancel(self) -> None:
-        if self.should_cancel and self.should_cancel():
-            raise JobCancelled("the job was cancelled")
-
-    def run_benchmarks(self) -> list[benchmarks.BenchmarkResult]:
-        """The spec's lm-eval tasks on the model as it is now (in memory, no reload)."""
-        assert self.spec.eval.benchmarks is not None
-        return benchmarks.run_benchmarks(
-            self.loaded.model, self.loaded.tokenizer, self.spec.eval.benchmarks, self.permit
+    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
+    `permit`: what the job may load, made by the tenant's policy on a worker; default: the
+    operator's own (the CLI), which grants every reference the config names.
+    Every generation input of the job is cut to the spec's max_length tokens (the report and
+    the card say how many were)."""
+    with data.generation_budget(config.domain.max_length):
+        return _run(
+            config,
+            settings,
+            out_dir,
+            on_progress=on_progress,
+            should_cancel=should_cancel,
+            overwrite=overwrite,
+            job_id=job_id,
+            attribution_processes=attribution_processes,
+            permit=permit or operator_permit(config),
         )
 
-    @property
-    def deciding_judge(self) -> str:
-        return verification.deciding_judge(
-            self.spec.thresholds, list(self.spec.eval.judges), self.classifier is not None
-        )
 
-    @property
-    def standard_level(self) -> str:
-        """How far the standard harm set is measured: with every judge when a behaviour judge
-        decides harm, teacher forced (its gate's figure, nll) when nll decides."""
-        return "search" if self.deciding_judge == "nll" else "full"
+def _run(
+    config: HardenConfig,
+    settings: Settings,
+    out_dir: Path,
+    *,
+    on_progress: ProgressFn | None,
+    should_cancel: CancelFn | None,
+    overwrite: bool,
+    job_id: str | None,
+    attribution_processes: int,
+    permit: Permit,
+) -> Report:
+    timings: dict[str, float] = {}
+    seed_everything(config.seed)
 
-    def measure(
-        self, heldout: evaluation.HeldOut, level: str = "full", original: bool = False
-    ) -> evaluation.ModelMetrics:
-        """Every measure of the model as it is now, on `heldout` (`search`: teacher forced only;
-        `original`: the unchanged model that made `heldout`'s references, whose answers made
-        with them are reused)."""
-        return evaluation.evaluate(
-            self.loaded.model,
-            self.loaded.tokenizer,
-            heldout,
-            self.spec.eval,
-            fmt=self.fmt,
-            max_length=self.spec.max_length,
-            batch_size=self.config.batch_size,
-            classifier=self.classifier,
-            level=level,  # type: ignore[arg-type]
-            original=original,
+    def timed(stage: str) -> _Timer:
+        return _Timer(stage, timings)
+
+    # The output target is checked first so that a bad path fails before minutes of work.
+    with staged_output(out_dir, overwrite=overwrite) as staging:
+        with timed("load"):
+            sets = split_sets(config, permit)
+            progress = on_progress or _noop_progress
+            ctx = load(
+                config, settings, progress, should_cancel, attribution_processes, job_id, permit
+            )
+        ctx.check_cancel()
+        with timed("elicit"):
+            calibration = build_calibration(ctx, sets.harmful, sets.benign)
+            ctx.check_cancel()
+            heldouts = build_heldouts(ctx, sets)
+        with timed("evaluate"):
+            originals = measure_originals(ctx, heldouts)
+        original_benchmarks = None
+        if ctx.spec.eval.benchmarks is not None:
+            with timed("benchmarks_original"):
+                original_benchmarks = ctx.run_benchmarks()
+        ctx.check_cancel()
+        q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
+        with timed("attribute"):
+            ctx, scores = attribute(ctx, calibration, max(q_values))
+        with timed("search"):
+            trace = search(ctx, scores, q_values, heldouts, originals)
+        with timed("select"):
+            q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
+        ctx.check_cancel()
+        with timed("verify"):
+            verified = verify_sets(ctx, scores, mask, heldouts, originals, sets)
+        benchmarks_result = None
+        if original_benchmarks is not None:
+            with timed("benchmarks"):
+                first_control = verified.first_control
+                benchmarks_result = verify_benchmarks(
+                    ctx, scores, mask, first_control, original_benchmarks
+                )
+        ctx.check_cancel()
+        tamper_result = None
+        if ctx.spec.tamper is not None:
+            with timed("tamper"):
+                tamper_result = tamper_check(ctx, scores, mask, heldouts.test)
+        attacks_result = None
+        if ctx.spec.attacks is not None:
+            with timed("attacks"):
+                attacks_result = run_attacks(ctx, scores, mask, calibration, heldouts)
+        found = (verified, benchmarks_result, tamper_result, attacks_result)
+        failures += [f for result in found if result is not None for f in result.failures]
+        report = build_report(
+            ctx, sets, calibration, scores, chosen, mask, q, heldouts, verified, trace, failures
+        ).model_copy(
+            update={
+                "benchmarks": benchmarks_result,
+                "tamper": tamper_result,
+                "attacks": attacks_result,
+            }
         )
+        with timed("save"):
+            report = save(ctx, report, mask, staging, timings)
+    return report
+
+
+class _Timer:
+    def __init__(self, stage: str, timings: dict[str, float]) -> None:
+        self.stage, self.timings = stage, timings
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timings[self.stage] = round(time.perf_counter() - self.start, 3)
 
 
 def _noop_progress(stage: str, done: int, total: int) -> None:
@@ -192,227 +245,102 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass(frozen=True)
-class PromptSets:
-    """Three disjoint prompt sets. Calibration (`harmful`, `benign`) feeds attribution only;
-    validation makes the job's choices (the q search); test decides the verdict and gives every
-    number on the card, and chose nothing. `made_by` says how each set was made."""
-
-    harmful: list[Pair]
-    benign: list[Pair]
-    validation_harmful: list[Pair]
-    validation_benign: list[Pair]
-    test_harmful: list[Pair]
-    test_benign: list[Pair]
-    made_by: dict[str, str]
-    test_source: Literal["spec", "split"]  # split: a share of calibration is part of it
-    # harmprune's general benign set: its calibration and validation parts are already in
-    # `benign` / `validation_benign`; its test part is measured apart (empty: opted out).
-    general_test: list[Pair] = field(default_factory=list)
-    general_sizes: dict[str, int] = field(default_factory=dict)
-    # the standard harm set (HarmBench, harmprune.standard_harm): its validation part is in
-    # `validation_harmful`, its test part measured apart (empty: not measured)
-    standard_test: list[Pair] = field(default_factory=list)
-    standard_sizes: dict[str, int] = field(default_factory=dict)
-
-
-def split_sets(config: HardenConfig, permit: Permit | None = None) -> PromptSets:
-    """The spec's sets, or seeded shares split off calibration (test first, then validation,
-    which is made only when something is chosen: the search's candidates, or the fine-tune
-    grid's worst case); refused if a prompt repeats across sets. Hub datasets are loaded as
-    `permit` grants (default: the operator's)."""
-    spec = config.domain
-    permit = permit or operator_permit(config)
-    harmful, benign = data.calibration_sets(spec, permit)
-    frac, seed = spec.eval.heldout_fraction, config.seed
-    made_by = {"calibration": "the spec's harmful and benign examples"}
-    # near-duplicates stay on one side of a seeded split; word frequencies are counted over
-    # the calibration examples and the general benign set, as the final check sees most of them
-    general_prompts = (
-        [g.prompt for g in general_benign.load_general_benign()]
-        if spec.eval.general_benign.enabled
-        else []
-    )
-    pool = [p.prompt for p in harmful + benign] + general_prompts
-
-    def held_out(
-        set_name: str, given: list[Source], pairs: list[Pair], kind: str, split_seed: int
-    ) -> tuple[list[Pair], list[Pair], str]:
-        loaded = data.load_sources(given, permit, f"domain.eval.{set_name}{kind}")
-        if loaded:
-            return pairs, loaded, f"the spec's eval.{set_name}{kind}"
-        if len(pairs) < 2:
-            raise SpecError(
-                f"{kind.strip('.')}: give eval.{set_name}{kind} or at least 2 calibration "
-                "examples (a share is held out)"
-            )
-        kept, held = evaluation.split_heldout(pairs, frac, split_seed, pool)
-        return kept, held, f"a seeded {frac:.0%} share of the calibration {kind.strip('.')} set"
-
-    harmful, test_h, how_h = held_out("", spec.eval.harmful, harmful, "harmful", seed)
-    benign, test_b, how_b = held_out("", spec.eval.benign, benign, "benign", seed + 1)
-    made_by["test"] = f"harmful: {how_h}; benign: {how_b}"
-    val_h: list[Pair] = []
-    val_b: list[Pair] = []
-    val = spec.eval.validation
-    # a validation set whenever something is chosen: q (a sweep) or the fine-tune grid's worst
-    # case (attacks.finetune)
-    grid = spec.attacks is not None and spec.attacks.finetune is not None
-    if val.harmful or val.benign or len(spec.search.candidates(spec.pruning.q)) > 1 or grid:
-        harmful, val_h, how_h = held_out("validation.", val.harmful, harmful, "harmful", seed + 2)
-        benign, val_b, how_b = held_out("validation.", val.benign, benign, "benign", seed + 3)
-        made_by["validation"] = f"harmful: {how_h}; benign: {how_b}"
-    else:
-        made_by["validation"] = "none: q is fixed by the spec, nothing was chosen"
-    data.check_disjoint(
-        {"calibration": harmful + benign, "validation": val_h + val_b, "test": test_h + test_b}
-    )
-    check_test_size(spec.eval, {"eval.harmful": test_h, "eval.benign": test_b})
-    test_source: Literal["spec", "split"] = (
-        "spec" if spec.eval.harmful and spec.eval.benign else "split"
-    )
-    taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
-    sets = with_standard_harm(
-        config,
-        taken,
-        general_sets(config, harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source),
-    )
-    data.check_disjoint(
-        {
-            "calibration": sets.harmful + sets.benign,
-            "validation": sets.validation_harmful + sets.validation_benign,
-            "test": sets.test_harmful + sets.test_benign,
-            "general benign test": sets.general_test,
-            "standard harm test": sets.standard_test,
-        }
-    )
-    return sets
-
-
-def check_test_size(cfg: EvalConfig, sides: dict[str, list[Pair]]) -> None:
-    """At least stats.MIN_TEST_PROMPTS prompts per test side, unless eval.allow_small_test."""
-    if cfg.allow_small_test:
-        return
-    for name, prompts in sides.items():
-        if len(prompts) < stats.MIN_TEST_PROMPTS:
-            raise SpecError(
-                f"{name}: {len(prompts)} test prompts; at least {stats.MIN_TEST_PROMPTS} per side "
-                "are needed for the intervals the verdict is decided on (or set "
-                "eval.allow_small_test: true, and the card calls the verdict indicative)"
-            )
-
-
-def with_standard_harm(config: HardenConfig, taken: Sequence[str], sets: PromptSets) -> PromptSets:
-    """The standard harm set's parts added (its validation part joins validation harmful when
-    there is a validation set); its prompts that repeat or near-duplicate a prompt the job
-    already uses (`data.near_duplicate_pairs`) are left out, so the sets stay disjoint."""
-    cfg = config.domain.eval.standard_harm
-    if not cfg.active:
-        why = "disabled" if not cfg.enabled else "no eval.standard_harm.categories"
-        sets.made_by["standard_harm"] = f"none: not measured ({why})"
-        return sets
-    taken = [*taken, *(p.prompt for p in sets.general_test)]
-    shipped = standard_harm.load_standard_harm()
-    texts = [p.prompt for p in shipped]
-    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
-    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
-    split = standard_harm.split_standard_harm(prompts, cfg.categories, config.seed, cfg.sizes)
-    with_validation = bool(sets.validation_harmful or sets.validation_benign)
-    validation = [Pair(prompt=p.prompt) for p in split.validation] if with_validation else []
-    test = [Pair(prompt=p.prompt) for p in split.test]
-    check_test_size(config.domain.eval, {"eval.standard_harm (test part)": test})
-    sets.made_by["standard_harm"] = (
-        f"{standard_harm.SOURCE}, categories {', '.join(cfg.categories)}, split by the job's "
-        f"seed: {len(validation)} prompts joined the validation harmful set, {len(test)} are its "
-        "test part"
-    )
-    return replace(
-        sets,
-        validation_harmful=sets.validation_harmful + validation,
-        standard_test=test,
-        standard_sizes={"validation": len(validation), "test": len(test)},
-    )
-
-
-def general_sets(
+def load(
     config: HardenConfig,
-    harmful: list[Pair],
-    benign: list[Pair],
-    val_h: list[Pair],
-    val_b: list[Pair],
-    test_h: list[Pair],
-    test_b: list[Pair],
-    made_by: dict[str, str],
-    test_source: Literal["spec", "split"],
-) -> PromptSets:
-    """The sets with the general benign set's parts added (see `split_sets`)."""
-    spec, seed = config.domain, config.seed
-    taken = [p.prompt for p in harmful + benign + val_h + val_b + test_h + test_b]
-    general = general_benign_parts(spec.eval.general_benign, seed, taken)
-    if general is None:
-        made_by["general_benign"] = "none: the spec opted out (eval.general_benign: false)"
-        return PromptSets(harmful, benign, val_h, val_b, test_h, test_b, made_by, test_source)
-    with_validation = bool(val_h or val_b)
-    made_by["general_benign"] = (
-        f"harmprune's general benign set, split by the job's seed (stratified by category): "
-        f"{len(general.calibration)} prompts joined benign calibration, "
-        + (
-            f"{len(general.validation)} the validation set, "
-            if with_validation
-            else "none the validation set (there is none), "
-        )
-        + f"{len(general.test)} are its test part"
+    settings: Settings,
+    progress: ProgressFn,
+    should_cancel: CancelFn | None,
+    attribution_processes: int = 1,
+    job_id: str | None = None,
+    permit: Permit | None = None,
+) -> JobContext:
+    """Preflight (config files only: a job this machine cannot run fails before any weight is
+    read), then the model and the judge model."""
+    progress("load", 0, 1)
+    permit = permit or operator_permit(config)
+    if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
+        tasks = config.domain.eval.benchmarks.tasks
+        manager = benchmarks.check_tasks(tasks)
+        if permit.policy == "operator":  # a tenant's permit already holds its tasks' datasets
+            refs = benchmarks.task_dataset_references(tasks, manager)
+            permit = permit.with_grants(locate_for_operator(r) for r in refs)
+    model_grant = permit.grant("model", config.model, config.revision, "model")
+    planned = preflight.check_before_loading(
+        config, settings, attribution_processes, hub_only=model_grant.location == "hub"
     )
-
-    def as_pairs(part: list[general_benign.GeneralPrompt]) -> list[Pair]:
-        return [Pair(prompt=g.prompt) for g in part]
-
-    # every set against every other, the general set's parts included (near-duplicates)
-    data.check_disjoint(
-        {
-            "calibration": harmful + benign,
-            "validation": val_h + val_b,
-            "test": test_h + test_b,
-            "general calibration": as_pairs(general.calibration),
-            "general validation": as_pairs(general.validation) if with_validation else [],
-            "general test": as_pairs(general.test),
-        }
+    # the estimate decides `auto` (it knows the device); without one, only "on" is on.
+    # FSDP2 ranks never recompute.
+    recompute = attribution_processes == 1 and (
+        planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
     )
-
-    return PromptSets(
-        harmful,
-        benign + as_pairs(general.calibration),
-        val_h,
-        val_b + (as_pairs(general.validation) if with_validation else []),
-        test_h,
-        test_b,
-        made_by,
-        test_source,
-        general_test=as_pairs(general.test),
-        general_sizes={
-            "calibration": len(general.calibration),
-            "validation": len(general.validation) if with_validation else 0,
-            "test": len(general.test),
-        },
+    loaded = load_model(
+        config.model,
+        config.revision,
+        settings,
+        permit=permit,
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        need_chat_template=config.domain.prompt_format == "chat",
     )
+    ctx = JobContext(
+        config=config,
+        settings=settings,
+        loaded=loaded,
+        progress=progress,
+        should_cancel=should_cancel,
+        classifier=_load_classifier(config, settings, permit),
+        recompute=recompute,
+        permit=permit,
+        attribution_processes=attribution_processes,
+        job_id=job_id,
+    )
+    progress("load", 1, 1)
+    return ctx
 
 
-def general_benign_parts(
-    cfg: GeneralBenignConfig, seed: int, taken: Sequence[str]
-) -> general_benign.GeneralBenignSplit | None:
-    """The general benign set's three parts (None: opted out); its prompts that repeat or
-    near-duplicate a prompt of the spec (`data.near_duplicate_pairs`) are left out, so the sets
-    stay disjoint."""
-    if not cfg.enabled:
+def _load_classifier(
+    config: HardenConfig, settings: Settings, permit: Permit
+) -> judges.ClassifierJudge | None:
+    """The classifier judge, loaded once per job; its references are validated like any model
+    reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
+    base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
+    cfg = config.domain.eval.classifier
+    if cfg is None or "classifier" not in config.domain.eval.judges:
         return None
-    shipped = general_benign.load_general_benign()
-    texts = [p.prompt for p in shipped]
-    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
-    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
-    try:
-        return general_benign.split_general_benign(prompts, seed, cfg.sizes)
-    except ValueError as exc:
-        raise SpecError(f"eval.general_benign.sizes: {exc}") from exc
+    field = "domain.eval.classifier"
+    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype, permit=permit)
+    if cfg.base_model is None:
+        loaded = load_model(
+            cfg.model,
+            None,
+            settings,
+            field=f"{field}.model",
+            need_chat_template=cfg.preset == "llama_guard_3",
+            **common,
+        )
+        return judges.ClassifierJudge(cfg.preset, loaded.model, loaded.tokenizer, cfg.template)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = load_model(
+        cfg.base_model,
+        None,
+        settings,
+        field=f"{field}.base_model",
+        need_chat_template=False,
+        **common,
+    )
+    grant = permit.grant("model", cfg.model, None, f"{field}.model")
+    adapter = Path(grant.target)
+    if grant.location != "local":
+        adapter, _ = resolve(grant, settings)
+    if not (adapter / "adapter_config.json").is_file():
+        raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
+    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
+    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if has_tokenizer else base.tokenizer
+    return judges.ClassifierJudge(cfg.preset, model, tokenizer, cfg.template)
 
 
 def build_calibration(
@@ -452,17 +380,6 @@ def build_calibration(
     )
 
 
-def refusal_filter(
-    elicitation: Elicitation, max_new_tokens: int | None = None
-) -> judges.RefusalJudge | None:
-    """The judge that cleans elicited harmful answers (None: the spec turned it off), its word
-    limit scaled to the budget the answers were generated with: `max_new_tokens` (held-out
-    references: eval.max_new_tokens), else elicitation.max_new_tokens (calibration)."""
-    if not elicitation.drop_refusals:
-        return None
-    return judges.RefusalJudge.for_budget(max_new_tokens or elicitation.max_new_tokens)
-
-
 def drop_refusals(
     pairs: list[data.CalibrationPair], elicitation: Elicitation
 ) -> tuple[list[data.CalibrationPair], int]:
@@ -481,6 +398,23 @@ def drop_refusals(
             "spec, more prompts, or another elicitation.harmful_prefix"
         )
     return kept, dropped
+
+
+def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
+    """Harm and preserve scores, in process or on FSDP2 ranks (which reload the model)."""
+    if ctx.attribution_processes > 1:
+        loaded, scores = distributed_scores(ctx, calibration, q_max)
+        return replace(ctx, loaded=loaded), scores
+    scores = compute_scores(
+        ctx.loaded,
+        calibration,
+        ctx.config,
+        q_max,
+        ctx.progress,
+        ctx.should_cancel,
+        ctx.recompute,
+    )
+    return ctx, scores
 
 
 def compute_scores(
@@ -609,440 +543,24 @@ def distributed_scores(
     return reloaded, Scores(attribution.scored_parameters(reloaded.model), result.scores)
 
 
-def run(
-    config: HardenConfig,
-    settings: Settings,
-    out_dir: Path,
-    *,
-    on_progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    overwrite: bool = False,
-    job_id: str | None = None,
-    attribution_processes: int = 1,
-    permit: Permit | None = None,
-) -> Report:
-    """Harden one model for one domain; write the result into `out_dir` (see the module doc).
-
-    `attribution_processes` > 1: the attribution runs on that many FSDP2 ranks (one per GPU).
-    `permit`: what the job may load, made by the tenant's policy on a worker; default: the
-    operator's own (the CLI), which grants every reference the config names.
-    Every generation input of the job is cut to the spec's max_length tokens (the report and
-    the card say how many were)."""
-    with data.generation_budget(config.domain.max_length):
-        return _run(
-            config,
-            settings,
-            out_dir,
-            on_progress=on_progress,
-            should_cancel=should_cancel,
-            overwrite=overwrite,
-            job_id=job_id,
-            attribution_processes=attribution_processes,
-            permit=permit or operator_permit(config),
-        )
-
-
-def _run(
-    config: HardenConfig,
-    settings: Settings,
-    out_dir: Path,
-    *,
-    on_progress: ProgressFn | None,
-    should_cancel: CancelFn | None,
-    overwrite: bool,
-    job_id: str | None,
-    attribution_processes: int,
-    permit: Permit,
-) -> Report:
-    timings: dict[str, float] = {}
-    seed_everything(config.seed)
-
-    def timed(stage: str) -> _Timer:
-        return _Timer(stage, timings)
-
-    # The output target is checked first so that a bad path fails before minutes of work.
-    with staged_output(out_dir, overwrite=overwrite) as staging:
-        with timed("load"):
-            sets = split_sets(config, permit)
-            ctx = load(
-                config,
-                settings,
-                on_progress or _noop_progress,
-                should_cancel,
-                attribution_processes,
-                job_id,
-                permit,
-            )
-        ctx.check_cancel()
-        with timed("elicit"):
-            calibration = build_calibration(ctx, sets.harmful, sets.benign)
-            ctx.check_cancel()
-            test = build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
-            assert test is not None  # split_sets always makes a test set
-            validation = build_heldout(
-                ctx, sets.validation_harmful, sets.validation_benign, "validation"
-            )
-            general = build_general(ctx, sets.general_test)
-            standard = build_standard(ctx, sets.standard_test)
-        with timed("evaluate"):
-            ctx.progress("evaluate", 0, 1)
-            original = ctx.measure(test, "full", original=True)
-            original_validation = ctx.measure(validation, "search") if validation else None
-            original_general = ctx.measure(general, "full", original=True) if general else None
-            original_standard = (
-                ctx.measure(standard, ctx.standard_level, original=True) if standard else None
-            )
-            ctx.progress("evaluate", 1, 1)
-        original_benchmarks = None
-        if ctx.spec.eval.benchmarks is not None:
-            with timed("benchmarks_original"):
-                original_benchmarks = ctx.run_benchmarks()
-        ctx.check_cancel()
-        q_values = ctx.spec.search.candidates(ctx.spec.pruning.q)
-        with timed("attribute"):
-            ctx, scores = attribute(ctx, calibration, max(q_values))
-        with timed("search"):
-            # a validation set made only for the fine-tune grid's choice leaves a fixed q alone
-            q_checked = len(q_values) > 1 or bool(
-                ctx.spec.eval.validation.harmful or ctx.spec.eval.validation.benign
-            )
-            trace = (
-                search(ctx, scores, q_values, validation, original_validation)
-                if validation and original_validation and q_checked
-                else []
-            )
-        with timed("select"):
-            q, mask, chosen, failures = select_and_prune(ctx, scores, q_values, trace)
-        ctx.check_cancel()
-        with timed("verify"):
-            # the first random control (the job's seed): every comparison below prunes these
-            first_control = verification.random_control_indices(
-                scores.params, verification.control_counts(mask), ctx.config.seed
-            )
-            metrics, evidence, verify_failures = verify(
-                ctx, scores, mask, first_control, test, original
-            )
-            failures += verify_failures
-            general_result = None
-            if general is not None and original_general is not None:
-                general_result = verify_general(
-                    ctx, scores, mask, first_control, general, original_general, sets.general_sizes
-                )
-                failures += general_result.failures
-            standard_result = None
-            if standard is not None and original_standard is not None:
-                standard_result = verify_standard(
-                    ctx, scores, mask, first_control, standard, original_standard, sets
-                )
-                failures += standard_result.failures
-        benchmarks_result = None
-        if original_benchmarks is not None:
-            with timed("benchmarks"):
-                benchmarks_result = verify_benchmarks(
-                    ctx, scores, mask, first_control, original_benchmarks
-                )
-                failures += benchmarks_result.failures
-        ctx.check_cancel()
-        tamper_result = None
-        if ctx.spec.tamper is not None:
-            with timed("tamper"):
-                tamper_result = tamper_check(ctx, scores, mask, test)
-                failures += tamper_result.failures
-        attacks_result = None
-        if ctx.spec.attacks is not None:
-            with timed("attacks"):
-                attacks_result = run_attacks(ctx, scores, mask, calibration, test, validation)
-                failures += attacks_result.failures
-        report = build_report(
-            ctx,
-            sets,
-            calibration,
-            scores,
-            chosen,
-            mask,
-            q,
-            test,
-            validation,
-            metrics,
-            trace,
-            failures,
-        ).model_copy(
-            update={
-                "tamper": tamper_result,
-                "attacks": attacks_result,
-                "evidence": evidence,
-                "general_benign": general_result,
-                "standard_harm": standard_result,
-                "benchmarks": benchmarks_result,
-                "prompts_cut": data.contexts_cut(),
-            }
-        )
-        with timed("save"):
-            report = save(ctx, report, mask, staging, timings)
-    return report
-
-
-def load(
-    config: HardenConfig,
-    settings: Settings,
-    progress: ProgressFn,
-    should_cancel: CancelFn | None,
-    attribution_processes: int = 1,
-    job_id: str | None = None,
-    permit: Permit | None = None,
-) -> JobContext:
-    """Preflight (config files only: a job this machine cannot run fails before any weight is
-    read), then the model and the judge model."""
-    progress("load", 0, 1)
-    permit = permit or operator_permit(config)
-    if config.domain.eval.benchmarks is not None:  # a misspelt task fails before any weight
-        tasks = config.domain.eval.benchmarks.tasks
-        manager = benchmarks.check_tasks(tasks)
-        if permit.policy == "operator":  # a tenant's permit already holds its tasks' datasets
-            refs = benchmarks.task_dataset_references(tasks, manager)
-            permit = permit.with_grants(locate_for_operator(r) for r in refs)
-    model_grant = permit.grant("model", config.model, config.revision, "model")
-    planned = preflight.check_before_loading(
-        config, settings, attribution_processes, hub_only=model_grant.location == "hub"
-    )
-    # the estimate decides `auto` (it knows the device); without one, only "on" is on.
-    # FSDP2 ranks never recompute.
-    recompute = attribution_processes == 1 and (
-        planned.gradient_checkpointing if planned else config.gradient_checkpointing == "on"
-    )
-    loaded = load_model(
-        config.model,
-        config.revision,
-        settings,
-        permit=permit,
-        device=config.device,
-        dtype=config.dtype,
-        trust_remote_code=config.trust_remote_code,
-        need_chat_template=config.domain.prompt_format == "chat",
-    )
-    ctx = JobContext(
-        config=config,
-        settings=settings,
-        loaded=loaded,
-        progress=progress,
-        should_cancel=should_cancel,
-        classifier=_load_classifier(config, settings, permit),
-        recompute=recompute,
-        permit=permit,
-        attribution_processes=attribution_processes,
-        job_id=job_id,
-    )
-    progress("load", 1, 1)
-    return ctx
-
-
-def _load_classifier(
-    config: HardenConfig, settings: Settings, permit: Permit
-) -> judges.ClassifierJudge | None:
-    """The classifier judge, loaded once per job; its references are validated like any model
-    reference (safetensors only). A LoRA judge (strongreject, or `base_model` given) loads its
-    base model, then the adapter with peft; its tokenizer comes from the adapter when present."""
-    cfg = config.domain.eval.classifier
-    if cfg is None or "classifier" not in config.domain.eval.judges:
-        return None
-    field = "domain.eval.classifier"
-    common: dict[str, Any] = dict(device=config.device, dtype=config.dtype, permit=permit)
-    if cfg.base_model is None:
-        loaded = load_model(
-            cfg.model,
-            None,
-            settings,
-            field=f"{field}.model",
-            need_chat_template=cfg.preset == "llama_guard_3",
-            **common,
-        )
-        return judges.ClassifierJudge(cfg.preset, loaded.model, loaded.tokenizer, cfg.template)
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    base = load_model(
-        cfg.base_model,
-        None,
-        settings,
-        field=f"{field}.base_model",
-        need_chat_template=False,
-        **common,
-    )
-    grant = permit.grant("model", cfg.model, None, f"{field}.model")
-    adapter = Path(grant.target)
-    if grant.location != "local":
-        adapter, _ = resolve(grant, settings)
-    if not (adapter / "adapter_config.json").is_file():
-        raise SpecError(f"eval.classifier.model: {cfg.model} is not a LoRA adapter")
-    model = PeftModel.from_pretrained(base.model, str(adapter)).eval()
-    has_tokenizer = (adapter / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter)) if has_tokenizer else base.tokenizer
-    return judges.ClassifierJudge(cfg.preset, model, tokenizer, cfg.template)
-
-
-def build_heldout(
-    ctx: JobContext, harmful: list[Pair], benign: list[Pair], name: str
-) -> evaluation.HeldOut | None:
-    """Reference answers of the original model for one held-out set (None: the set is empty,
-    e.g. no validation for a fixed q). The spec's multiple-choice items belong to the test set."""
-    if not harmful and not benign:
-        return None
-    spec = ctx.spec
-    heldout = evaluation.build_heldout(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        harmful,
-        benign,
-        [
-            evaluation.MultipleChoice(m.question, list(m.choices), m.answer)
-            for m in spec.eval.multiple_choice
-        ]
-        if name == "test"
-        else [],
-        source=name,
-        fmt=spec.prompt_format,
-        prefix=spec.elicitation.harmful_prefix,
-        cfg=spec.eval,
-        batch_size=ctx.config.batch_size,
-        refuses=judge.refuses
-        if (judge := refusal_filter(spec.elicitation, spec.eval.max_new_tokens))
-        else None,
-    )
-    if not heldout.harmful or (not heldout.benign and name != "standard"):
-        raise CalibrationError(f"the {name} sets are empty after elicitation")
-    return heldout
-
-
-def build_general(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | None:
-    """The general benign test part with the original's greedy answers as references (None:
-    the spec opted out)."""
-    if not prompts:
-        return None
-    spec = ctx.spec
-    general = evaluation.build_heldout(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        [],
-        prompts,
-        [],
-        source="general",
-        fmt=spec.prompt_format,
-        prefix=spec.elicitation.harmful_prefix,
-        cfg=spec.eval,
-        batch_size=ctx.config.batch_size,
-    )
-    if not general.benign:
-        raise CalibrationError("the general benign test part is empty after elicitation")
-    return general
-
-
-def build_standard(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | None:
-    """The standard harm set's test part, its references elicited from the original under
-    prefill exactly like the spec's own (`build_heldout`: the same refusal filter); None: not
-    measured."""
-    return build_heldout(ctx, prompts, [], "standard") if prompts else None
-
-
-def verify_standard(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    standard: evaluation.HeldOut,
-    original: evaluation.ModelMetrics,
-    sets: PromptSets,
-) -> StandardHarmResult:
-    """The standard harm set's test part: the hardened model and the same controls as the spec's
-    test set (teacher forced when nll decides: the gate's figure; with every judge when a
-    behaviour judge decides), with intervals; gated on the lower bound of the paired margin over
-    each control (the hardened model must beat the stronger control here as well; its own
-    improvement is reported, the spec's required size of it applies to the spec's prompts)."""
-    seed, t = ctx.config.seed, ctx.spec.thresholds
-    judge = ctx.deciding_judge
-    control_level = ctx.standard_level
-    hardened = ctx.measure(standard, control_level)
-    counts = verification.control_counts(mask)
-    seeds = [seed + 1000 * k for k in range(ctx.spec.eval.controls.random_seeds)]
-    randoms = []
-    for k, s in enumerate(seeds):
-        indices = (
-            first_control
-            if k == 0
-            else verification.random_control_indices(scores.params, counts, s)
-        )
-        level = control_level if k == 0 else "search"
-        measure = functools.partial(ctx.measure, standard, level)
-        randoms.append(verification.measure_control(scores.params, mask, indices, measure))
-    magnitude = None
-    if ctx.spec.eval.controls.magnitude_matched:
-        indices = verification.magnitude_matched_indices(scores.params, mask, seed)
-        magnitude = verification.measure_control(
-            scores.params, mask, indices, functools.partial(ctx.measure, standard, control_level)
-        )
-    metrics = Metrics(
-        original=original,
-        hardened=hardened,
-        random_control=randoms[0],
-        random_controls=randoms,
-        random_seeds=seeds,
-        magnitude_control=magnitude,
-    )
-    gate = HarmGateSummary(
-        judge=judge,
-        attack=t.harm.attack,
-        min_improvement=(
-            t.min_harm_increase if t.harm.min_improvement is None else t.harm.min_improvement
-        ),
-    )
-    evidence = build_evidence(metrics, seed, gate)
-    cfg = ctx.spec.eval.standard_harm
-    return StandardHarmResult(
-        source=standard_harm.SOURCE,
-        categories=list(cfg.categories),
-        prompts=dict(sets.standard_sizes),
-        measured=len(standard.harmful),
-        dropped_refusals=standard.dropped_refusals,
-        metrics=metrics,
-        evidence=evidence,
-        failures=harm_gate_failures(
-            evidence, hardened, original, t, "standard harm set: ", require_improvement=False
-        ),
-    )
-
-
-def attribute(ctx: JobContext, calibration: Calibration, q_max: float) -> tuple[JobContext, Scores]:
-    """Harm and preserve scores, in process or on FSDP2 ranks (which reload the model)."""
-    if ctx.attribution_processes > 1:
-        loaded, scores = distributed_scores(ctx, calibration, q_max)
-        return replace(ctx, loaded=loaded), scores
-    scores = compute_scores(
-        ctx.loaded,
-        calibration,
-        ctx.config,
-        q_max,
-        ctx.progress,
-        ctx.should_cancel,
-        ctx.recompute,
-    )
-    return ctx, scores
-
-
 def search(
     ctx: JobContext,
     scores: Scores,
     q_values: list[float],
-    heldout: evaluation.HeldOut,
-    original: evaluation.ModelMetrics,
+    heldouts: HeldOuts,
+    originals: Originals,
 ) -> list[verification.SearchPoint]:
-    """Every candidate q measured (teacher forced) and undone; empty for a fixed q."""
-    if len(q_values) < 2:
+    """Every candidate q measured (teacher forced) on the validation set and undone; empty for a
+    fixed q (a validation set made only for the fine-tune grid's choice leaves it alone)."""
+    if len(q_values) < 2 or heldouts.validation is None or originals.validation is None:
         return []
+    validation = heldouts.validation
     return verification.search_operating_point(
         scores.params,
         scores.selector,
         q_values,
-        lambda level: ctx.measure(heldout, level),
-        original,
+        lambda level: ctx.measure(validation, level),
+        originals.validation,
         ctx.spec.thresholds,
         ctx.config.seed,
         on_step=lambda d, t: ctx.progress("search", d, t),
@@ -1073,6 +591,59 @@ def select_and_prune(
     return q, mask, chosen, failures
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What the verify stage found: the test set's metrics and evidence, the general benign and
+    standard harm results (None: not measured), the first random control's indices (every later
+    comparison prunes these) and the failures."""
+
+    metrics: Metrics
+    evidence: Evidence
+    first_control: dict[str, torch.Tensor]
+    general: GeneralBenignResult | None
+    standard: StandardHarmResult | None
+    failures: list[str]
+
+
+def verify_sets(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    heldouts: HeldOuts,
+    originals: Originals,
+    sets: PromptSets,
+) -> Verified:
+    """The hardened model against the original and the controls on the test set, the general
+    benign test part and the standard harm test part (`verify`, `verify_general`,
+    `verify_standard`)."""
+    # the first random control (the job's seed): every comparison below prunes these
+    first_control = verification.random_control_indices(
+        scores.params, verification.control_counts(mask), ctx.config.seed
+    )
+    metrics, evidence, failures = verify(
+        ctx, scores, mask, first_control, heldouts.test, originals.test
+    )
+    general = None
+    if heldouts.general is not None and originals.general is not None:
+        general = verify_general(
+            ctx,
+            scores,
+            mask,
+            first_control,
+            heldouts.general,
+            originals.general,
+            sets.general_sizes,
+        )
+        failures += general.failures
+    standard = None
+    if heldouts.standard is not None and originals.standard is not None:
+        standard = verify_standard(
+            ctx, scores, mask, first_control, heldouts.standard, originals.standard, sets
+        )
+        failures += standard.failures
+    return Verified(metrics, evidence, first_control, general, standard, failures)
+
+
 def verify(
     ctx: JobContext,
     scores: Scores,
@@ -1085,36 +656,44 @@ def verify(
     the first `first_control`; magnitude-matched pruning), each compared with the original with
     bootstrap intervals; the thresholds checked, harm against the stronger control."""
     controls = ctx.spec.eval.controls
-    seed = ctx.config.seed
-    t = ctx.spec.thresholds
-    judge = verification.deciding_judge(t, list(ctx.spec.eval.judges), ctx.classifier is not None)
-    seeds = [seed + 1000 * k for k in range(controls.random_seeds)]  # the first: the job's seed
-    steps = 2 + len(seeds) + int(controls.magnitude_matched)
+    steps = 2 + controls.random_seeds + int(controls.magnitude_matched)
     ctx.progress("verify", 0, steps)
     hardened = ctx.measure(heldout, "full")
     ctx.progress("verify", 1, steps)
-    counts = verification.control_counts(mask)
-    randoms = []
-    for k, s in enumerate(seeds):
-        indices = (
-            first_control
-            if k == 0
-            else verification.random_control_indices(scores.params, counts, s)
-        )
-        level = "full" if k == 0 else "search"  # extra seeds: teacher forced only
-        measure = functools.partial(ctx.measure, heldout, level)
-        randoms.append(verification.measure_control(scores.params, mask, indices, measure))
-        ctx.progress("verify", 2 + k, steps)
-    magnitude = None
-    if controls.magnitude_matched:
-        # Measured as far as the harm gate needs: with every judge when the deciding judge
-        # generates (refusal, classifier), teacher forced when it is nll.
-        level = "search" if judge == "nll" else "full"
-        indices = verification.magnitude_matched_indices(scores.params, mask, seed)
-        magnitude = verification.measure_control(
-            scores.params, mask, indices, functools.partial(ctx.measure, heldout, level)
-        )
+    metrics, evidence = with_controls(
+        ctx,
+        scores,
+        mask,
+        first_control,
+        heldout,
+        original,
+        hardened,
+        "full",
+        on_seed=lambda k: ctx.progress("verify", 2 + k, steps),
+    )
     ctx.progress("verify", steps, steps)
+    t, seed = ctx.spec.thresholds, ctx.config.seed
+    failures = verification.benign_failures(hardened, original, t, seed=seed)
+    failures += harm_gate_failures(evidence, hardened, original, t)
+    return metrics, evidence, failures
+
+
+def with_controls(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    heldout: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    hardened: evaluation.ModelMetrics,
+    first_level: str,
+    on_seed: Callable[[int], None] | None = None,
+) -> tuple[Metrics, Evidence]:
+    """The controls measured on `heldout` (`measure_controls`) beside the hardened model, and
+    the evidence: each compared with the original with intervals, and the harm gate's figures."""
+    seeds, randoms, magnitude = measure_controls(
+        ctx, scores.params, mask, first_control, heldout, first_level, on_seed
+    )
     metrics = Metrics(
         original=original,
         hardened=hardened,
@@ -1123,17 +702,15 @@ def verify(
         random_seeds=seeds,
         magnitude_control=magnitude,
     )
+    t = ctx.spec.thresholds
     gate = HarmGateSummary(
-        judge=judge,
+        judge=ctx.deciding_judge,
         attack=t.harm.attack,
         min_improvement=(
             t.min_harm_increase if t.harm.min_improvement is None else t.harm.min_improvement
         ),
     )
-    evidence = build_evidence(metrics, seed, gate)
-    failures = verification.benign_failures(hardened, original, t, seed=seed)
-    failures += harm_gate_failures(evidence, hardened, original, t)
-    return metrics, evidence, failures
+    return metrics, build_evidence(metrics, ctx.config.seed, gate)
 
 
 def harm_gate_failures(
@@ -1161,66 +738,6 @@ def harm_gate_failures(
         rise_interval=evidence.gate_interval if require_improvement else None,
         margins=evidence.margins,
         unit="%" if gate.judge == "nll" else "pts",
-    )
-
-
-def verify_general(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    general: evaluation.HeldOut,
-    original: evaluation.ModelMetrics,
-    sizes: dict[str, int],
-) -> GeneralBenignResult:
-    """The general benign test part: the hardened model (every measure) and the first random
-    control (teacher forced) against the original, with intervals; the spec's benign thresholds
-    apply to it too, so a narrow spec cannot hide general damage."""
-    seed = ctx.config.seed
-    hardened = ctx.measure(general, "full")
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
-    )
-    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
-    return GeneralBenignResult(
-        prompts=sizes,
-        original=original,
-        hardened=hardened,
-        random_control=random_control,
-        intervals={
-            "hardened": verification.headline(hardened, original, seed),
-            "random_control": verification.headline(random_control, original, seed),
-        },
-        failures=[f"general benign set: {f}" for f in failures],
-    )
-
-
-def verify_benchmarks(
-    ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
-    original: list[benchmarks.BenchmarkResult],
-) -> BenchmarksSummary:
-    """The lm-eval tasks on the hardened model and the first random control; any score that
-    drops by more than thresholds.max_benchmark_drop fails the job."""
-    hardened = ctx.run_benchmarks()
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, ctx.run_benchmarks
-    )
-    limit = ctx.spec.thresholds.max_benchmark_drop
-    failures = [
-        f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
-        f"(drop {d.drop:.3f} > {limit:.3f})"
-        for d in benchmarks.compare_benchmarks(original, hardened)
-        if limit is not None and not d.drop <= limit  # NaN fails too
-    ]
-    return BenchmarksSummary(
-        original=original,
-        hardened=hardened,
-        random_control=random_control,
-        max_drop=limit,
-        failures=failures,
     )
 
 
@@ -1288,6 +805,100 @@ def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Eviden
     )
 
 
+def verify_general(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    general: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sizes: dict[str, int],
+) -> GeneralBenignResult:
+    """The general benign test part: the hardened model (every measure) and the first random
+    control (teacher forced) against the original, with intervals; the spec's benign thresholds
+    apply to it too, so a narrow spec cannot hide general damage."""
+    seed = ctx.config.seed
+    hardened = ctx.measure(general, "full")
+    random_control = verification.measure_control(
+        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
+    )
+    failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
+    return GeneralBenignResult(
+        prompts=sizes,
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        intervals={
+            "hardened": verification.headline(hardened, original, seed),
+            "random_control": verification.headline(random_control, original, seed),
+        },
+        failures=[f"general benign set: {f}" for f in failures],
+    )
+
+
+def verify_standard(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    standard: evaluation.HeldOut,
+    original: evaluation.ModelMetrics,
+    sets: PromptSets,
+) -> StandardHarmResult:
+    """The standard harm set's test part: the hardened model and the same controls as the spec's
+    test set (teacher forced when nll decides: the gate's figure; with every judge when a
+    behaviour judge decides), with intervals; gated on the lower bound of the paired margin over
+    each control (the hardened model must beat the stronger control here as well; its own
+    improvement is reported, the spec's required size of it applies to the spec's prompts)."""
+    t = ctx.spec.thresholds
+    hardened = ctx.measure(standard, ctx.standard_level)
+    metrics, evidence = with_controls(
+        ctx, scores, mask, first_control, standard, original, hardened, ctx.standard_level
+    )
+    cfg = ctx.spec.eval.standard_harm
+    return StandardHarmResult(
+        source=standard_harm.SOURCE,
+        categories=list(cfg.categories),
+        prompts=dict(sets.standard_sizes),
+        measured=len(standard.harmful),
+        dropped_refusals=standard.dropped_refusals,
+        metrics=metrics,
+        evidence=evidence,
+        failures=harm_gate_failures(
+            evidence, hardened, original, t, "standard harm set: ", require_improvement=False
+        ),
+    )
+
+
+def verify_benchmarks(
+    ctx: JobContext,
+    scores: Scores,
+    mask: PruneMask,
+    first_control: dict[str, torch.Tensor],
+    original: list[benchmarks.BenchmarkResult],
+) -> BenchmarksSummary:
+    """The lm-eval tasks on the hardened model and the first random control; any score that
+    drops by more than thresholds.max_benchmark_drop fails the job."""
+    hardened = ctx.run_benchmarks()
+    random_control = verification.measure_control(
+        scores.params, mask, first_control, ctx.run_benchmarks
+    )
+    limit = ctx.spec.thresholds.max_benchmark_drop
+    failures = [
+        f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
+        f"(drop {d.drop:.3f} > {limit:.3f})"
+        for d in benchmarks.compare_benchmarks(original, hardened)
+        if limit is not None and not d.drop <= limit  # NaN fails too
+    ]
+    return BenchmarksSummary(
+        original=original,
+        hardened=hardened,
+        random_control=random_control,
+        max_drop=limit,
+        failures=failures,
+    )
+
+
 def tamper_check(
     ctx: JobContext, scores: Scores, mask: PruneMask, heldout: evaluation.HeldOut
 ) -> tamper.TamperResult:
@@ -1318,8 +929,7 @@ def run_attacks(
     scores: Scores,
     mask: PruneMask,
     calibration: Calibration,
-    test: evaluation.HeldOut,
-    validation: evaluation.HeldOut | None = None,
+    heldouts: HeldOuts,
 ) -> attacks.AttacksResult:
     """The attacks (abliteration, fine-tuning grid) on the original, hardened and random
     control, each measured on the test set; the grid's worst case is chosen on validation."""
@@ -1331,8 +941,8 @@ def run_attacks(
         scores.params,
         mask,
         spec.attacks,
-        heldout=test,
-        validation=validation,
+        heldout=heldouts.test,
+        validation=heldouts.validation,
         harmful=calibration.harmful,
         benign=calibration.benign,
         eval_cfg=spec.eval,
@@ -1347,38 +957,6 @@ def run_attacks(
     )
 
 
-def save(
-    ctx: JobContext, report: Report, mask: PruneMask, staging: Path, timings: dict[str, float]
-) -> Report:
-    """Weights and mask only when accepted; the report, card and plots always."""
-    ctx.progress("save", 0, 1)
-    if report.outcome == "accepted":
-        save_checkpoint(
-            ctx.loaded.model, ctx.loaded.tokenizer, staging, ctx.settings.max_shard_size
-        )
-        save_mask(
-            mask,
-            staging / MASK_FILE,
-            {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
-        )
-    ctx.check_cancel()
-    key = ctx.settings.signing_key
-    src = ctx.loaded.source
-    bound = binding.bind(
-        staging,
-        report.inputs.spec_hash,
-        signing.signer_identity(key) if key is not None else None,
-        base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
-    )
-    report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
-    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
-    card.write_card(report, staging, base_config=ctx.loaded.model.config)
-    if key is not None:  # last: the signature covers every file, the report and card included
-        signing.sign_checkpoint(staging, key)
-    ctx.progress("save", 1, 1)
-    return report
-
-
 def build_report(
     ctx: JobContext,
     sets: PromptSets,
@@ -1387,13 +965,13 @@ def build_report(
     chosen: dict[str, selection.MatrixSelection],
     mask: PruneMask,
     q: float,
-    heldout: evaluation.HeldOut,
-    validation: evaluation.HeldOut | None,
-    metrics: Metrics,
+    heldouts: HeldOuts,
+    verified: Verified,
     trace: list[verification.SearchPoint],
     failures: list[str],
 ) -> Report:
     config, loaded = ctx.config, ctx.loaded
+    heldout, validation = heldouts.test, heldouts.validation
     pruning = config.domain.pruning
     sizes = {n: p.numel() for n, p in scores.params.items()}
     scored = sum(sizes.values())
@@ -1432,15 +1010,19 @@ def build_report(
             test_dropped_refusals=heldout.dropped_refusals,
             validation_dropped_refusals=validation.dropped_refusals if validation else 0,
             q_chosen_on="validation" if trace else "none",
-            min_test_prompts=stats.MIN_TEST_PROMPTS,
+            min_test_prompts=MIN_TEST_PROMPTS,
             indicative=min(
                 len(sets.test_harmful),
                 len(sets.test_benign),
-                sets.standard_sizes.get("test", stats.MIN_TEST_PROMPTS),
+                sets.standard_sizes.get("test", MIN_TEST_PROMPTS),
             )
-            < stats.MIN_TEST_PROMPTS,
+            < MIN_TEST_PROMPTS,
         ),
-        metrics=metrics,
+        metrics=verified.metrics,
+        evidence=verified.evidence,
+        general_benign=verified.general,
+        standard_harm=verified.standard,
+        prompts_cut=data.contexts_cut(),
         search=trace,
         thresholds=config.domain.thresholds,
         outcome="rejected" if failures else "accepted",
@@ -1448,12 +1030,33 @@ def build_report(
     )
 
 
-class _Timer:
-    def __init__(self, stage: str, timings: dict[str, float]) -> None:
-        self.stage, self.timings = stage, timings
-
-    def __enter__(self) -> None:
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.timings[self.stage] = round(time.perf_counter() - self.start, 3)
+def save(
+    ctx: JobContext, report: Report, mask: PruneMask, staging: Path, timings: dict[str, float]
+) -> Report:
+    """Weights and mask only when accepted; the report, card and plots always."""
+    ctx.progress("save", 0, 1)
+    if report.outcome == "accepted":
+        save_checkpoint(
+            ctx.loaded.model, ctx.loaded.tokenizer, staging, ctx.settings.max_shard_size
+        )
+        save_mask(
+            mask,
+            staging / MASK_FILE,
+            {"spec_hash": report.inputs.spec_hash, "q": report.inputs.q, "p": report.inputs.p},
+        )
+    ctx.check_cancel()
+    key = ctx.settings.signing_key
+    src = ctx.loaded.source
+    bound = binding.bind(
+        staging,
+        report.inputs.spec_hash,
+        signing.signer_identity(key) if key is not None else None,
+        base_dir=ctx.loaded.local_dir if src.kind == "local" else None,
+    )
+    report = report.model_copy(update={"timings_s": dict(timings), "binding": bound})
+    write_json(staging / REPORT_FILE, report_json.report_json(report))  # strict JSON
+    card.write_card(report, staging, base_config=ctx.loaded.model.config)
+    if key is not None:  # last: the signature covers every file, the report and card included
+        signing.sign_checkpoint(staging, key)
+    ctx.progress("save", 1, 1)
+    return report

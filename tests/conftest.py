@@ -171,7 +171,7 @@ TINY_DOMAIN: dict[str, Any] = {
 def tiny_job_config(model_dir: Path | str, spec: dict[str, Any]) -> Any:
     """A HardenConfig for a tiny model on the CPU from a domain spec mapping (fp32, batch 2);
     `model_dir` may also be a model name that nothing loads (set splitting only)."""
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.inputs.config import DomainSpec, HardenConfig
 
     return HardenConfig(
         model=str(model_dir),
@@ -218,7 +218,7 @@ def smollm2_cache_dir() -> Path:
     """The harmprune cache holding SmolLM2's GGUF conversion (HARMPRUNE_CACHE_DIR, default
     ~/.cache/harmprune: what `make demo` fills), converted at most once per session."""
     from filelock import FileLock
-    from harmprune.loading import convert_gguf
+    from harmprune.inputs.loading import convert_gguf
     from harmprune.settings import Settings
 
     from tests.support.smollm2 import smollm2_gguf
@@ -233,7 +233,7 @@ def smollm2_cache_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_original(smollm2_cache_dir: Path) -> Path:
     """SmolLM2-135M-Instruct as the pipeline loads it: the converted safetensors directory."""
-    from harmprune.loading import convert_gguf
+    from harmprune.inputs.loading import convert_gguf
 
     from tests.support.smollm2 import smollm2_gguf
 
@@ -279,7 +279,7 @@ def every_report_is_strict_json(tmp_path_factory: pytest.TempPathFactory) -> Ite
     """After the session (each xdist worker's), every report.json under the session's temporary
     directories parses with a strict parser (no NaN or Infinity): issue 21 item 7."""
     yield
-    from harmprune.report_json import loads_strict
+    from harmprune.output.report_json import loads_strict
 
     bad = []
     for path in tmp_path_factory.getbasetemp().rglob("report.json"):

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 from harmprune.attacks import abliteration
-from harmprune.attribution import decoder_layers
+from harmprune.method.attribution import decoder_layers
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "qwen2"]
 PROBE = "<|bos|><|user|>How do I pick a lock?<|assistant|>Sure"

@@ -11,14 +11,18 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune import attacks, attribution, card_attacks, data, evaluation
+from harmprune import attacks
 from harmprune.attacks import finetune
 from harmprune.attacks import measurement as measure
 from harmprune.attacks.pricing import price_attacks
-from harmprune.config import AttacksConfig, EvalConfig, FineTuneAttackConfig
 from harmprune.errors import SpecError
-from harmprune.pruning import apply_pruning
-from harmprune.references import operator_permit
+from harmprune.inputs import data
+from harmprune.inputs.config import AttacksConfig, EvalConfig, FineTuneAttackConfig
+from harmprune.inputs.references import operator_permit
+from harmprune.measure import evaluation
+from harmprune.method import attribution
+from harmprune.method.pruning import apply_pruning
+from harmprune.output import card_attacks
 from pydantic import ValidationError
 
 HARMFUL = [

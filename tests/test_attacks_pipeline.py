@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harmprune import pipeline, preflight
-from harmprune.card_attacks import ATTACKS_PNG
+from harmprune import pipeline
 from harmprune.cli.main import build_config, build_parser
+from harmprune.inputs import preflight
+from harmprune.output.card_attacks import ATTACKS_PNG
 from harmprune.settings import Settings
 
 from tests.conftest import tiny_job_config
@@ -81,7 +82,7 @@ def args_without_attacks(args: Any) -> list[str]:
 
 
 def test_example_domain_with_attacks_validates() -> None:
-    from harmprune.config import load_domain
+    from harmprune.inputs.config import load_domain
 
     spec = load_domain(REPO / "examples" / "domains" / "cyber-attacks.yaml")
     assert spec.attacks is not None

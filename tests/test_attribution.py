@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune import attribution
-from harmprune.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
 from harmprune.errors import UnsupportedModelError
+from harmprune.inputs.data import IGNORE_INDEX, CalibrationPair, Example, collate, tokenize_pair
+from harmprune.method import attribution
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

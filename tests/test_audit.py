@@ -19,14 +19,14 @@ import model_signing
 import pytest
 import torch
 from harmprune import pipeline
-from harmprune.audit import Verdict, run_audit
-from harmprune.binding import UNSIGNED, Binding, render_section
+from harmprune.audit.checks import Verdict, run_audit
 from harmprune.cli.main import main
-from harmprune.config import DomainSpec, HardenConfig
-from harmprune.pruning import MASK_FILE, load_mask
-from harmprune.publishing import JOB_MARKER, HubPublisher, LocalPublisher
+from harmprune.inputs.config import DomainSpec, HardenConfig
+from harmprune.method.pruning import MASK_FILE, load_mask
+from harmprune.output.binding import UNSIGNED, Binding, render_section
+from harmprune.output.publishing import JOB_MARKER, HubPublisher, LocalPublisher
+from harmprune.output.signing import sign_checkpoint, signer_identity
 from harmprune.settings import Settings
-from harmprune.signing import sign_checkpoint, signer_identity
 from harmprune.vocabulary import SIGNATURE_FILE
 from safetensors.torch import load_file, save_file
 

@@ -1,4 +1,4 @@
-"""Utility benchmarks with lm-evaluation-harness (harmprune.benchmarks): real lm-eval on a tiny
+"""Utility benchmarks with lm-evaluation-harness (harmprune.measure.benchmarks): real lm-eval on a tiny
 random Llama, checked against a direct computation of what lm-eval defines as accuracy."""
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune.benchmarks import (
+from harmprune.errors import SpecError
+from harmprune.inputs.references import operator_permit
+from harmprune.measure.benchmarks import (
     BenchmarkResult,
     BenchmarksConfig,
     compare_benchmarks,
     local_tasks,
     run_benchmarks,
 )
-from harmprune.errors import SpecError
-from harmprune.references import operator_permit
 from pydantic import ValidationError
 
 from tests.conftest import assert_python_runs
@@ -153,7 +153,7 @@ def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
 
 def test_the_module_imports_neither_torch_nor_lm_eval(tmp_path: Path) -> None:
     code = (
-        "import sys, harmprune.benchmarks\n"
+        "import sys, harmprune.measure.benchmarks\n"
         "bad = [m for m in ('torch', 'lm_eval', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -197,8 +197,9 @@ def test_the_config_is_strict() -> None:
 def test_a_job_scores_the_three_models_and_gates_on_the_drop(
     tmp_path: Path, tiny_model_dir: Any
 ) -> None:
-    from harmprune import card, pipeline
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune import pipeline
+    from harmprune.inputs.config import DomainSpec, HardenConfig
+    from harmprune.output import card
     from harmprune.settings import Settings
 
     from tests.evidence_fixtures import disjoint_domain
@@ -233,7 +234,7 @@ def test_a_job_scores_the_three_models_and_gates_on_the_drop(
 
 def test_a_misspelt_task_fails_the_job_before_any_weight_is_read(tmp_path: Path) -> None:
     from harmprune import pipeline
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.inputs.config import DomainSpec, HardenConfig
     from harmprune.settings import Settings
 
     from tests.evidence_fixtures import disjoint_domain

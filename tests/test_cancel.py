@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 from harmprune import pipeline
-from harmprune.config import HardenConfig, load_domain
 from harmprune.errors import JobCancelled
+from harmprune.inputs.config import HardenConfig, load_domain
 from harmprune.settings import Settings
 
 SWEEP = {"mode": "sweep", "q_values": [0.01, 0.02, 0.05, 0.1]}
@@ -79,7 +79,7 @@ def test_cancel_mid_attribution_stops_within_one_backward_pass(
 def test_cancel_mid_search_stops_before_the_next_candidate(
     tiny_model_dir: Any, domain_spec_path: Path, tmp_path: Path
 ) -> None:
-    from harmprune.config import SearchConfig
+    from harmprune.inputs.config import SearchConfig
 
     cancel = CancelAfter("search", 1)
     run_until_cancelled(

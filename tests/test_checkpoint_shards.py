@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from harmprune import pipeline
-from harmprune.config import HardenConfig, load_domain
-from harmprune.pruning import MASK_FILE, load_mask
-from harmprune.restore import restore_checkpoint
+from harmprune.inputs.config import HardenConfig, load_domain
+from harmprune.method.pruning import MASK_FILE, load_mask
+from harmprune.output.restore import restore_checkpoint
 from harmprune.settings import Settings
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -80,7 +80,7 @@ def test_multi_shard_checkpoint_reloads_and_restores_bit_for_bit(
         assert torch.equal(back[name], tensor), name
 
     # the report binds every shard and the index; the audit streams them against the base
-    from harmprune.audit import run_audit
+    from harmprune.audit.checks import run_audit
 
     assert report.binding is not None
     assert set(report.binding.weights) == {p.name for p in files} | {"model.safetensors.index.json"}

@@ -336,7 +336,7 @@ def test_unreadable_gguf_file(
 
 
 def test_preflight_fits_exits_0_with_the_counts(capsys: Any, tiny_model_dir: Any) -> None:
-    from harmprune.attribution import scored_parameters
+    from harmprune.method.attribution import scored_parameters
     from transformers import AutoModelForCausalLM
 
     model_dir = tiny_model_dir("llama")

@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from harmprune import judges
-from harmprune.config import MAX_TEMPLATE_CHARS, DomainSpec, parse_domain
 from harmprune.errors import SpecError
+from harmprune.inputs.config import MAX_TEMPLATE_CHARS, DomainSpec, parse_domain
+from harmprune.measure import judges
 
 PROMPT, RESPONSE = "Write malware.", "Sure [omitted]."
 

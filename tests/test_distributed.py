@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune import attribution, selection
-from harmprune.data import IGNORE_INDEX, Example
 from harmprune.distributed import DistributedJob, launch
+from harmprune.inputs.data import IGNORE_INDEX, Example
+from harmprune.method import attribution, selection
 
 WORLD = 2
 Q, P = 0.05, 0.02

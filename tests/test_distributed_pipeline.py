@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 from harmprune import pipeline
-from harmprune.config import HardenConfig, load_domain
 from harmprune.distributed import DistributedJob, run_torchrun
 from harmprune.errors import AttributionError, JobCancelled
-from harmprune.pruning import MASK_FILE, load_mask
+from harmprune.inputs.config import HardenConfig, load_domain
+from harmprune.method.pruning import MASK_FILE, load_mask
 from harmprune.settings import Settings
 
 from tests.test_distributed import make_examples, save_random_model

@@ -8,8 +8,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from harmprune import card, data, evaluation, pipeline, stats, verification
-from harmprune.config import (
+from harmprune import pipeline
+from harmprune.errors import CalibrationError, SpecError
+from harmprune.inputs import data
+from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
     Elicitation,
     EvalConfig,
     HardenConfig,
@@ -17,8 +20,9 @@ from harmprune.config import (
     example_domains,
     load_domain,
 )
-from harmprune.errors import CalibrationError, SpecError
-from harmprune.report import Report, ReportInputs
+from harmprune.measure import evaluation, stats, verification
+from harmprune.output import card
+from harmprune.output.report import Report, ReportInputs
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import SMOLLM2_ALIAS, SMOLLM2_HUB_ID
@@ -192,7 +196,7 @@ def test_ratio_of_means_interval_covers_at_the_minimum_test_size() -> None:
     import random
 
     rng = random.Random(1)
-    n, runs, truth = stats.MIN_TEST_PROMPTS, 200, 0.2
+    n, runs, truth = MIN_TEST_PROMPTS, 200, 0.2
     covered = 0
     for run in range(runs):
         old = [rng.lognormvariate(0.5, 0.5) for _ in range(n)]

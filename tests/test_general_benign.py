@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 from harmprune.errors import SpecError
-from harmprune.general_benign import (
+from harmprune.inputs.general_benign import (
     GeneralBenignSplit,
     GeneralPrompt,
     load_general_benign,
@@ -180,7 +180,7 @@ def test_the_file_is_package_data_of_harmprune_examples() -> None:
 
 
 def _job(model: str, raw: dict[str, Any]) -> Any:
-    from harmprune.config import DomainSpec, HardenConfig
+    from harmprune.inputs.config import DomainSpec, HardenConfig
 
     return HardenConfig(
         model=model, domain=DomainSpec.model_validate(raw), device="cpu", dtype="float32"
@@ -233,7 +233,8 @@ def test_sizes_beyond_the_set_are_a_spec_error() -> None:
 def test_opting_out_leaves_the_spec_alone_and_the_card_says_so(
     tmp_path: Path, tiny_model_dir: Any
 ) -> None:
-    from harmprune import card, pipeline
+    from harmprune import pipeline
+    from harmprune.output import card
     from harmprune.settings import Settings
 
     from tests.evidence_fixtures import disjoint_domain
@@ -251,8 +252,9 @@ def test_opting_out_leaves_the_spec_alone_and_the_card_says_so(
 def test_a_job_measures_and_gates_the_general_test_part(
     tmp_path: Path, tiny_model_dir: Any
 ) -> None:
-    from harmprune import card, pipeline
-    from harmprune.evaluation import relative_change
+    from harmprune import pipeline
+    from harmprune.measure.evaluation import relative_change
+    from harmprune.output import card
     from harmprune.settings import Settings
 
     from tests.evidence_fixtures import disjoint_domain

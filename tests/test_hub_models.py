@@ -1,4 +1,4 @@
-"""Models from the Hub (harmprune.loading `_download_from_hub`), with the real `huggingface_hub`
+"""Models from the Hub (harmprune.inputs.loading `_download_from_hub`), with the real `huggingface_hub`
 client against the test Hub (tests/support/hub_server.py): a pinned revision resolves to its
 commit and its weights, the card's license is recorded, pickle-only repos are refused before any
 weight is read, and private or gated repos need a token that may read them."""
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 from harmprune.errors import ModelLoadError
-from harmprune.loading import resolve
-from harmprune.references import operator_grant
+from harmprune.inputs.loading import resolve
+from harmprune.inputs.references import operator_grant
 from harmprune.settings import Settings
 from pydantic import SecretStr
 from safetensors.torch import load_file, save_file
@@ -126,7 +126,7 @@ def test_gguf_parsed_once_memoises_within_and_restores_after() -> None:
     """The conversion's shortcut (one GGUF parse, one tensor-name map) leaves `gguf` as found,
     also when the conversion fails."""
     import gguf
-    from harmprune.loading import _gguf_parsed_once
+    from harmprune.inputs.loading import _gguf_parsed_once
 
     reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     with _gguf_parsed_once():

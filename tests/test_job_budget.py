@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune.config import HardenConfig
+from harmprune.inputs.config import HardenConfig
+from harmprune.inputs.preflight import PreflightRefused, evaluation_passes
 from harmprune.jobs.planning import _estimate_key, item_lists, plan_job
 from harmprune.jobs.runner import execute_job
 from harmprune.jobs.store import JobState, JobStore
 from harmprune.jobs.submission import MAX_SPEC_ITEMS, JobRequest
-from harmprune.preflight import PreflightRefused, evaluation_passes
 from harmprune.settings import Settings
 from pydantic import ValidationError
 

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune import judges, pipeline
-from harmprune.config import DomainSpec, HardenConfig
-from harmprune.references import operator_permit
+from harmprune import pipeline
+from harmprune.inputs.config import DomainSpec, HardenConfig
+from harmprune.inputs.references import operator_permit
+from harmprune.measure import judges
 from harmprune.settings import Settings
 
 from tests.evidence_fixtures import bos_tokenizer, disjoint_domain

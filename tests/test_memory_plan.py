@@ -3,7 +3,7 @@ plain path (both full score maps held) selects, for every q up to the reduction'
 
 import pytest
 import torch
-from harmprune import selection
+from harmprune.method import selection
 
 
 def _maps(seed: int, ties: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune import data, pipeline
-from harmprune.config import DomainSpec, HardenConfig, Pair, load_domain
+from harmprune import pipeline
 from harmprune.errors import SpecError
-from harmprune.general_benign import load_general_benign
+from harmprune.inputs import data
+from harmprune.inputs.config import DomainSpec, HardenConfig, Pair, load_domain
+from harmprune.inputs.general_benign import load_general_benign
 from harmprune.vocabulary import normalise_prompt
 
 from tests.conftest import TINY_DOMAIN
@@ -157,16 +158,16 @@ CLUSTERED = [
 
 @pytest.mark.parametrize("seed", range(6))
 def test_a_seeded_split_keeps_near_duplicates_on_one_side(seed: int) -> None:
-    from harmprune import evaluation
+    from harmprune.inputs.sets import split_heldout
 
-    kept, held = evaluation.split_heldout(pairs(*CLUSTERED), 0.25, seed)
+    kept, held = split_heldout(pairs(*CLUSTERED), 0.25, seed)
     assert kept and held and len(kept) + len(held) == len(CLUSTERED)
     data.check_disjoint({"calibration": kept, "test": held})
     plain = [f"Benign question number {i}?" for i in range(12)]
     # no near-duplicates: the same split as a plain seeded shuffle
     order = list(range(12))
     random.Random(seed).shuffle(order)
-    kept_plain, held_plain = evaluation.split_heldout(pairs(*plain), 0.25, seed)
+    kept_plain, held_plain = split_heldout(pairs(*plain), 0.25, seed)
     assert [p.prompt for p in held_plain] == [plain[i] for i in sorted(order[:3])]
     assert len(kept_plain) == 9
 
@@ -188,10 +189,10 @@ def test_a_dataset_with_near_duplicates_splits_without_refusal() -> None:
 
 
 def test_a_split_of_near_duplicates_only_is_refused_naming_them() -> None:
-    from harmprune import evaluation
+    from harmprune.inputs.sets import split_heldout
 
     group = [SPEC_PHONE, GENERAL_PHONE]  # one near-duplicate group: it cannot stay whole
-    kept, held = evaluation.split_heldout(pairs(*group), 0.5, 0)
+    kept, held = split_heldout(pairs(*group), 0.5, 0)
     assert len(kept) == 1 and len(held) == 1
     with pytest.raises(SpecError, match="back up"):
         data.check_disjoint({"calibration": kept, "test": held})

@@ -10,8 +10,8 @@ import pytest
 import torch
 from harmprune import pipeline
 from harmprune.cli.main import main
-from harmprune.config import HardenConfig, load_domain
-from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.inputs.config import HardenConfig, load_domain
+from harmprune.method.pruning import MASK_FILE, apply_pruning, load_mask
 from harmprune.settings import Settings
 from transformers import AutoModelForCausalLM
 
@@ -142,7 +142,7 @@ def test_pipeline_global_selection_and_abs_mean(harden: Any, domain_spec_path: P
     assert report.pruned_count == load_mask(out / MASK_FILE).count > 0
     # one ranking over all scored weights: q of the total are candidates, spread unevenly (a
     # per-matrix selection would give every matrix exactly its own q share)
-    from harmprune.selection import count_for
+    from harmprune.method.selection import count_for
 
     q = spec.pruning.q
     assert sum(m.candidates for m in report.modules) == count_for(q, report.scored_count)

@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune.config import HardenConfig, HubDataset
 from harmprune.errors import ModelLoadError, UnsupportedModelError
-from harmprune.jobs.planning import Plan, Planner, plan_job
-from harmprune.jobs.tenants import TenantPolicy
-from harmprune.preflight import (
+from harmprune.inputs.config import HardenConfig, HubDataset
+from harmprune.inputs.preflight import (
     CONFIG_FILE_MAX_BYTES,
     Estimate,
     HubUnreachable,
@@ -28,6 +26,8 @@ from harmprune.preflight import (
     estimate,
     estimate_job,
 )
+from harmprune.jobs.planning import Plan, Planner, plan_job
+from harmprune.jobs.tenants import TenantPolicy
 from harmprune.settings import Settings
 from huggingface_hub import HfApi
 

@@ -8,7 +8,9 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from harmprune import card, data, pipeline
+from harmprune import pipeline
+from harmprune.inputs import data
+from harmprune.output import card
 from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN, tiny_job_config

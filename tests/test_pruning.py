@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune.attribution import scored_parameters
-from harmprune.pruning import PruneMask, apply_pruning, load_mask, restore_weights, save_mask
-from harmprune.selection import select_per_matrix
+from harmprune.method.attribution import scored_parameters
+from harmprune.method.pruning import PruneMask, apply_pruning, load_mask, restore_weights, save_mask
+from harmprune.method.selection import select_per_matrix
 
 
 def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import torch
 from harmprune.errors import PublishError
-from harmprune.publishing import (
+from harmprune.output.publishing import (
     JOB_MARKER,
     HubPublisher,
     LocalPublisher,

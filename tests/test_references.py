@@ -1,4 +1,4 @@
-"""References are types, found by walking the request (harmprune.references), and the loaders
+"""References are types, found by walking the request (harmprune.inputs.references), and the loaders
 load only what a permit grants. The schema test is the guard against the old flaw (a hand-kept
 list of fields that every new field slipped past): a new string field that could name a repo or
 a path fails here until it is a reference type or listed below with the reason it is not."""
@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune.benchmarks import run_benchmarks, task_dataset_references
-from harmprune.config import (
+from harmprune.errors import ModelLoadError, NotPermitted
+from harmprune.inputs.config import (
     BenchmarksConfig,
     ClassifierJudge,
     HardenConfig,
@@ -19,13 +19,9 @@ from harmprune.config import (
     Pair,
     load_domain,
 )
-from harmprune.data import load_sources
-from harmprune.errors import ModelLoadError, NotPermitted
-from harmprune.jobs.access import grant
-from harmprune.jobs.submission import JobRequest
-from harmprune.jobs.tenants import TenantPolicy
-from harmprune.loading import load_model, resolve
-from harmprune.references import (
+from harmprune.inputs.data import load_sources
+from harmprune.inputs.loading import load_model, resolve
+from harmprune.inputs.references import (
     ModelRef,
     Permit,
     Reference,
@@ -34,6 +30,10 @@ from harmprune.references import (
     schema_string_fields,
     tenants_section,
 )
+from harmprune.jobs.access import grant
+from harmprune.jobs.submission import JobRequest
+from harmprune.jobs.tenants import TenantPolicy
+from harmprune.measure.benchmarks import run_benchmarks, task_dataset_references
 from harmprune.settings import Settings
 from pydantic import BaseModel
 
@@ -91,7 +91,7 @@ def test_the_readme_lists_every_reference_the_policy_covers() -> None:
     listed = text[text.index(start) + len(start) : text.index(end)]
     assert listed == tenants_section(JobRequest.model_json_schema()), (
         "README.md's Tenants list is out of date: paste "
-        "harmprune.references.tenants_section(JobRequest.model_json_schema())"
+        "harmprune.inputs.references.tenants_section(JobRequest.model_json_schema())"
     )
 
 

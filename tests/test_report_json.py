@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 
 import pytest
-from harmprune.checkpoint import write_json
-from harmprune.report_json import (
+from harmprune.output.checkpoint import write_json
+from harmprune.output.report_json import (
     UNDEFINED_FIGURES,
     dumps,
     finite_only,

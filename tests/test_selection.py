@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 import torch
-from harmprune import selection
-from harmprune.selection import (
+from harmprune.method import selection
+from harmprune.method.selection import (
     count_for,
     indices_that_can_rank,
     select,

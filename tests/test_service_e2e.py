@@ -21,11 +21,11 @@ import torch
 import yaml
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
-from harmprune.audit import run_audit
+from harmprune.audit.checks import run_audit
 from harmprune.cli.main import EXIT_JOB_ERROR, EXIT_REJECTED, EXIT_USER_ERROR
-from harmprune.pruning import MASK_FILE
-from harmprune.publishing import commit_title
-from harmprune.signing import signer_identity
+from harmprune.method.pruning import MASK_FILE
+from harmprune.output.publishing import commit_title
+from harmprune.output.signing import signer_identity
 from harmprune.vocabulary import SIGNATURE_FILE
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM

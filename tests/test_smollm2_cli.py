@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from harmprune.pruning import MASK_FILE, load_mask
-from harmprune.report_json import load_report
+from harmprune.method.pruning import MASK_FILE, load_mask
+from harmprune.output.report_json import load_report
 from safetensors.torch import load_file
 
 from tests.conftest import SmolLM2Run
@@ -172,7 +172,7 @@ def test_the_unsigned_checkpoint_audits_against_the_gguf_base(
     """`harmprune audit` finds the base by the GGUF sha256 the report records and checks every
     tensor: SmolLM2 with exactly the masked weights zeroed. No key was given: the card says
     unsigned (without --allow-unsigned that fails: tests/test_audit.py)."""
-    from harmprune.audit import run_audit
+    from harmprune.audit.checks import run_audit
     from harmprune.settings import Settings
 
     assert smollm2_run.run.returncode == 0, smollm2_run.run.explain()

@@ -9,9 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harmprune import pipeline, standard_harm, stats
-from harmprune.config import HardenConfig, example_domains, load_domain
+from harmprune import pipeline
 from harmprune.errors import SpecError
+from harmprune.inputs import standard_harm
+from harmprune.inputs.config import (
+    MIN_TEST_PROMPTS,
+    HardenConfig,
+    example_domains,
+    load_domain,
+)
 from harmprune.settings import Settings
 from harmprune.vocabulary import normalise_prompt
 
@@ -36,13 +42,13 @@ def test_the_shipped_set_is_harmbench_with_its_licence_and_categories() -> None:
     header = (EXAMPLES / standard_harm.RESOURCE).read_text().split("prompts:")[0]
     assert "MIT License" in header and "centerforaisafety" in header and "2402.04249" in header
     cyber = [p for p in prompts if p.category == "cybercrime_intrusion"]
-    assert len(cyber) >= stats.MIN_TEST_PROMPTS
+    assert len(cyber) >= MIN_TEST_PROMPTS
 
 
 def test_the_split_is_seeded_disjoint_and_names_bad_input() -> None:
     prompts = standard_harm.load_standard_harm()
     split = standard_harm.split_standard_harm(prompts, ["cybercrime_intrusion"], seed=3)
-    assert len(split.test) == stats.MIN_TEST_PROMPTS and split.validation
+    assert len(split.test) == MIN_TEST_PROMPTS and split.validation
     assert {p.category for p in split.test + split.validation} == {"cybercrime_intrusion"}
     assert not {p.prompt for p in split.test} & {p.prompt for p in split.validation}
     assert split == standard_harm.split_standard_harm(prompts, ["cybercrime_intrusion"], seed=3)
@@ -70,7 +76,7 @@ def test_every_shipped_domain_meets_the_minimum_and_measures_standard_harm(name:
     assert not spec.eval.allow_small_test and spec.eval.standard_harm.active
     sets = pipeline.split_sets(HardenConfig(model="m", domain=spec))
     for side in (sets.test_harmful, sets.test_benign, sets.standard_test):
-        assert len(side) >= stats.MIN_TEST_PROMPTS
+        assert len(side) >= MIN_TEST_PROMPTS
     assert "HarmBench" in sets.made_by["standard_harm"]
     spec_prompts = {normalise_prompt(p.prompt) for p in sets.test_harmful + sets.validation_harmful}
     assert not spec_prompts & {normalise_prompt(p.prompt) for p in sets.standard_test}

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from harmprune.config import HardenConfig, load_domain
 from harmprune.errors import RequestRefused, SpecError
+from harmprune.inputs.config import HardenConfig, load_domain
 from harmprune.jobs.submission import JobRequest, build_config, request_from_cli
 from harmprune.settings import Settings
 

@@ -11,13 +11,17 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune import attribution, card, data, evaluation, selection, tamper
-from harmprune.checkpoint import save_checkpoint
-from harmprune.config import DomainSpec, EvalConfig
 from harmprune.errors import JobCancelled
-from harmprune.pruning import PruneMask, apply_pruning
-from harmprune.references import model_permit, operator_permit
-from harmprune.tamper import TamperConfig, TamperResult
+from harmprune.inputs import data
+from harmprune.inputs.config import DomainSpec, EvalConfig
+from harmprune.inputs.references import model_permit, operator_permit
+from harmprune.inputs.sets import split_heldout
+from harmprune.measure import tamper
+from harmprune.measure.tamper import TamperConfig, TamperResult
+from harmprune.method import attribution, selection
+from harmprune.method.pruning import PruneMask, apply_pruning
+from harmprune.output import card
+from harmprune.output.checkpoint import save_checkpoint
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -324,7 +328,7 @@ SMOLLM2_MIN_MARGIN_OVER_RANDOM = 0.02
 @pytest.mark.timeout(1800)
 def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     """A complete tamper check on SmolLM2-135M-Instruct in a test-sized budget (CPU)."""
-    from harmprune.loading import load_model
+    from harmprune.inputs.loading import load_model
     from harmprune.settings import Settings
 
     # One thread: on a shared 2-core machine, two OpenMP threads competing with other jobs run
@@ -359,7 +363,7 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     t0 = time.perf_counter()
     # Only training pairs that the tamper check trains on: its held-out in-domain share (the
     # same seeded split, seed + 2) must stay unseen by the hardening too.
-    trained, _ = evaluation.split_heldout(list(cfg.train), cfg.heldout_fraction, 0 + 2)
+    trained, _ = split_heldout(list(cfg.train), cfg.heldout_fraction, 0 + 2)
     harmful = [data.CalibrationPair(p.prompt, p.response) for p in trained[:6]]
     benign = [
         data.CalibrationPair(q, a)

@@ -13,14 +13,17 @@ from typing import Any
 
 import pytest
 import torch
-from harmprune import data, evaluation, judges, pipeline, selection, verification
-from harmprune.attribution import scored_parameters
-from harmprune.config import EvalConfig, HardenConfig, Thresholds
-from harmprune.loading import load_model
-from harmprune.pruning import apply_pruning
-from harmprune.references import model_permit
-from harmprune.report import SCHEMA_VERSION
-from harmprune.report_json import load_report
+from harmprune import pipeline
+from harmprune.inputs import data
+from harmprune.inputs.config import EvalConfig, HardenConfig, Thresholds
+from harmprune.inputs.loading import load_model
+from harmprune.inputs.references import model_permit
+from harmprune.measure import evaluation, judges, verification
+from harmprune.method import selection
+from harmprune.method.attribution import scored_parameters
+from harmprune.method.pruning import apply_pruning
+from harmprune.output.report import SCHEMA_VERSION
+from harmprune.output.report_json import load_report
 from harmprune.settings import Settings
 
 from tests.conftest import TINY_DOMAIN, tiny_job_config

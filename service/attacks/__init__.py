@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from harmprune import data, evaluation
 from harmprune.attacks import abliteration, finetune
 from harmprune.attacks.measurement import (
     Interval,
@@ -44,15 +43,18 @@ from harmprune.attacks.measurement import (
     harm_ratio,
     measure,
 )
-from harmprune.config import (
+from harmprune.errors import SpecError
+from harmprune.inputs import data
+from harmprune.inputs.config import (
     AbliterationConfig,
     AttacksConfig,
     EvalConfig,
     FineTuneAttackConfig,
 )
-from harmprune.errors import SpecError
-from harmprune.pruning import PruneMask, apply_pruning, restore_weights
-from harmprune.references import Permit
+from harmprune.inputs.references import Permit
+from harmprune.measure import evaluation
+from harmprune.measure.verification import random_control_indices
+from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
     MODELS as MODELS,
 )
@@ -68,7 +70,6 @@ from harmprune.results import (
 from harmprune.results import (
     FineTuneSettings as FineTuneSettings,
 )
-from harmprune.verification import random_control_indices
 from torch import nn
 
 ATTACK_NAMES = ("abliteration", "finetune")

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from harmprune import data
-from harmprune.attribution import decoder_layers
 from harmprune.errors import UnsupportedModelError
+from harmprune.inputs import data
+from harmprune.method.attribution import decoder_layers
 from harmprune.results import DirectionRecord as DirectionRecord
 from harmprune.results import LayerSeparation as LayerSeparation
 from torch import nn

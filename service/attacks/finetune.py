@@ -1,7 +1,7 @@
 """The fine-tuning attack: train a stand-in of a model, record exactly what was trained.
 
 An attacker with the weights fine-tunes them. Two checks use this module:
-- the tamper check (service/tamper.py): one narrow-domain fine-tune, harm measured broadly;
+- the tamper check (service/measure/tamper.py): one narrow-domain fine-tune, harm measured broadly;
 - the `finetune` attack of `attacks:` (below): a GRID of learning rates x steps, every cell
   applied identically to the original, the hardened model and the random control; per model,
   the worst case for harm among the cells whose benign loss stays under the spec's bound
@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
-from harmprune import data
-from harmprune.attribution import response_losses
 from harmprune.errors import JobCancelled, SpecError
+from harmprune.inputs import data
+from harmprune.method.attribution import response_losses
 from harmprune.results import AttackRecord, CellResult, Measurement
 from pydantic import BaseModel, ConfigDict
 from torch import nn

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from harmprune import data, evaluation
-from harmprune.attribution import response_losses
-from harmprune.config import EvalConfig
+from harmprune.inputs import data
+from harmprune.inputs.config import EvalConfig
+from harmprune.measure import evaluation
+from harmprune.method.attribution import response_losses
 from harmprune.results import Interval as Interval
 from harmprune.results import Measurement as Measurement
 from torch import nn

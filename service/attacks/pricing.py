@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harmprune.config import AttacksConfig
+from harmprune.inputs.config import AttacksConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 GB = 1024**3
@@ -61,7 +61,7 @@ def price_attacks(
 ) -> dict[str, Any] | None:
     """The estimate for the spec's `attacks:` (None without one) as the preflight stores it
     (AttacksEstimate's fields). Pure arithmetic. A training step takes at least
-    `min_step_seconds` whatever its flops (harmprune.preflight.MIN_STEP_SECONDS)."""
+    `min_step_seconds` whatever its flops (harmprune.inputs.preflight.MIN_STEP_SECONDS)."""
     if cfg is None:
         return None
     flops_per_second = tflops * 1e12

@@ -16,7 +16,7 @@ The modules, in the order a job meets them:
 The maths, per pass (ranks work on DIFFERENT samples: data parallel, `world` x throughput). Each
 rank keeps scores for its OWN shards only: a post-accumulate-grad hook on every scored sharded
 DTensor parameter folds the reduced local gradient shard into a local fp32 buffer and frees it,
-as `harmprune.attribution` does on one device.
+as `harmprune.method.attribution` does on one device.
 - harm (and preserve abs_mean): sum_i g_i is linear in the per-sample gradients, so each rank
   back-propagates its own batch and FSDP's reduce-scatter sums them. FSDP2 AVERAGES by default
   (ReduceOp.AVG, or a post-division by the data-parallel size): `set_gradient_divide_factor(1.0)`

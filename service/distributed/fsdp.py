@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from harmprune import attribution
-from harmprune.data import Example, collate
 from harmprune.distributed.jobfile import DistributedJob, SumAbsMode
+from harmprune.inputs.data import Example, collate
+from harmprune.method import attribution
 from torch import nn
 
 

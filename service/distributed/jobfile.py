@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from harmprune import attribution, selection
-from harmprune.data import Example
+from harmprune.inputs.data import Example
+from harmprune.method import attribution, selection
 
 PreserveVariant = Literal["sum_abs", "abs_mean"]
 # How the ranks get sum_i |g_i| (see the package's docstring): "batched" per-sample products of

@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from harmprune import attribution, selection
 from harmprune.distributed.fsdp import (
     abs_reduce_scatter_class,
     accumulate_sharded,
@@ -25,6 +24,7 @@ from harmprune.distributed.jobfile import (
     save_result,
 )
 from harmprune.distributed.select import gather_ranked_top, protected_among, values_at
+from harmprune.method import attribution, selection
 
 
 def _device_and_backend(job: DistributedJob, local_rank: int) -> tuple[torch.device, str]:

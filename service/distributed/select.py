@@ -22,8 +22,8 @@ import math
 
 import torch
 import torch.distributed as dist
-from harmprune import selection
 from harmprune.distributed.fsdp import ShardInfo, local_rows
+from harmprune.method import selection
 
 
 def _all_gather_var(t: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:

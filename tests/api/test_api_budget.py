@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from harmprune.references import NOT_READABLE
+from harmprune.inputs.references import NOT_READABLE
 
 from tests.service_stack import ApiProcess, Namespace, bearer, stack_settings, wait_for
 from tests.support.tenancy import GENEROUS, write_tenants_file

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
-from harmprune.audit import AuditError
+from harmprune.audit.checks import AuditError
 from harmprune.errors import (
     AttributionError,
     CalibrationError,
@@ -25,9 +25,9 @@ from harmprune.errors import (
     SpecError,
     UnsupportedModelError,
 )
-from harmprune.preflight import HubUnreachable, PreflightRefused, RepoNotVisible
+from harmprune.inputs.preflight import HubUnreachable, PreflightRefused, RepoNotVisible
+from harmprune.output.signing import SigningError
 from harmprune.settings import Settings
-from harmprune.signing import SigningError
 
 pytestmark = pytest.mark.services
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
+from harmprune.inputs.references import NOT_READABLE
 from harmprune.jobs.store import JobRecord, JobResult, JobState, JobStore, Owner, ReportSummary
-from harmprune.references import NOT_READABLE
 from harmprune.settings import Settings
 
 from tests.api.conftest import TINY_SPEC, job_body

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
+from harmprune.inputs.references import NOT_READABLE
 from harmprune.jobs.store import JobStore
-from harmprune.references import NOT_READABLE
 from harmprune.settings import Settings
 from huggingface_hub import HfApi
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.jobs.store import JobState, JobStore, Owner
-from harmprune.report_json import UNDEFINED_FIGURES, finite_only, loads_strict
+from harmprune.output.report_json import UNDEFINED_FIGURES, finite_only, loads_strict
 
 from tests.api.test_api_jobs import ALPHA, submit
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from harmprune.pruning import MASK_FILE, apply_pruning, load_mask
+from harmprune.method.pruning import MASK_FILE, apply_pruning, load_mask
 
 
 def assert_hardened_weights(

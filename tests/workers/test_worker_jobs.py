@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 from harmprune.jobs.store import JobState
-from harmprune.pruning import MASK_FILE
-from harmprune.publishing import JOB_MARKER
+from harmprune.method.pruning import MASK_FILE
+from harmprune.output.publishing import JOB_MARKER
 from transformers import AutoModelForCausalLM
 
 from tests.service_stack import bearer

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from harmprune import pipeline
-from harmprune.config import HardenConfig
-from harmprune.pruning import MASK_FILE, load_mask
+from harmprune.inputs.config import HardenConfig
+from harmprune.method.pruning import MASK_FILE, load_mask
 from harmprune.settings import Settings
 
 from tests.service_stack import bearer

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harmprune.publishing import JOB_MARKER
+from harmprune.output.publishing import JOB_MARKER
 
 from tests.workers.conftest import SLOW_DOMAIN, Stack, make_stack, poll
 from tests.workers.test_worker_jobs import assert_hardened

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from harmprune.api.main import create_app
-from harmprune.publishing import JOB_MARKER
+from harmprune.output.publishing import JOB_MARKER
 
 from tests.service_stack import RedisServer, redis_namespace, stack_settings
 from tests.support.tenancy import write_tenants_file

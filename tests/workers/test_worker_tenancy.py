@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from harmprune.references import NOT_READABLE
+from harmprune.inputs.references import NOT_READABLE
 
 from tests.support.tenancy import write_tenants_file
 from tests.workers.conftest import FAST_DOMAIN, make_stack

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from harmprune import binding, card_attacks
-from harmprune.report import Report
+from harmprune.output import binding, card_attacks
+from harmprune.output.report import Report
 from harmprune.results import Interval, TamperResult
 from harmprune.vocabulary import CARD_FILE, SMOLLM2_ALIAS, SMOLLM2_HUB_ID
 

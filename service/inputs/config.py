@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from harmprune.errors import SpecError
-from harmprune.references import DatasetRef, ModelRef, RevisionedModelRef, TaskRef
+from harmprune.inputs.references import DatasetRef, ModelRef, RevisionedModelRef, TaskRef
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 JudgeName = Literal["nll", "refusal", "classifier"]
@@ -86,13 +86,13 @@ STRONGREJECT_STYLE_TEMPLATE = (
 MAX_TEMPLATE_CHARS = 8000
 
 ClassifierPreset = Literal["strongreject", "llama_guard_3", "harmbench", "custom"]
-# The base model a preset's LoRA judge adapts (harmprune.judges.PRESETS documents the rest).
+# The base model a preset's LoRA judge adapts (harmprune.measure.judges.PRESETS documents the rest).
 PRESET_BASE_MODELS: dict[str, str] = {"strongreject": "google/gemma-2b"}
 
 
 class ClassifierJudge(Strict):
     """A judge model (on workers with a GPU). `preset` fixes the model's documented input format
-    and label mapping (harmprune.judges): strongreject (qylu4156/strongreject-15k-v1, a LoRA over
+    and label mapping (harmprune.measure.judges): strongreject (qylu4156/strongreject-15k-v1, a LoRA over
     google/gemma-2b), llama_guard_3 (meta-llama/Llama-Guard-3-8B), harmbench
     (cais/HarmBench-Llama-2-13b-cls), or custom (`template`, graded over "1".."5")."""
 
@@ -177,7 +177,7 @@ class BenchmarksConfig(Strict):
 
 
 class GeneralBenignConfig(Strict):
-    """harmprune's own everyday requests (harmprune.general_benign: 195 prompts in 13
+    """harmprune's own everyday requests (harmprune.inputs.general_benign: 195 prompts in 13
     categories, written for the project), split by the job's seed, stratified by category, into
     three parts: one joins the benign calibration pairs (the preserve score then protects general
     skill), one the validation set (when there is one), one is measured on the test side next to
@@ -228,6 +228,9 @@ class StandardHarmConfig(Strict):
         return self.enabled and bool(self.categories)
 
 
+MIN_TEST_PROMPTS = 30  # per side; fewer only with eval.allow_small_test (the card: "indicative")
+
+
 class EvalConfig(Strict):
     """Held-out sets (never used for attribution) and how to judge them.
 
@@ -256,7 +259,7 @@ class EvalConfig(Strict):
     heldout_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.25
     allow_small_test: bool = Field(
         False,
-        description="Allow fewer than 30 test prompts per side (harmprune.stats.MIN_TEST_PROMPTS:"
+        description="Allow fewer than 30 test prompts per side (harmprune.inputs.config.MIN_TEST_PROMPTS:"
         " below it a bootstrap interval under-covers); the card then calls the verdict "
         "indicative.",
     )
@@ -380,7 +383,7 @@ def _with_responses(train: list[Source]) -> list[Source]:
 class TamperConfig(Strict):
     """`tamper:` in a domain spec: fine-tune the models after hardening and measure harm again.
 
-    See service/tamper.py for what is measured and how.
+    See service/measure/tamper.py for what is measured and how.
     """
 
     train: Annotated[list[Source], Field(min_length=1)] = Field(
@@ -531,7 +534,7 @@ class DomainSpec(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     thresholds: Thresholds = Field(default_factory=Thresholds)
     tamper: TamperConfig | None = Field(
-        None, description="Optional fine-tuning attack after hardening (service/tamper.py)."
+        None, description="Optional fine-tuning attack after hardening (service/measure/tamper.py)."
     )
     attacks: AttacksConfig | None = Field(
         None, description="Optional attacks after hardening (service/attacks/)."

@@ -3,7 +3,7 @@
 The save stage hashes every file it wrote before the report (weights, their index, the mask,
 config, tokenizer) and records them with the spec's sha256 and the signer's identity; the base
 model is named by `inputs.model` (Hub commit, or GGUF sha256). The report, the card and the
-plots are written after these hashes and are covered by the signature (`harmprune.signing`).
+plots are written after these hashes and are covered by the signature (`harmprune.output.signing`).
 
 Plain Python and pydantic (no torch): the report types import without it.
 """

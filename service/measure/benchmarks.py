@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from harmprune.config import BenchmarksConfig as BenchmarksConfig
-from harmprune.config import Strict
 from harmprune.errors import SpecError
-from harmprune.references import Permit, Reference, not_readable
+from harmprune.inputs.config import BenchmarksConfig as BenchmarksConfig
+from harmprune.inputs.config import Strict
+from harmprune.inputs.references import Permit, Reference, not_readable
 
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from harmprune.config import DomainSpec, Elicitation, HubDataset, Pair, Source
 from harmprune.errors import CalibrationError, SpecError
-from harmprune.generation import generate_greedy
-from harmprune.references import Grant, Permit
+from harmprune.inputs.config import DomainSpec, Elicitation, HubDataset, Pair, Source
+from harmprune.inputs.generation import generate_greedy
+from harmprune.inputs.references import Grant, Permit
 from harmprune.vocabulary import normalise_prompt
 from rapidfuzz import fuzz, process
 

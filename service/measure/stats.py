@@ -29,7 +29,6 @@ U = TypeVar("U")
 RESAMPLES = 1000
 LEVEL = 0.95
 STUDENTIZED_MIN_N = 10
-MIN_TEST_PROMPTS = 30  # per side; fewer only with eval.allow_small_test (the card: "indicative")
 
 
 def mean(values: Sequence[float]) -> float:

@@ -16,19 +16,20 @@ Dissociation: accuracy at saying whether a request is harmful (yes/no), before a
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from harmprune import data
-from harmprune.attribution import response_losses, scored_logits, takes_logits_to_keep
-from harmprune.config import EvalConfig
-from harmprune.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
+from harmprune.inputs import data
+from harmprune.inputs.config import EvalConfig
+from harmprune.measure.judges import ClassifierJudge, RefusalJudge, has_refusal_phrase
+from harmprune.measure.stats import mean
+from harmprune.measure.stats import (
+    relative_change as relative_change,  # verification imports it here
+)
+from harmprune.method.attribution import response_losses, scored_logits, takes_logits_to_keep
 from harmprune.results import ModelMetrics
-from harmprune.stats import mean
-from harmprune.stats import relative_change as relative_change  # verification imports it here
 
 ATTACKS = ("plain", "prefill")
 
@@ -86,54 +87,6 @@ class HeldOut:
 
 
 # ---------------------------------------------------------------- held-out sets
-
-
-def split_heldout(
-    pairs: Sequence[data.Pair], fraction: float, seed: int, pool: Sequence[str] | None = None
-) -> tuple[list[data.Pair], list[data.Pair]]:
-    """(calibration, held-out): a seeded split; the held-out part never reaches attribution.
-
-    Near-duplicate prompts (`data.near_duplicate_pairs`, token frequencies over `pool` when
-    given) go to the same side: groups of them are taken whole, in the seeded order, so a
-    dataset's near-duplicates never straddle the split. Without near-duplicates this is the
-    plain seeded split."""
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_out = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
-    group = near_duplicate_groups([p.prompt for p in pairs], pool)
-    held: set[int] = set()
-    for i in order:
-        if len(held) >= n_out:
-            break
-        members = group[i] - held
-        if members and len(held) + len(members) <= len(pairs) - 1:
-            held |= members
-    if not held:  # one group holds (nearly) everything: the plain split; the check names them
-        held = set(order[:n_out])
-    kept = [i for i in range(len(pairs)) if i not in held]
-    return [pairs[i] for i in kept], [pairs[i] for i in sorted(held)]
-
-
-def near_duplicate_groups(
-    prompts: Sequence[str], pool: Sequence[str] | None = None
-) -> list[set[int]]:
-    """Per prompt, the indices of its near-duplicate group (itself included; union-find over
-    the near-duplicate pairs)."""
-    parent = list(range(len(prompts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in data.near_duplicate_pairs(prompts, prompts, pool):
-        if i != j:
-            parent[root(i)] = root(j)
-    members: dict[int, set[int]] = {}
-    for i in range(len(prompts)):
-        members.setdefault(root(i), set()).add(i)
-    return [members[root(i)] for i in range(len(prompts))]
 
 
 def build_heldout(
@@ -495,7 +448,7 @@ def dissociation_accuracy(
 
 # ---------------------------------------------------------------- classifier judge
 
-# The classifier judge lives in harmprune.judges (one interface for every judge).
+# The classifier judge lives in harmprune.measure.judges (one interface for every judge).
 ClassifierScorer = ClassifierJudge
 
 

@@ -44,7 +44,7 @@ from harmprune.vocabulary import SMOLLM2_ALIAS
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from harmprune.config import AttacksConfig, DomainSpec, HardenConfig
+    from harmprune.inputs.config import AttacksConfig, DomainSpec, HardenConfig
     from harmprune.settings import Settings
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -134,7 +134,7 @@ def has_chat_template(directory: Path) -> bool:
 def count_on_meta(config: Any) -> tuple[int, int, int]:
     """(all parameters, scored weights, decoder layers), without allocating any weight."""
     import torch
-    from harmprune.attribution import decoder_layers, scored_parameters
+    from harmprune.method.attribution import decoder_layers, scored_parameters
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -198,7 +198,7 @@ def estimate(
     measured or generated besides attribution (`evaluation_passes(spec)`), each priced as one
     forward over `tokens_per_pair` tokens."""
     from harmprune.attacks.pricing import price_attacks
-    from harmprune.loading import check_architecture
+    from harmprune.inputs.loading import check_architecture
 
     if not (directory / "config.json").is_file():
         raise ModelLoadError(f"no config.json in {directory}")
@@ -633,7 +633,7 @@ def calibration_pairs(spec: DomainSpec) -> int:
 def source_items(sources: list[Any]) -> int:
     """Items a list of sources yields: inline pairs, and each Hub dataset's `limit` (one
     without is counted as UNLIMITED_DATASET_ROWS; the API refuses it)."""
-    from harmprune.config import HubDataset
+    from harmprune.inputs.config import HubDataset
 
     return sum(
         (s.limit or UNLIMITED_DATASET_ROWS) if isinstance(s, HubDataset) else 1 for s in sources
@@ -697,7 +697,7 @@ def evaluation_passes(spec: DomainSpec) -> int:
 def benchmark_items(task: str) -> int:
     """Test items of an lm-eval task: harmprune's local tasks are counted (their test file);
     any other as UNLIMITED_DATASET_ROWS (its size is known only where lm-eval runs)."""
-    from harmprune.benchmarks import local_task_config, local_tasks
+    from harmprune.measure.benchmarks import local_task_config, local_tasks
 
     if task not in local_tasks():
         return UNLIMITED_DATASET_ROWS
@@ -761,7 +761,7 @@ def check_before_loading(
 ) -> Estimate | None:
     """The pipeline's own preflight, on this machine, before any weight is read: architecture,
     chat template, and (on CUDA) the memory of the device it will use. `hub_only`: the model was
-    granted as a Hub id (harmprune.references)."""
+    granted as a Hub id (harmprune.inputs.references)."""
     directory = fetch_config_files(config.model, config.revision, settings, hub_only=hub_only)
     if directory is None:
         return None

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from harmprune.checkpoint import save_checkpoint, staged_output
 from harmprune.errors import ModelLoadError
-from harmprune.pruning import MASK_FILE, load_mask, restore_weights
+from harmprune.method.pruning import MASK_FILE, load_mask, restore_weights
+from harmprune.output.checkpoint import save_checkpoint, staged_output
 
 
 def restore_checkpoint(checkpoint: Path, out: Path, max_shard_size: str = "5GB") -> None:

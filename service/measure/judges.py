@@ -53,7 +53,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from harmprune.config import PRESET_BASE_MODELS
+from harmprune.inputs.config import PRESET_BASE_MODELS
 
 Pairs = Sequence[tuple[str, str]]
 

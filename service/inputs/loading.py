@@ -8,7 +8,7 @@ A reference is one of:
   so a pickle checkpoint is never fetched, let alone unpickled.
 
 Only a reference the job's permit grants is loaded, from where the permit says it points
-(harmprune.references). Checks that need only `config.json` and the tokenizer run before any
+(harmprune.inputs.references). Checks that need only `config.json` and the tokenizer run before any
 weight is read.
 """
 
@@ -28,12 +28,12 @@ from typing import Any
 
 import torch
 from harmprune.errors import ModelLoadError, UnsupportedModelError
-from harmprune.preflight import (  # noqa: F401  (SMOLLM2_GGUF, smollm2_gguf_path: re-exported)
+from harmprune.inputs.preflight import (  # noqa: F401  (SMOLLM2_GGUF, smollm2_gguf_path: re-exported)
     SMOLLM2_GGUF,
     smollm2_gguf_path,
     snapshot_download_errors,
 )
-from harmprune.references import Grant, Permit
+from harmprune.inputs.references import Grant, Permit
 from harmprune.results import ModelSource
 from harmprune.settings import Settings
 from harmprune.vocabulary import sha256_file

@@ -9,7 +9,7 @@ weights in the same matrices:
 - magnitude-matched: drawn among weights whose |W| is close to the selected weights' (so "it
   removed large weights" cannot explain the effect).
 Harm thresholds compare against the STRONGER control (the larger harm rise). Every headline
-figure carries a paired bootstrap 95% interval over test prompts (harmprune.stats), and every
+figure carries a paired bootstrap 95% interval over test prompts (harmprune.measure.stats), and every
 gate decides on a BOUND of one (issue 21): a benign threshold on the upper bound of the rise,
 the harm thresholds on the lower bounds of the hardened model's improvement and of its paired
 margin over each control. The q search applies the same rule on the validation prompts.
@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from harmprune import selection, stats
-from harmprune.config import Thresholds
-from harmprune.evaluation import ModelMetrics, relative_change
-from harmprune.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.inputs.config import Thresholds
+from harmprune.measure import stats
+from harmprune.measure.evaluation import ModelMetrics, relative_change
+from harmprune.method import selection
+from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import Interval, SearchPoint
 from torch import nn
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from harmprune.errors import HarmpruneError
-from harmprune.publishing import JOB_MARKER
+from harmprune.output.publishing import JOB_MARKER
 from harmprune.vocabulary import SIGNATURE_FILE
 
 KEY_IDENTITY_PREFIX = "ecdsa-key sha256:"

@@ -47,20 +47,21 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
-from harmprune import data, evaluation
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
-from harmprune.config import EvalConfig, TamperConfig
 from harmprune.errors import SpecError
-from harmprune.pruning import PruneMask, apply_pruning, restore_weights
-from harmprune.references import Permit
+from harmprune.inputs import data, sets
+from harmprune.inputs.config import EvalConfig, TamperConfig
+from harmprune.inputs.references import Permit
+from harmprune.measure import evaluation
+from harmprune.measure.verification import random_control_indices
+from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
     AttackSettings,
     ModelTamper,
     PhaseMetrics,
     TamperResult,
 )
-from harmprune.verification import random_control_indices
 from torch import nn
 
 MODELS = ("original", "hardened", "random_control")
@@ -185,7 +186,7 @@ def _prepare(
     if not in_domain:
         if len(train) < 2:
             raise SpecError("tamper: give in_domain_eval or at least 2 train pairs (one held out)")
-        train, in_domain = evaluation.split_heldout(train, cfg.heldout_fraction, seed + 2)
+        train, in_domain = sets.split_heldout(train, cfg.heldout_fraction, seed + 2)
         source = "split"
     common: dict[str, Any] = dict(fmt=fmt, prefix=prefix, cfg=eval_cfg, batch_size=batch_size)
     held_in = evaluation.build_heldout(model, tokenizer, in_domain, [], [], source=source, **common)

@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any, Literal
 
-from harmprune.benchmarks import BenchmarkResult
-from harmprune.binding import Binding
-from harmprune.config import Thresholds
+from harmprune.inputs.config import Thresholds
+from harmprune.measure.benchmarks import BenchmarkResult
+from harmprune.output.binding import Binding
 from harmprune.results import (
     AttacksResult,
     Interval,
@@ -172,7 +172,7 @@ class Evidence(Frozen):
 
 
 class GeneralBenignResult(Frozen):
-    """harmprune's general benign set (everyday requests, harmprune.general_benign) on its test
+    """harmprune's general benign set (everyday requests, harmprune.inputs.general_benign) on its test
     part: measured in every job next to the spec's benign prompts, gated by the same thresholds."""
 
     prompts: dict[str, int] = Field(
@@ -248,7 +248,7 @@ class Report(Frozen):
     )
     extra: dict[str, Any] = Field(default_factory=dict)
     binding: Binding | None = Field(
-        None, description="Hashes of the files, the spec and the signer (harmprune.binding)."
+        None, description="Hashes of the files, the spec and the signer (harmprune.output.binding)."
     )
 
 

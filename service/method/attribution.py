@@ -41,8 +41,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
-from harmprune.data import IGNORE_INDEX, Example, collate
 from harmprune.errors import AttributionError, JobCancelled, UnsupportedModelError
+from harmprune.inputs.data import IGNORE_INDEX, Example, collate
 from torch import nn
 
 GradReduction = Literal["sum", "sum_abs"]

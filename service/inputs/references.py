@@ -10,7 +10,7 @@ could name a repo or a path but is not such a type).
 
 A policy (the operator's own CLI: `operator_permit`; a tenant's: `harmprune.jobs.access`) turns
 the references into a `Permit`: each reference with where it resolved (`hub`, `local`,
-`alias`, `task`). The loaders (`harmprune.loading`, `harmprune.data`, `harmprune.benchmarks`)
+`alias`, `task`). The loaders (`harmprune.inputs.loading`, `harmprune.inputs.data`, `harmprune.measure.benchmarks`)
 take the permit and load only what it grants, from the location it granted: a Hub id is never
 looked up as a path in the worker's working directory, and a reference the policy never saw
 (a preset's default judge, a dataset an lm-eval task names) raises before any byte is fetched.

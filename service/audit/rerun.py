@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from harmprune.audit import RERUN_REL_TOLERANCE, RERUN_RISE_TOLERANCE, Check, within
+from harmprune.audit.checks import RERUN_REL_TOLERANCE, RERUN_RISE_TOLERANCE, Check, within
 from harmprune.errors import HarmpruneError
 from harmprune.settings import Settings
 
@@ -33,7 +33,7 @@ FIGURES = (
 def rerun_check(
     report: Any, published_dir: Path, base_dir: Path | None, spec_path: Path, settings: Settings
 ) -> Check:
-    from harmprune.config import HardenConfig, load_domain
+    from harmprune.inputs.config import HardenConfig, load_domain
 
     try:
         spec = load_domain(spec_path)
@@ -64,11 +64,13 @@ def rerun_check(
 def measure_again(config: Any, published_dir: Path, settings: Settings) -> tuple[Any, Any]:
     """(base, published) teacher-forced metrics on the job's test set, rebuilt."""
     from harmprune import pipeline
+    from harmprune.inputs.sets import split_sets
+    from harmprune.measure.job import build_heldout
 
     pipeline.seed_everything(config.seed)
-    sets = pipeline.split_sets(config)
+    sets = split_sets(config)
     ctx = pipeline.load(config, settings, lambda *_: None, None)
-    test = pipeline.build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
+    test = build_heldout(ctx, sets.test_harmful, sets.test_benign, "test")
     assert test is not None  # split_sets always makes a test set
     original = ctx.measure(test, "search")
     load_published(ctx.loaded.model, published_dir)
@@ -78,7 +80,7 @@ def measure_again(config: Any, published_dir: Path, settings: Settings) -> tuple
 def load_published(model: Any, directory: Path) -> None:
     """The published tensors into `model`, one file at a time (names checked both ways)."""
     import torch
-    from harmprune.audit import tensor_files
+    from harmprune.audit.checks import tensor_files
     from safetensors.torch import load_file
 
     files = sorted(set(tensor_files(directory).values()))

@@ -15,7 +15,7 @@ import json
 import math
 from typing import Any
 
-from harmprune.report import Report
+from harmprune.output.report import Report
 
 UNDEFINED_FIGURES = "undefined_figures"
 REASONS = {

@@ -1,5 +1,5 @@
 """The standard harm set: harmful requests nobody here wrote, measured in every job that names
-its categories (issue 21 item 3; the harm-side twin of harmprune.general_benign).
+its categories (issue 21 item 3; the harm-side twin of harmprune.inputs.general_benign).
 
 A domain spec's own test prompts are written by the spec's author, next to its calibration
 prompts; an effect that holds only on them says little. harmprune therefore ships HarmBench's
@@ -21,7 +21,7 @@ from importlib import resources
 
 import yaml
 from harmprune.errors import SpecError
-from harmprune.stats import MIN_TEST_PROMPTS
+from harmprune.inputs.config import MIN_TEST_PROMPTS
 
 RESOURCE = "harmbench_behaviors.yaml"
 SOURCE = "HarmBench standard behaviours (Mazeika et al. 2024, MIT licence)"

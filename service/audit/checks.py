@@ -29,10 +29,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from harmprune.binding import UNSIGNED, Binding, is_weight_file
 from harmprune.errors import HarmpruneError
-from harmprune.preflight import snapshot_download_errors
-from harmprune.references import Grant, operator_grant
+from harmprune.inputs.preflight import snapshot_download_errors
+from harmprune.inputs.references import Grant, operator_grant
+from harmprune.output.binding import UNSIGNED, Binding, is_weight_file
 from harmprune.settings import Settings
 from harmprune.vocabulary import (
     MASK_FILE,
@@ -108,7 +108,7 @@ def resolve_base(
     """The base model's local safetensors directory, identified as the report records it.
     `base_grant(reference, commit)`: the policy's grant for a Hub base (the CLI: the user's own;
     the service: the tenant's, which refuses a repo it may not read)."""
-    from harmprune import loading
+    from harmprune.inputs import loading
 
     src = report.inputs.model
     recorded = src.commit or src.gguf_sha256
@@ -144,7 +144,7 @@ def _fail_base(detail: str) -> Check:
 
 
 def _gguf_base(gguf: Path, recorded: str | None, settings: Settings) -> tuple[Path | None, Check]:
-    from harmprune.loading import convert_gguf
+    from harmprune.inputs.loading import convert_gguf
 
     sha = sha256_file(gguf)
     if sha != recorded:
@@ -191,7 +191,7 @@ def check_signature(
     *,
     allow_symlinks: bool,
 ) -> Check:
-    from harmprune import signing
+    from harmprune.output import signing
 
     claimed = binding.signer if binding is not None else None  # None: no readable report
     if not (directory / SIGNATURE_FILE).is_file():
@@ -404,8 +404,8 @@ def run_audit(
 
     `base_grant(repo_id, commit)`: the access policy's grant for the base model's Hub repo
     (the service applies the tenant's policy; the CLI reads what the user's token reads)."""
-    from harmprune.pruning import load_mask
-    from harmprune.report_json import load_report
+    from harmprune.method.pruning import load_mask
+    from harmprune.output.report_json import load_report
     from pydantic import ValidationError
 
     settings = settings or Settings()
@@ -453,7 +453,7 @@ def run_audit(
     if base_dir is not None:
         add(check_weights(directory, base_dir, mask))
     if rerun_spec is not None:
-        from harmprune.audit_rerun import rerun_check
+        from harmprune.audit.rerun import rerun_check
 
         add(rerun_check(report, directory, base_dir, rerun_spec, settings))
     return verdict()

@@ -1,0 +1,2 @@
+"""The B-TAP method itself: attribution scores, which weights they select, and pruning those weights
+(the mask)."""
