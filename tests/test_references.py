@@ -56,6 +56,8 @@ NOT_REFERENCES = {
     "domain.eval.multiple_choice[].choices[]": "answer text",
     "domain.elicitation.harmful_prefix": "text forced at the start of an answer",
     "domain.tamper.target_modules[]": "module names inside the loaded model",
+    "domain.eval.standard_harm.categories[]": "HarmBench category names, selecting from the "
+    "behaviours shipped inside the package",
     "domain.attacks.finetune.target_modules[]": "module names inside the loaded model",
     "revision": "the revision of `model`",
     "publish.repo_id": "where the result goes: checked by the publish policy (check_publish)",
