@@ -37,7 +37,8 @@ from harmprune.measure.benchmarks import run_benchmarks, task_dataset_references
 from harmprune.settings import Settings
 from pydantic import BaseModel
 
-README = Path(__file__).parents[1] / "README.md"
+# The Tenants list lives in the service documentation, between two markers.
+SERVICE_DOC = Path(__file__).parents[1] / "docs" / "service.md"
 
 # Free-text string fields of the request that name nothing to load, and why.
 NOT_REFERENCES = {
@@ -55,6 +56,8 @@ NOT_REFERENCES = {
     "domain.eval.multiple_choice[].choices[]": "answer text",
     "domain.elicitation.harmful_prefix": "text forced at the start of an answer",
     "domain.tamper.target_modules[]": "module names inside the loaded model",
+    "domain.eval.standard_harm.categories[]": "HarmBench category names, selecting from the "
+    "behaviours shipped inside the package",
     "domain.attacks.finetune.target_modules[]": "module names inside the loaded model",
     "revision": "the revision of `model`",
     "publish.repo_id": "where the result goes: checked by the publish policy (check_publish)",
@@ -85,12 +88,12 @@ def test_every_string_field_that_could_name_something_is_a_reference_type() -> N
     assert kinds["domain.eval.benchmarks.tasks[]"] == "task"
 
 
-def test_the_readme_lists_every_reference_the_policy_covers() -> None:
-    text = README.read_text()
+def test_the_service_doc_lists_every_reference_the_policy_covers() -> None:
+    text = SERVICE_DOC.read_text()
     start, end = "<!-- references:start -->\n", "\n<!-- references:end -->"
     listed = text[text.index(start) + len(start) : text.index(end)]
     assert listed == tenants_section(JobRequest.model_json_schema()), (
-        "README.md's Tenants list is out of date: paste "
+        "docs/service.md's Tenants list is out of date: paste "
         "harmprune.inputs.references.tenants_section(JobRequest.model_json_schema())"
     )
 
