@@ -66,16 +66,17 @@ def make_config(arch: str, tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    llama_like = dict(
+    # GPT-NeoX takes these names too, but has no grouped-query attention
+    shared = dict(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
-        num_key_value_heads=2,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=arch in TIED_ARCHS,
         **ids,
     )
+    llama_like = dict(shared, num_key_value_heads=2)
     if arch == "llama":
         return tf.LlamaConfig(**llama_like)
     if arch == "mistral":
@@ -98,15 +99,7 @@ def make_config(arch: str, tokenizer: Any) -> Any:
             **ids,
         )
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=False,
-            **ids,
-        )
+        return tf.GPTNeoXConfig(**shared)
     raise ValueError(f"unknown arch {arch}")
 
 
