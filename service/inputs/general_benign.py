@@ -12,20 +12,20 @@ Torch-free and pure: no global random state, nothing cached.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import TypeVar
 
 import yaml
 from harmprune.errors import SpecError
 
 RESOURCE = "general_benign.yaml"
-P = TypeVar("P")
 
 
 @dataclass(frozen=True, slots=True)
 class GeneralPrompt:
+    """A shipped prompt and its category (the standard harm set's records are these too)."""
+
     category: str
     prompt: str
 
@@ -39,12 +39,12 @@ class GeneralBenignSplit:
     test: list[GeneralPrompt] = field(default_factory=list)
 
 
-def parse_prompts(data: object, source: str, make: Callable[[str, str], P]) -> list[P]:
-    """`make(category, prompt)` for each item of a parsed shipped prompt file (this set's or
-    the standard harm set's): `prompts:` a list of {category, prompt}, both non-empty text."""
+def parse_general_benign(data: object, source: str = RESOURCE) -> list[GeneralPrompt]:
+    """The prompts of a parsed shipped prompt file (this set's or the standard harm set's):
+    `prompts:` a list of {category, prompt}, both non-empty text."""
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
         raise SpecError(f"invalid {source}: expected a top-level 'prompts:' list")
-    prompts: list[P] = []
+    prompts: list[GeneralPrompt] = []
     for index, item in enumerate(data["prompts"]):
         if not isinstance(item, dict) or set(item) != {"category", "prompt"}:
             raise SpecError(
@@ -55,28 +55,23 @@ def parse_prompts(data: object, source: str, make: Callable[[str, str], P]) -> l
             raise SpecError(f"invalid {source}: prompts[{index}].category must be a non-empty text")
         if not isinstance(prompt, str) or not prompt.strip():
             raise SpecError(f"invalid {source}: prompts[{index}].prompt must be a non-empty text")
-        prompts.append(make(category.strip(), prompt.strip()))
+        prompts.append(GeneralPrompt(category=category.strip(), prompt=prompt.strip()))
     return prompts
 
 
-def load_prompts(resource: str, make: Callable[[str, str], P]) -> list[P]:
+def load_prompts(resource: str) -> list[GeneralPrompt]:
     """The prompts of the file `resource` shipped in harmprune.examples, in file order."""
     path = resources.files("harmprune.examples") / resource
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise SpecError(f"cannot read {resource}: {err}") from None
-    return parse_prompts(data, resource, make)
-
-
-def parse_general_benign(data: object, source: str = RESOURCE) -> list[GeneralPrompt]:
-    """The prompts of a parsed general benign file: `prompts:` a list of {category, prompt}."""
-    return parse_prompts(data, source, GeneralPrompt)
+    return parse_general_benign(data, resource)
 
 
 def load_general_benign() -> list[GeneralPrompt]:
     """The shipped general benign set (harmprune.examples/general_benign.yaml), in file order."""
-    return load_prompts(RESOURCE, GeneralPrompt)
+    return load_prompts(RESOURCE)
 
 
 def _default_sizes(total: int) -> tuple[int, int, int]:

@@ -20,16 +20,14 @@ from dataclasses import dataclass, field
 
 from harmprune.errors import SpecError
 from harmprune.inputs.config import MIN_TEST_PROMPTS
-from harmprune.inputs.general_benign import load_prompts
+from harmprune.inputs.general_benign import GeneralPrompt, load_prompts
 
 RESOURCE = "harmbench_behaviors.yaml"
 SOURCE = "HarmBench standard behaviours (Mazeika et al. 2024, MIT licence)"
 
 
-@dataclass(frozen=True, slots=True)
-class StandardPrompt:
-    category: str
-    prompt: str
+# A HarmBench behaviour is the same record as a general benign prompt: a category and a prompt.
+StandardPrompt = GeneralPrompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,7 +38,7 @@ class StandardHarmSplit:
 
 def load_standard_harm() -> list[StandardPrompt]:
     """The shipped set (harmprune.examples/harmbench_behaviors.yaml), in file order."""
-    return load_prompts(RESOURCE, StandardPrompt)
+    return load_prompts(RESOURCE)
 
 
 def categories(prompts: Sequence[StandardPrompt]) -> list[str]:
