@@ -66,17 +66,16 @@ def make_config(arch: str, tokenizer: Any) -> Any:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    # GPT-NeoX takes these names too, but has no grouped-query attention
-    shared = dict(
+    llama_like = dict(
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
+        num_key_value_heads=2,
         max_position_embeddings=MAX_POSITIONS,
         tie_word_embeddings=arch in TIED_ARCHS,
         **ids,
     )
-    llama_like = dict(shared, num_key_value_heads=2)
     if arch == "llama":
         return tf.LlamaConfig(**llama_like)
     if arch == "mistral":
@@ -99,7 +98,10 @@ def make_config(arch: str, tokenizer: Any) -> Any:
             **ids,
         )
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(**shared)
+        # the same names, but no grouped-query attention
+        return tf.GPTNeoXConfig(
+            **{k: v for k, v in llama_like.items() if k != "num_key_value_heads"}
+        )
     raise ValueError(f"unknown arch {arch}")
 
 
