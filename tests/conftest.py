@@ -194,6 +194,17 @@ def assert_python_runs(code: str, cwd: Path | None = None) -> None:
     assert out.returncode == 0, out.stderr
 
 
+def assert_python_imports_none_of(
+    heavy: tuple[str, ...], code: str, cwd: Path | None = None
+) -> None:
+    """Run `code` as `assert_python_runs` does, and fail if it imported any of `heavy` (torch and
+    the like, which the light processes and modules must not pay for)."""
+    check = (
+        f"import sys\nbad = sorted(m for m in {heavy!r} if m in sys.modules)\nassert not bad, bad\n"
+    )
+    assert_python_runs(code + check, cwd=cwd)
+
+
 @pytest.fixture(scope="session")
 def domain_spec_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small domain spec YAML (chat format, short elicitation, q/p that prune some weights)."""
