@@ -3,6 +3,7 @@ pricing, and the CLI's --attacks selection (issue #14)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -212,6 +213,9 @@ def harden_tiny(model: Any) -> tuple[dict[str, torch.nn.Parameter], Any]:
     return params, apply_pruning(params, indices)
 
 
+OPTION_FIELDS = {f.name for f in dataclasses.fields(measure.AttackOptions)}
+
+
 def run_attacks_on_tiny_sets(
     model: Any,
     tokenizer: Any,
@@ -227,14 +231,18 @@ def run_attacks_on_tiny_sets(
         validation=VALIDATION,
         harmful=[data.CalibrationPair(p, r, prefix=f) for p, f, r in HARMFUL],
         benign=[data.CalibrationPair(p, r) for p, r in BENIGN],
-        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=3),
+    )
+    options = measure.AttackOptions(
         fmt="chat",
         max_length=64,
         seed=3,
-        batch_size=4,
+        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=3),
         permit=operator_permit(cfg),
+        batch_size=4,
     )
-    return attacks.run_attacks(model, tokenizer, params, mask, cfg, **{**args, **kw})
+    overrides = {k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS}
+    options = dataclasses.replace(options, **overrides)
+    return attacks.run_attacks(model, tokenizer, params, mask, cfg, options, **{**args, **kw})
 
 
 def run_tiny(model: Any, tokenizer: Any, cfg: AttacksConfig, **kw: Any) -> attacks.AttacksResult:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import JobCancelled
 from harmprune.inputs import data
 from harmprune.inputs.config import DomainSpec, EvalConfig
@@ -81,22 +82,24 @@ def assert_same_state(model: Any, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(after[name], tensor), f"{name} changed"
 
 
-def run_check(model: Any, tokenizer: Any, cfg: TamperConfig, **kw: Any) -> TamperResult:
-    params, mask = kw.pop("hardening", None) or harden_tiny(model)
-    return tamper.run_tamper_check(
-        model,
-        tokenizer,
-        params,
-        mask,
-        cfg,
+def run_check(
+    model: Any,
+    tokenizer: Any,
+    cfg: TamperConfig,
+    hardening: tuple[Any, PruneMask] | None = None,
+    should_cancel: Any = None,
+) -> TamperResult:
+    params, mask = hardening or harden_tiny(model)
+    options = AttackOptions(
         fmt="chat",
         max_length=64,
         seed=3,
-        batch_size=4,
         eval_cfg=EVAL,
         permit=operator_permit(cfg),
-        **kw,
+        batch_size=4,
+        should_cancel=should_cancel,
     )
+    return tamper.run_tamper_check(model, tokenizer, params, mask, cfg, options)
 
 
 # ---------------------------------------------------------------- configuration
@@ -396,19 +399,15 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     before_ids = {n: id(p) for n, p in model.named_parameters()}
 
     t0 = time.perf_counter()
-    result = tamper.run_tamper_check(
-        model,
-        tok,
-        params,
-        mask,
-        cfg,
+    options = AttackOptions(
         fmt="chat",
         max_length=96,
         seed=0,
-        batch_size=8,
         eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
         permit=operator_permit(cfg),
+        batch_size=8,
     )
+    result = tamper.run_tamper_check(model, tok, params, mask, cfg, options)
     t_check = time.perf_counter() - t0
     for name, tensor in state.items():
         assert torch.equal(params[name].detach(), tensor), name

@@ -44,12 +44,13 @@ prompts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
+from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import SpecError
 from harmprune.inputs import data, sets
 from harmprune.inputs.config import EvalConfig, TamperConfig
@@ -66,9 +67,6 @@ from harmprune.results import (
 from torch import nn
 
 MODELS = ("original", "hardened", "random_control")
-
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 # ---------------------------------------------------------------- configuration
@@ -222,29 +220,29 @@ def run_tamper_check(
     params: dict[str, nn.Parameter],
     mask: PruneMask,
     cfg: TamperConfig,
+    options: AttackOptions,
     *,
-    fmt: data.PromptFormat,
-    max_length: int,
-    seed: int,
-    batch_size: int = 8,
     prefix: str = "Sure, here is",
-    eval_cfg: EvalConfig | None = None,
-    classifier: evaluation.ClassifierScorer | None = None,
     multiple_choice: Sequence[evaluation.MultipleChoice] = (),
-    on_progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    permit: Permit,
 ) -> TamperResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
     `model` comes in HARDENED (`mask` applied to `params`, the scored weights) and leaves in
-    exactly that state, also on errors and cancellation. `eval_cfg` gives the judges and answer
-    length (the domain's `eval`; default nll + refusal, 32 tokens); `seed` is the job's seed.
+    exactly that state, also on errors and cancellation. `options.eval_cfg` gives the judges and
+    answer length (the domain's `eval`); `options.seed` is the job's seed.
     """
-    how = _Measuring(tokenizer, fmt, max_length, batch_size, eval_cfg or EvalConfig(), classifier)
+    seed, should_cancel = options.seed, options.should_cancel
+    how = _Measuring(
+        tokenizer,
+        options.fmt,
+        options.max_length,
+        options.batch_size,
+        options.eval_cfg,
+        options.classifier,
+    )
     level: Literal["full", "search"] = "full" if cfg.generation else "search"
     pad_id = tokenizer.pad_token_id
-    step = counted_steps(1 + 3 * 3, on_progress, should_cancel, "the tamper check")
+    step = counted_steps(1 + 3 * 3, options.on_progress, should_cancel, "the tamper check")
 
     hardened_idx = {name: idx for name, (idx, _) in mask.entries.items()}
     counts = {name: idx.numel() for name, idx in hardened_idx.items()}
@@ -260,7 +258,7 @@ def run_tamper_check(
             seed=seed,
             prefix=prefix,
             multiple_choice=multiple_choice,
-            permit=permit,
+            permit=options.permit,
         )
         step()
 
