@@ -182,6 +182,27 @@ def tiny_job_config(model_dir: Path | str, spec: dict[str, Any]) -> Any:
     )
 
 
+def tiny_attack_options(cfg: Any, **overrides: Any) -> Any:
+    """The AttackOptions the tamper and attack tests run the tiny models under (chat format, 64
+    tokens, seed 3, batch 4, nll + refusal judges on 4 new tokens, the operator's permit for
+    `cfg`'s sources); `overrides` replace fields."""
+    import dataclasses
+
+    from harmprune.attacks.measurement import AttackOptions
+    from harmprune.inputs.config import EvalConfig
+    from harmprune.inputs.references import operator_permit
+
+    options = AttackOptions(
+        fmt="chat",
+        max_length=64,
+        seed=3,
+        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=4),
+        permit=operator_permit(cfg),
+        batch_size=4,
+    )
+    return dataclasses.replace(options, **overrides)
+
+
 def assert_python_runs(code: str, cwd: Path | None = None) -> None:
     """Run `code` in a fresh interpreter, from `cwd` (another directory than the repo root:
     only the installed package is importable), and fail with its stderr unless it exits 0."""

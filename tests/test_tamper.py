@@ -11,11 +11,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import JobCancelled
 from harmprune.inputs import data
 from harmprune.inputs.config import DomainSpec, EvalConfig
-from harmprune.inputs.references import model_permit, operator_permit
+from harmprune.inputs.references import model_permit
 from harmprune.inputs.sets import split_heldout
 from harmprune.measure import tamper
 from harmprune.measure.tamper import TamperConfig, TamperResult
@@ -26,7 +25,7 @@ from harmprune.output.checkpoint import save_checkpoint
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_job_config
+from tests.conftest import tiny_attack_options, tiny_job_config
 
 REPO = Path(__file__).resolve().parent.parent
 EM_FINANCE = REPO / "examples" / "domains" / "em-finance.yaml"
@@ -90,15 +89,7 @@ def run_check(
     should_cancel: Any = None,
 ) -> TamperResult:
     params, mask = hardening or harden_tiny(model)
-    options = AttackOptions(
-        fmt="chat",
-        max_length=64,
-        seed=3,
-        eval_cfg=EVAL,
-        permit=operator_permit(cfg),
-        batch_size=4,
-        should_cancel=should_cancel,
-    )
+    options = tiny_attack_options(cfg, eval_cfg=EVAL, should_cancel=should_cancel)
     return tamper.run_tamper_check(model, tokenizer, params, mask, cfg, options)
 
 
@@ -399,12 +390,11 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     before_ids = {n: id(p) for n, p in model.named_parameters()}
 
     t0 = time.perf_counter()
-    options = AttackOptions(
-        fmt="chat",
+    options = tiny_attack_options(
+        cfg,
         max_length=96,
         seed=0,
         eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
-        permit=operator_permit(cfg),
         batch_size=8,
     )
     result = tamper.run_tamper_check(model, tok, params, mask, cfg, options)
