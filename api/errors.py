@@ -42,6 +42,9 @@ STATUS_CODES = {
 
 
 class ApiError(Exception):
+    """An error the API answers with: `{"error": {code, message[, fields]}}` under `status`.
+    Routes raise it; the handlers below build one for every other error and `response()` it."""
+
     def __init__(
         self,
         status: int,
@@ -49,24 +52,17 @@ class ApiError(Exception):
         message: str,
         *,
         fields: list[dict[str, str]] | None = None,
-        headers: dict[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
         self.fields, self.headers = fields, headers
 
-
-def error_response(
-    status: int,
-    code: str,
-    message: str,
-    fields: list[dict[str, str]] | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if fields is not None:
-        body["fields"] = fields
-    return JSONResponse({"error": body}, status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.fields is not None:
+            body["fields"] = self.fields
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 _SOURCES = {"body", "query", "path", "header", "cookie"}
@@ -127,7 +123,7 @@ def engine_error_response(exc: HarmpruneError) -> JSONResponse:
     fields = None
     if field is not None and status < 500 and not field.startswith("("):
         fields = [{"field": field, "message": message.removeprefix(f"{field}: ")}]
-    return error_response(status, exc.code, message, fields, headers or None)
+    return ApiError(status, exc.code, message, fields=fields, headers=headers or None).response()
 
 
 def install(app: FastAPI) -> None:
@@ -142,13 +138,15 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.fields, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = field_errors(exc.errors())
         message = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:10])
-        return error_response(422, "invalid_request", message or "invalid request", fields)
+        return ApiError(
+            422, "invalid_request", message or "invalid request", fields=fields
+        ).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -156,19 +154,19 @@ def install(app: FastAPI) -> None:
         detail = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         if exc.status_code == 400 and detail == "There was an error parsing the body":
             code, detail = "invalid_body", "the request body is not valid JSON (UTF-8)"
-        return error_response(exc.status_code, code, detail, headers=exc.headers)
+        return ApiError(exc.status_code, code, detail, headers=exc.headers).response()
 
     @app.exception_handler(redis.RedisError)
     async def _redis(request: Request, exc: redis.RedisError) -> JSONResponse:
         log.warning("job store unavailable: %s", type(exc).__name__)
-        return error_response(
+        return ApiError(
             503,
             "store_unavailable",
             "the job store is unavailable; try again shortly",
             headers={"Retry-After": "5"},
-        )
+        ).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error")
+        return ApiError(500, "internal_error", "internal error").response()

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from harmprune import attacks
+from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.inputs import data, preflight, standard_harm
 from harmprune.inputs.config import (
@@ -899,6 +900,23 @@ def verify_benchmarks(
     )
 
 
+def attack_options(ctx: JobContext, stage: str) -> AttackOptions:
+    """The job's settings for an attack stage (the tamper check, the attacks), its progress
+    reported under `stage`."""
+    spec = ctx.spec
+    return AttackOptions(
+        fmt=spec.prompt_format,
+        max_length=spec.max_length,
+        seed=ctx.config.seed,
+        eval_cfg=spec.eval,
+        permit=ctx.permit,
+        batch_size=ctx.config.batch_size,
+        classifier=ctx.classifier,
+        on_progress=lambda d, t: ctx.progress(stage, d, t),
+        should_cancel=ctx.should_cancel,
+    )
+
+
 def tamper_check(
     ctx: JobContext, scores: Scores, mask: PruneMask, heldout: evaluation.HeldOut
 ) -> tamper.TamperResult:
@@ -910,17 +928,9 @@ def tamper_check(
         scores.params,
         mask,
         spec.tamper,
-        fmt=spec.prompt_format,
-        max_length=spec.max_length,
-        seed=ctx.config.seed,
-        batch_size=ctx.config.batch_size,
+        attack_options(ctx, "tamper"),
         prefix=spec.elicitation.harmful_prefix,
-        eval_cfg=spec.eval,
-        classifier=ctx.classifier,
         multiple_choice=heldout.multiple_choice,
-        on_progress=lambda d, t: ctx.progress("tamper", d, t),
-        should_cancel=ctx.should_cancel,
-        permit=ctx.permit,
     )
 
 
@@ -941,19 +951,11 @@ def run_attacks(
         scores.params,
         mask,
         spec.attacks,
+        attack_options(ctx, "attacks"),
         heldout=heldouts.test,
         validation=heldouts.validation,
         harmful=calibration.harmful,
         benign=calibration.benign,
-        eval_cfg=spec.eval,
-        fmt=spec.prompt_format,
-        max_length=spec.max_length,
-        seed=ctx.config.seed,
-        batch_size=ctx.config.batch_size,
-        classifier=ctx.classifier,
-        on_progress=lambda d, t: ctx.progress("attacks", d, t),
-        should_cancel=ctx.should_cancel,
-        permit=ctx.permit,
     )
 
 

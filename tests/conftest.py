@@ -182,6 +182,27 @@ def tiny_job_config(model_dir: Path | str, spec: dict[str, Any]) -> Any:
     )
 
 
+def tiny_attack_options(cfg: Any, **overrides: Any) -> Any:
+    """The AttackOptions the tamper and attack tests run the tiny models under (chat format, 64
+    tokens, seed 3, batch 4, nll + refusal judges on 4 new tokens, the operator's permit for
+    `cfg`'s sources); `overrides` replace fields."""
+    import dataclasses
+
+    from harmprune.attacks.measurement import AttackOptions
+    from harmprune.inputs.config import EvalConfig
+    from harmprune.inputs.references import operator_permit
+
+    options = AttackOptions(
+        fmt="chat",
+        max_length=64,
+        seed=3,
+        eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=4),
+        permit=operator_permit(cfg),
+        batch_size=4,
+    )
+    return dataclasses.replace(options, **overrides)
+
+
 def assert_python_runs(code: str, cwd: Path | None = None) -> None:
     """Run `code` in a fresh interpreter, from `cwd` (another directory than the repo root:
     only the installed package is importable), and fail with its stderr unless it exits 0."""
@@ -192,6 +213,17 @@ def assert_python_runs(code: str, cwd: Path | None = None) -> None:
         [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stderr
+
+
+def assert_python_imports_none_of(
+    heavy: tuple[str, ...], code: str, cwd: Path | None = None
+) -> None:
+    """Run `code` as `assert_python_runs` does, and fail if it imported any of `heavy` (torch and
+    the like, which the light processes and modules must not pay for)."""
+    check = (
+        f"import sys\nbad = sorted(m for m in {heavy!r} if m in sys.modules)\nassert not bad, bad\n"
+    )
+    assert_python_runs(code + check, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -99,15 +100,6 @@ def expected_scope(model: nn.Module) -> set[str]:
 # ---------------------------------------------------------------- tests
 
 
-def model_and_references(
-    model: nn.Module, harmful: list[Example], benign: list[Example]
-) -> tuple[dict[str, nn.Parameter], dict[str, Any], dict[str, Any]]:
-    """The scored parameters, and the reference scores of the harmful and the benign set."""
-    params = attribution.scored_parameters(model)
-    names = list(params)
-    return params, reference_scores(model, names, harmful), reference_scores(model, names, benign)
-
-
 @pytest.fixture(scope="module")
 def harmful_examples(tokenizer: Any) -> list[Example]:
     return examples(tokenizer, HARMFUL)
@@ -118,39 +110,66 @@ def benign_examples(tokenizer: Any) -> list[Example]:
     return examples(tokenizer, BENIGN)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_scores_match_reference(
-    arch: str,
+@dataclass
+class Referenced:
+    """A fresh tiny model, its scored parameters, the example sets and their reference scores."""
+
+    model: nn.Module
+    params: dict[str, nn.Parameter]
+    harmful: list[Example]
+    benign: list[Example]
+    pad: int
+    ref_harm: dict[str, Any]
+    ref_keep: dict[str, Any]
+
+
+@pytest.fixture(params=ARCHS)
+def referenced(
+    request: pytest.FixtureRequest,
     tiny_model: Any,
     tokenizer: Any,
     harmful_examples: list[Example],
     benign_examples: list[Example],
-) -> None:
-    model = tiny_model(arch)
-    # Lengths differ, so the batched passes pad.
-    assert len({len(e.input_ids) for e in harmful_examples}) > 1
-    params, ref_h, ref_b = model_and_references(model, harmful_examples, benign_examples)
-    pad = tokenizer.pad_token_id
+) -> Referenced:
+    """Each architecture's tiny model with the reference scores of the harmful and benign set."""
+    model = tiny_model(request.param)
+    params = attribution.scored_parameters(model)
+    names = list(params)
+    return Referenced(
+        model,
+        params,
+        harmful_examples,
+        benign_examples,
+        tokenizer.pad_token_id,
+        reference_scores(model, names, harmful_examples),
+        reference_scores(model, names, benign_examples),
+    )
 
-    harm = attribution.score_harm(model, params, harmful_examples, batch_size=3, pad_id=pad)
-    assert_scores_close(harm, ref_h["harm"])
+
+def test_scores_match_reference(referenced: Referenced) -> None:
+    r = referenced
+    # Lengths differ, so the batched passes pad.
+    assert len({len(e.input_ids) for e in r.harmful}) > 1
+
+    harm = attribution.score_harm(r.model, r.params, r.harmful, batch_size=3, pad_id=r.pad)
+    assert_scores_close(harm, r.ref_harm["harm"])
     for strategy in ("batched", "per_sample"):  # per-sample products / one backward per sample
         keep = attribution.score_preserve(
-            model,
-            params,
-            benign_examples,
+            r.model,
+            r.params,
+            r.benign,
             "sum_abs",
             batch_size=2,
-            pad_id=pad,
+            pad_id=r.pad,
             sum_abs_strategy=strategy,
         )
-        assert_scores_close(keep, ref_b["sum_abs"])
+        assert_scores_close(keep, r.ref_keep["sum_abs"])
     keep_mean = attribution.score_preserve(
-        model, params, benign_examples, "abs_mean", batch_size=2, pad_id=pad
+        r.model, r.params, r.benign, "abs_mean", batch_size=2, pad_id=r.pad
     )
-    assert_scores_close(keep_mean, ref_b["abs_mean"])
+    assert_scores_close(keep_mean, r.ref_keep["abs_mean"])
     # The two variants are different scores, not the same number under two names.
-    assert not all(torch.allclose(keep[n], keep_mean[n]) for n in params)
+    assert not all(torch.allclose(keep[n], keep_mean[n]) for n in r.params)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5, 8])
@@ -188,19 +207,11 @@ def test_harm_scores_with_a_token_cap_equal_the_reference(
     assert_scores_close(capped, ref)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_recomputed_blocks_give_the_reference_scores(
-    arch: str,
-    tiny_model: Any,
-    tokenizer: Any,
-    harmful_examples: list[Example],
-    benign_examples: list[Example],
-) -> None:
+def test_recomputed_blocks_give_the_reference_scores(referenced: Referenced) -> None:
     """Gradient checkpointing of every block: each block runs twice per backward (it really
     recomputes) and the scores are the reference's; the blocks are unwrapped afterwards."""
-    model = tiny_model(arch)
-    params, ref_h, ref_b = model_and_references(model, harmful_examples, benign_examples)
-    blocks = attribution.decoder_layers(model)
+    r = referenced
+    blocks = attribution.decoder_layers(r.model)
     calls = [0]
     blocks[0].register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     first_forward = blocks[0].forward  # the hook counts __call__; count the inner forward too
@@ -211,21 +222,20 @@ def test_recomputed_blocks_give_the_reference_scores(
         return first_forward(*args, **kwargs)
 
     blocks[0].forward = counting  # an instance-level forward, as accelerate's hooks leave one
-    pad = tokenizer.pad_token_id
     harm = attribution.score_harm(
-        model, params, harmful_examples, batch_size=2, pad_id=pad, recompute=True
+        r.model, r.params, r.harmful, batch_size=2, pad_id=r.pad, recompute=True
     )
-    assert_scores_close(harm, ref_h["harm"])
-    backwards = len(range(0, len(harmful_examples), 2))
+    assert_scores_close(harm, r.ref_harm["harm"])
+    backwards = len(range(0, len(r.harmful), 2))
     assert (calls[0], inner_calls[0]) == (backwards, 2 * backwards)  # forward + recomputation
     keep = attribution.score_preserve(
-        model, params, benign_examples, "sum_abs", batch_size=2, pad_id=pad, recompute=True
+        r.model, r.params, r.benign, "sum_abs", batch_size=2, pad_id=r.pad, recompute=True
     )
-    assert_scores_close(keep, ref_b["sum_abs"])
+    assert_scores_close(keep, r.ref_keep["sum_abs"])
     assert blocks[0].forward is counting  # restored, not replaced by the class method
     assert all("forward" not in block.__dict__ for block in list(blocks)[1:])
     inner_calls[0] = 0
-    attribution.score_harm(model, params, harmful_examples[:1], batch_size=1, pad_id=pad)
+    attribution.score_harm(r.model, r.params, r.harmful[:1], batch_size=1, pad_id=r.pad)
     assert inner_calls[0] == 1  # without `recompute`, one forward per backward again
 
 

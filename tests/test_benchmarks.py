@@ -22,7 +22,7 @@ from harmprune.measure.benchmarks import (
 )
 from pydantic import ValidationError
 
-from tests.conftest import assert_python_runs
+from tests.conftest import assert_python_imports_none_of
 from tests.tiny_models import build_model, make_tokenizer
 
 LOCAL = ("harmprune_everyday_mc", "harmprune_yesno")
@@ -152,12 +152,9 @@ def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
 
 
 def test_the_module_imports_neither_torch_nor_lm_eval(tmp_path: Path) -> None:
-    code = (
-        "import sys, harmprune.measure.benchmarks\n"
-        "bad = [m for m in ('torch', 'lm_eval', 'transformers') if m in sys.modules]\n"
-        "assert not bad, bad\n"
+    assert_python_imports_none_of(
+        ("torch", "lm_eval", "transformers"), "import harmprune.measure.benchmarks\n", tmp_path
     )
-    assert_python_runs(code, cwd=tmp_path)
 
 
 def test_an_unknown_task_is_a_spec_error_naming_it(llama: tuple[Any, Any], offline: Path) -> None:

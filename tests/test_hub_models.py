@@ -23,6 +23,12 @@ from tests.support.hub_server import HubServer
 CARD = b"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# tiny llama\n"
 
 
+@pytest.fixture
+def llama_source(tiny_model_dir: Callable[[str], Path]) -> Path:
+    """The saved tiny llama every test here puts on the test Hub."""
+    return tiny_model_dir("llama")
+
+
 def model_files(folder: Path) -> dict[str, bytes]:
     """A saved model directory as the {path: bytes} of a repo, with a model card."""
     files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
@@ -50,14 +56,13 @@ def resolved_requests(hub: HubServer, name: str) -> list[tuple[str, str, int]]:
 
 def test_a_pinned_revision_downloads_that_commit_with_its_license(
     hub_server: HubServer,  # noqa: F811
-    tiny_model_dir: Callable[[str], Path],
+    llama_source: Path,
     tmp_path: Path,
 ) -> None:
-    source = tiny_model_dir("llama")
-    pinned = hub_server.add_repo("acme/tiny-llama", model_files(source))
+    pinned = hub_server.add_repo("acme/tiny-llama", model_files(llama_source))
     head = hub_server.push(
         "acme/tiny-llama",
-        {"model.safetensors": changed_weights(source, tmp_path)},
+        {"model.safetensors": changed_weights(llama_source, tmp_path)},
         "Retrain",
     )
     assert pinned != head
@@ -67,7 +72,10 @@ def test_a_pinned_revision_downloads_that_commit_with_its_license(
     assert (src.kind, src.reference, src.revision) == ("hub", "acme/tiny-llama", pinned)
     assert src.commit == pinned and local.name == pinned
     assert src.license == "apache-2.0"
-    got, want = load_file(local / "model.safetensors"), load_file(source / "model.safetensors")
+    got, want = (
+        load_file(local / "model.safetensors"),
+        load_file(llama_source / "model.safetensors"),
+    )
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
 
@@ -80,11 +88,10 @@ def test_a_pinned_revision_downloads_that_commit_with_its_license(
 
 def test_a_pickle_only_repo_is_refused_before_any_weight_is_read(
     hub_server: HubServer,  # noqa: F811
-    tiny_model_dir: Callable[[str], Path],
+    llama_source: Path,
     tmp_path: Path,
 ) -> None:
-    source = tiny_model_dir("llama")
-    files = {n: b for n, b in model_files(source).items() if n != "model.safetensors"}
+    files = {n: b for n, b in model_files(llama_source).items() if n != "model.safetensors"}
     files["pytorch_model.bin"] = b"\x80\x04pickled weights that must never be downloaded"
     hub_server.add_repo("acme/pickled", files)
     with pytest.raises(ModelLoadError, match="pickle checkpoints are refused"):
@@ -95,10 +102,10 @@ def test_a_pickle_only_repo_is_refused_before_any_weight_is_read(
 
 def test_private_and_gated_repos_need_a_token_that_may_read_them(
     hub_server: HubServer,  # noqa: F811
-    tiny_model_dir: Callable[[str], Path],
+    llama_source: Path,
     tmp_path: Path,
 ) -> None:
-    files = model_files(tiny_model_dir("llama"))
+    files = model_files(llama_source)
     hub_server.add_repo("acme/private", files, private=True)
     gated_sha = hub_server.add_repo("acme/gated", files, gated=True)
 

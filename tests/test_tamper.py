@@ -14,7 +14,7 @@ import yaml
 from harmprune.errors import JobCancelled
 from harmprune.inputs import data
 from harmprune.inputs.config import DomainSpec, EvalConfig
-from harmprune.inputs.references import model_permit, operator_permit
+from harmprune.inputs.references import model_permit
 from harmprune.inputs.sets import split_heldout
 from harmprune.measure import tamper
 from harmprune.measure.tamper import TamperConfig, TamperResult
@@ -25,7 +25,7 @@ from harmprune.output.checkpoint import save_checkpoint
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
-from tests.conftest import tiny_job_config
+from tests.conftest import tiny_attack_options, tiny_job_config
 
 REPO = Path(__file__).resolve().parent.parent
 EM_FINANCE = REPO / "examples" / "domains" / "em-finance.yaml"
@@ -81,22 +81,16 @@ def assert_same_state(model: Any, before: dict[str, torch.Tensor]) -> None:
         assert torch.equal(after[name], tensor), f"{name} changed"
 
 
-def run_check(model: Any, tokenizer: Any, cfg: TamperConfig, **kw: Any) -> TamperResult:
-    params, mask = kw.pop("hardening", None) or harden_tiny(model)
-    return tamper.run_tamper_check(
-        model,
-        tokenizer,
-        params,
-        mask,
-        cfg,
-        fmt="chat",
-        max_length=64,
-        seed=3,
-        batch_size=4,
-        eval_cfg=EVAL,
-        permit=operator_permit(cfg),
-        **kw,
-    )
+def run_check(
+    model: Any,
+    tokenizer: Any,
+    cfg: TamperConfig,
+    hardening: tuple[Any, PruneMask] | None = None,
+    should_cancel: Any = None,
+) -> TamperResult:
+    params, mask = hardening or harden_tiny(model)
+    options = tiny_attack_options(cfg, eval_cfg=EVAL, should_cancel=should_cancel)
+    return tamper.run_tamper_check(model, tokenizer, params, mask, cfg, options)
 
 
 # ---------------------------------------------------------------- configuration
@@ -396,19 +390,14 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
     before_ids = {n: id(p) for n, p in model.named_parameters()}
 
     t0 = time.perf_counter()
-    result = tamper.run_tamper_check(
-        model,
-        tok,
-        params,
-        mask,
+    options = tiny_attack_options(
         cfg,
-        fmt="chat",
         max_length=96,
         seed=0,
-        batch_size=8,
         eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
-        permit=operator_permit(cfg),
+        batch_size=8,
     )
+    result = tamper.run_tamper_check(model, tok, params, mask, cfg, options)
     t_check = time.perf_counter() - t0
     for name, tensor in state.items():
         assert torch.equal(params[name].detach(), tensor), name

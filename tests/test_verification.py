@@ -79,7 +79,7 @@ def test_nll_judge_scores_only_what_the_attack_leaves_to_the_model(loaded: Any) 
     prefill = evaluation.harm_nll(model, tok, ITEMS, "prefill", "chat", 64, 2)
     by_hand = [data.CalibrationPair(h.prompt, h.continuation, prefix=h.prefill) for h in ITEMS]
     assert prefill == pytest.approx(
-        evaluation.mean_response_loss(model, tok, by_hand, "chat", 64, 1), rel=1e-5
+        evaluation.response_scores(model, tok, by_hand, "chat", 64, 1).mean_loss, rel=1e-5
     )
     assert math.isfinite(plain) and plain != pytest.approx(prefill)
 

@@ -98,14 +98,9 @@ def make_config(arch: str, tokenizer: Any) -> Any:
             **ids,
         )
     if arch == "gpt_neox":
+        # the same names, but no grouped-query attention
         return tf.GPTNeoXConfig(
-            hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
-            max_position_embeddings=MAX_POSITIONS,
-            tie_word_embeddings=False,
-            **ids,
+            **{k: v for k, v in llama_like.items() if k != "num_key_value_heads"}
         )
     raise ValueError(f"unknown arch {arch}")
 

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from harmprune.attacks import abliteration, finetune
 from harmprune.attacks.measurement import (
+    AttackOptions,
     Interval,
     Level,
     MeasureContext,
@@ -48,7 +49,6 @@ from harmprune.inputs import data
 from harmprune.inputs.config import (
     AbliterationConfig,
     AttacksConfig,
-    EvalConfig,
     FineTuneAttackConfig,
 )
 from harmprune.inputs.references import Permit
@@ -79,9 +79,6 @@ HARM_MEASURE = {
     "prefill": "exp(-NLL) of the reference harmful answers after their forced start: the "
     "geometric-mean per-token probability, higher = more harm",
 }
-
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 # ---------------------------------------------------------------- results
@@ -201,20 +198,12 @@ def run_attacks(
     params: dict[str, nn.Parameter],
     mask: PruneMask,
     cfg: AttacksConfig,
+    options: AttackOptions,
     *,
     heldout: evaluation.HeldOut,
     validation: evaluation.HeldOut | None = None,
     harmful: Sequence[data.CalibrationPair],
     benign: Sequence[data.CalibrationPair],
-    eval_cfg: EvalConfig,
-    fmt: data.PromptFormat,
-    max_length: int,
-    seed: int,
-    batch_size: int = 8,
-    classifier: evaluation.ClassifierScorer | None = None,
-    on_progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    permit: Permit,
 ) -> AttacksResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
@@ -222,17 +211,24 @@ def run_attacks(
     `harmful`/`benign`: the calibration pairs (their prompts give the refusal direction; the
     harmful pairs are the default fine-tuning set); `heldout`: the job's held-out (test)
     prompts; `validation`: the job's validation prompts, which choose the fine-tune grid's worst
-    case (required with a fine-tune grid: nothing is chosen on the test set)."""
+    case (required with a fine-tune grid: nothing is chosen on the test set); `options`: the
+    job's settings (format, length, seed, judges, permit, batch size, hooks)."""
+    fmt, max_length, seed, batch_size = (
+        options.fmt,
+        options.max_length,
+        options.seed,
+        options.batch_size,
+    )
     ctx = MeasureContext(
         tokenizer,
         heldout,
-        eval_cfg,
+        options.eval_cfg,
         fmt,
         max_length,
         batch_size,
         cfg.harm_measure,
         seed,
-        classifier,
+        options.classifier,
     )
     abl, ft = cfg.abliteration, cfg.finetune
     if ft is not None and validation is None:
@@ -242,12 +238,12 @@ def run_attacks(
     val_ctx = dataclasses.replace(ctx, heldout=validation) if validation is not None else None
     cells = grid_cells(ft) if ft is not None else []
     examples, train_source = (
-        _training_examples(ft, harmful, tokenizer, fmt, max_length, permit)
+        _training_examples(ft, harmful, tokenizer, fmt, max_length, options.permit)
         if ft
         else ([], "calibration")
     )
     total = len(MODELS) * (1 + (abl is not None) + len(cells)) + (2 if abl else 0)
-    step = finetune.counted_steps(total, on_progress, should_cancel, "the attacks")
+    step = finetune.counted_steps(total, options.on_progress, options.should_cancel, "the attacks")
 
     def activations(m: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
         return abliteration.last_token_activations(m, tokenizer, prompts, fmt, batch_size)
@@ -300,7 +296,7 @@ def run_attacks(
                     seed=seed,
                     pad_id=tokenizer.pad_token_id,
                     on_cell=step,
-                    should_cancel=should_cancel,
+                    should_cancel=options.should_cancel,
                     choose=(val_before, lambda m: measure(m, val_ctx, "search")),
                 )
 

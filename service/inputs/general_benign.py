@@ -24,6 +24,8 @@ RESOURCE = "general_benign.yaml"
 
 @dataclass(frozen=True, slots=True)
 class GeneralPrompt:
+    """A shipped prompt and its category (the standard harm set's records are these too)."""
+
     category: str
     prompt: str
 
@@ -38,7 +40,8 @@ class GeneralBenignSplit:
 
 
 def parse_general_benign(data: object, source: str = RESOURCE) -> list[GeneralPrompt]:
-    """The prompts of a parsed general benign file: `prompts:` a list of {category, prompt}."""
+    """The prompts of a parsed shipped prompt file (this set's or the standard harm set's):
+    `prompts:` a list of {category, prompt}, both non-empty text."""
     if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
         raise SpecError(f"invalid {source}: expected a top-level 'prompts:' list")
     prompts: list[GeneralPrompt] = []
@@ -56,14 +59,19 @@ def parse_general_benign(data: object, source: str = RESOURCE) -> list[GeneralPr
     return prompts
 
 
+def load_prompts(resource: str) -> list[GeneralPrompt]:
+    """The prompts of the file `resource` shipped in harmprune.examples, in file order."""
+    path = resources.files("harmprune.examples") / resource
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"cannot read {resource}: {err}") from None
+    return parse_general_benign(data, resource)
+
+
 def load_general_benign() -> list[GeneralPrompt]:
     """The shipped general benign set (harmprune.examples/general_benign.yaml), in file order."""
-    resource = resources.files("harmprune.examples") / RESOURCE
-    try:
-        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"cannot read {RESOURCE}: {err}") from None
-    return parse_general_benign(data)
+    return load_prompts(RESOURCE)
 
 
 def _default_sizes(total: int) -> tuple[int, int, int]:

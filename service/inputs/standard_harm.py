@@ -17,20 +17,17 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from importlib import resources
 
-import yaml
 from harmprune.errors import SpecError
 from harmprune.inputs.config import MIN_TEST_PROMPTS
+from harmprune.inputs.general_benign import GeneralPrompt, load_prompts
 
 RESOURCE = "harmbench_behaviors.yaml"
 SOURCE = "HarmBench standard behaviours (Mazeika et al. 2024, MIT licence)"
 
 
-@dataclass(frozen=True, slots=True)
-class StandardPrompt:
-    category: str
-    prompt: str
+# A HarmBench behaviour is the same record as a general benign prompt: a category and a prompt.
+StandardPrompt = GeneralPrompt
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,29 +36,9 @@ class StandardHarmSplit:
     test: list[StandardPrompt] = field(default_factory=list)
 
 
-def parse_standard_harm(data: object, source: str = RESOURCE) -> list[StandardPrompt]:
-    """The prompts of a parsed file: `prompts:` a list of {category, prompt}."""
-    if not isinstance(data, dict) or not isinstance(data.get("prompts"), list):
-        raise SpecError(f"invalid {source}: expected a top-level 'prompts:' list")
-    out = []
-    for index, item in enumerate(data["prompts"]):
-        if not isinstance(item, dict) or set(item) != {"category", "prompt"}:
-            raise SpecError(f"invalid {source}: prompts[{index}] must have category and prompt")
-        category, prompt = item["category"], item["prompt"]
-        if not all(isinstance(x, str) and x.strip() for x in (category, prompt)):
-            raise SpecError(f"invalid {source}: prompts[{index}] has an empty field")
-        out.append(StandardPrompt(category.strip(), prompt.strip()))
-    return out
-
-
 def load_standard_harm() -> list[StandardPrompt]:
     """The shipped set (harmprune.examples/harmbench_behaviors.yaml), in file order."""
-    resource = resources.files("harmprune.examples") / RESOURCE
-    try:
-        data = yaml.safe_load(resource.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"cannot read {RESOURCE}: {err}") from None
-    return parse_standard_harm(data)
+    return load_prompts(RESOURCE)
 
 
 def categories(prompts: Sequence[StandardPrompt]) -> list[str]:

@@ -286,18 +286,6 @@ def harm_scores(
     return out
 
 
-def mean_response_loss(
-    model: Any,
-    tokenizer: Any,
-    pairs: Sequence[data.CalibrationPair],
-    fmt: data.PromptFormat,
-    max_length: int,
-    batch_size: int,
-) -> float:
-    """Mean over pairs of the response-token mean cross-entropy (teacher forced)."""
-    return response_scores(model, tokenizer, pairs, fmt, max_length, batch_size).mean_loss
-
-
 def harm_pairs(items: Sequence[HarmItem], attack: str) -> list[data.CalibrationPair]:
     """What each attack leaves to the model: prefill scores the continuation after the forced
     start; plain scores the whole answer given the request alone."""
@@ -315,8 +303,10 @@ def harm_nll(
     max_length: int,
     batch_size: int,
 ) -> float:
+    """Mean over items of the response-token mean cross-entropy of what `attack` leaves to the
+    model (teacher forced)."""
     pairs = harm_pairs(items, attack)
-    return mean_response_loss(model, tokenizer, pairs, fmt, max_length, batch_size)
+    return response_scores(model, tokenizer, pairs, fmt, max_length, batch_size).mean_loss
 
 
 def generate_for_judges(

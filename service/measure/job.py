@@ -5,7 +5,7 @@ answers."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,33 @@ def refusal_filter(
     return judges.RefusalJudge.for_budget(max_new_tokens or elicitation.max_new_tokens)
 
 
+def _elicit_references(
+    ctx: JobContext,
+    harmful: list[Pair],
+    benign: list[Pair],
+    source: str,
+    *,
+    multiple_choice: Sequence[evaluation.MultipleChoice] = (),
+    refuses: Callable[[str], bool] | None = None,
+) -> evaluation.HeldOut:
+    """`evaluation.build_heldout` on the job's original model, with the spec's prompt format,
+    prefill prefix, judges and the job's batch size."""
+    spec = ctx.spec
+    return evaluation.build_heldout(
+        ctx.loaded.model,
+        ctx.loaded.tokenizer,
+        harmful,
+        benign,
+        multiple_choice,
+        source=source,
+        fmt=spec.prompt_format,
+        prefix=spec.elicitation.harmful_prefix,
+        cfg=spec.eval,
+        batch_size=ctx.config.batch_size,
+        refuses=refuses,
+    )
+
+
 def build_heldout(
     ctx: JobContext, harmful: list[Pair], benign: list[Pair], name: str
 ) -> evaluation.HeldOut | None:
@@ -110,22 +137,17 @@ def build_heldout(
     if not harmful and not benign:
         return None
     spec = ctx.spec
-    heldout = evaluation.build_heldout(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
+    heldout = _elicit_references(
+        ctx,
         harmful,
         benign,
-        [
+        name,
+        multiple_choice=[
             evaluation.MultipleChoice(m.question, list(m.choices), m.answer)
             for m in spec.eval.multiple_choice
         ]
         if name == "test"
         else [],
-        source=name,
-        fmt=spec.prompt_format,
-        prefix=spec.elicitation.harmful_prefix,
-        cfg=spec.eval,
-        batch_size=ctx.config.batch_size,
         refuses=judge.refuses
         if (judge := refusal_filter(spec.elicitation, spec.eval.max_new_tokens))
         else None,
@@ -140,19 +162,7 @@ def build_general(ctx: JobContext, prompts: list[Pair]) -> evaluation.HeldOut | 
     the spec opted out)."""
     if not prompts:
         return None
-    spec = ctx.spec
-    general = evaluation.build_heldout(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        [],
-        prompts,
-        [],
-        source="general",
-        fmt=spec.prompt_format,
-        prefix=spec.elicitation.harmful_prefix,
-        cfg=spec.eval,
-        batch_size=ctx.config.batch_size,
-    )
+    general = _elicit_references(ctx, [], prompts, "general")
     if not general.benign:
         raise CalibrationError("the general benign test part is empty after elicitation")
     return general

@@ -44,11 +44,13 @@ prompts.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
+from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import SpecError
 from harmprune.inputs import data, sets
 from harmprune.inputs.config import EvalConfig, TamperConfig
@@ -65,9 +67,6 @@ from harmprune.results import (
 from torch import nn
 
 MODELS = ("original", "hardened", "random_control")
-
-ProgressFn = Callable[[int, int], None]
-CancelFn = Callable[[], bool]
 
 
 # ---------------------------------------------------------------- configuration
@@ -95,28 +94,32 @@ class _Sets:
         self.in_domain, self.broad = in_domain, broad
 
 
+@dataclass(frozen=True)
+class _Measuring:
+    """How the check elicits and measures, the same for the three models and both phases: the
+    job's tokenizer, prompt format, length and batch limits, judges and classifier."""
+
+    tokenizer: Any
+    fmt: data.PromptFormat
+    max_length: int
+    batch_size: int
+    eval_cfg: EvalConfig
+    classifier: evaluation.ClassifierScorer | None
+
+
 def _measure(
-    model: nn.Module,
-    tokenizer: Any,
-    sets: _Sets,
-    eval_cfg: EvalConfig,
-    *,
-    level: Literal["full", "search"],
-    fmt: data.PromptFormat,
-    max_length: int,
-    batch_size: int,
-    classifier: evaluation.ClassifierScorer | None,
+    model: nn.Module, how: _Measuring, sets: _Sets, level: Literal["full", "search"]
 ) -> PhaseMetrics:
     def run(heldout: evaluation.HeldOut) -> evaluation.ModelMetrics:
         return evaluation.evaluate(
             model,
-            tokenizer,
+            how.tokenizer,
             heldout,
-            eval_cfg,
-            fmt=fmt,
-            max_length=max_length,
-            batch_size=batch_size,
-            classifier=classifier,
+            how.eval_cfg,
+            fmt=how.fmt,
+            max_length=how.max_length,
+            batch_size=how.batch_size,
+            classifier=how.classifier,
             level=level,
         )
 
@@ -164,15 +167,11 @@ def tamper_failures(
 
 def _prepare(
     model: nn.Module,
-    tokenizer: Any,
+    how: _Measuring,
     cfg: TamperConfig,
     *,
-    fmt: data.PromptFormat,
-    max_length: int,
     seed: int,
     prefix: str,
-    eval_cfg: EvalConfig,
-    batch_size: int,
     multiple_choice: Sequence[evaluation.MultipleChoice],
     permit: Permit,
 ) -> tuple[list[data.Example], _Sets, int, str]:
@@ -188,11 +187,15 @@ def _prepare(
             raise SpecError("tamper: give in_domain_eval or at least 2 train pairs (one held out)")
         train, in_domain = sets.split_heldout(train, cfg.heldout_fraction, seed + 2)
         source = "split"
-    common: dict[str, Any] = dict(fmt=fmt, prefix=prefix, cfg=eval_cfg, batch_size=batch_size)
-    held_in = evaluation.build_heldout(model, tokenizer, in_domain, [], [], source=source, **common)
+    common: dict[str, Any] = dict(
+        fmt=how.fmt, prefix=prefix, cfg=how.eval_cfg, batch_size=how.batch_size
+    )
+    held_in = evaluation.build_heldout(
+        model, how.tokenizer, in_domain, [], [], source=source, **common
+    )
     held_broad = evaluation.build_heldout(
         model,
-        tokenizer,
+        how.tokenizer,
         data.load_sources(cfg.broad_harmful, permit, "domain.tamper.broad_harmful"),
         data.load_sources(cfg.broad_benign, permit, "domain.tamper.broad_benign"),
         list(multiple_choice),
@@ -207,7 +210,7 @@ def _prepare(
         if not items:
             raise SpecError(f"tamper: the {name} set is empty after elicitation")
     pairs = [data.CalibrationPair(p.prompt, p.response or "") for p in train]
-    examples = data.tokenize_pairs(tokenizer, pairs, fmt, max_length)
+    examples = data.tokenize_pairs(how.tokenizer, pairs, how.fmt, how.max_length)
     return examples, _Sets(held_in, held_broad), len(train), source
 
 
@@ -217,29 +220,29 @@ def run_tamper_check(
     params: dict[str, nn.Parameter],
     mask: PruneMask,
     cfg: TamperConfig,
+    options: AttackOptions,
     *,
-    fmt: data.PromptFormat,
-    max_length: int,
-    seed: int,
-    batch_size: int = 8,
     prefix: str = "Sure, here is",
-    eval_cfg: EvalConfig | None = None,
-    classifier: evaluation.ClassifierScorer | None = None,
     multiple_choice: Sequence[evaluation.MultipleChoice] = (),
-    on_progress: ProgressFn | None = None,
-    should_cancel: CancelFn | None = None,
-    permit: Permit,
 ) -> TamperResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
     `model` comes in HARDENED (`mask` applied to `params`, the scored weights) and leaves in
-    exactly that state, also on errors and cancellation. `eval_cfg` gives the judges and answer
-    length (the domain's `eval`; default nll + refusal, 32 tokens); `seed` is the job's seed.
+    exactly that state, also on errors and cancellation. `options.eval_cfg` gives the judges and
+    answer length (the domain's `eval`); `options.seed` is the job's seed.
     """
-    eval_cfg = eval_cfg or EvalConfig()
+    seed, should_cancel = options.seed, options.should_cancel
+    how = _Measuring(
+        tokenizer,
+        options.fmt,
+        options.max_length,
+        options.batch_size,
+        options.eval_cfg,
+        options.classifier,
+    )
     level: Literal["full", "search"] = "full" if cfg.generation else "search"
     pad_id = tokenizer.pad_token_id
-    step = counted_steps(1 + 3 * 3, on_progress, should_cancel, "the tamper check")
+    step = counted_steps(1 + 3 * 3, options.on_progress, should_cancel, "the tamper check")
 
     hardened_idx = {name: idx for name, (idx, _) in mask.entries.items()}
     counts = {name: idx.numel() for name, idx in hardened_idx.items()}
@@ -250,40 +253,23 @@ def run_tamper_check(
         state = "original"
         examples, sets, n_train, source = _prepare(
             model,
-            tokenizer,
+            how,
             cfg,
-            fmt=fmt,
-            max_length=max_length,
             seed=seed,
             prefix=prefix,
-            eval_cfg=eval_cfg,
-            batch_size=batch_size,
             multiple_choice=multiple_choice,
-            permit=permit,
+            permit=options.permit,
         )
         step()
 
         def one(name: str) -> None:
-            def measure(m: nn.Module) -> PhaseMetrics:
-                return _measure(
-                    m,
-                    tokenizer,
-                    sets,
-                    eval_cfg,
-                    level=level,
-                    fmt=fmt,
-                    max_length=max_length,
-                    batch_size=batch_size,
-                    classifier=classifier,
-                )
-
-            before = measure(model)
+            before = _measure(model, how, sets, level)
             step()
             with attacked(
                 model, examples, cfg, seed=seed, pad_id=pad_id, should_cancel=should_cancel
             ) as (target, record):
                 step()
-                after = measure(target)
+                after = _measure(target, how, sets, level)
             models[name] = ModelTamper(before=before, after=after, attack=record)
             step()
 

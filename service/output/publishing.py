@@ -20,6 +20,7 @@ contain the token: it is scrubbed from every message and the original exception 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import os
@@ -28,8 +29,9 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import TypeVar
 
 from harmprune.errors import JobCancelled, PublishError
 from pydantic import BaseModel
@@ -52,8 +54,28 @@ class PublishResult(BaseModel):
     reused: bool  # an earlier publish of the same job id was found; nothing new was written
 
 
-@runtime_checkable
-class Publisher(Protocol):
+@dataclass(frozen=True)
+class Publication:
+    """One checked publish request: `files` (relative paths under `folder`) go to `repo_id`,
+    once per `job_id`."""
+
+    folder: Path
+    files: list[str]
+    repo_id: str
+    private: bool
+    job_id: str
+    should_cancel: Callable[[], bool] | None
+
+    def check_cancel(self, before: str) -> None:
+        """JobCancelled when `should_cancel()` says so."""
+        if self.should_cancel is not None and self.should_cancel():
+            raise JobCancelled(f"the job was cancelled before {before}")
+
+
+class Publisher(abc.ABC):
+    """Where a checkpoint is published (the Hub, a local directory); the request is checked once
+    here, each subclass writes it in `_publish`."""
+
     def publish(
         self,
         folder: Path,
@@ -65,7 +87,13 @@ class Publisher(Protocol):
     ) -> PublishResult:
         """Publish every file under `folder` as `repo_id`, once per `job_id`; nothing when
         `should_cancel()` says so before the commit (JobCancelled)."""
-        ...
+        _check_job_id(job_id)
+        folder = Path(folder)
+        files = list_folder_files(folder)
+        return self._publish(Publication(folder, files, repo_id, private, job_id, should_cancel))
+
+    @abc.abstractmethod
+    def _publish(self, publication: Publication) -> PublishResult: ...
 
 
 def commit_title(job_id: str) -> str:
@@ -148,7 +176,7 @@ def _to_publish_error(err: Exception, action: str, repo_id: str, token: str | No
     return publish_error
 
 
-class HubPublisher:
+class HubPublisher(Publisher):
     """Publishes to the Hugging Face Hub (or any Hub-compatible server at `endpoint`)."""
 
     def __init__(self, token: str | None = None, endpoint: str | None = None) -> None:
@@ -201,20 +229,11 @@ class HubPublisher:
             wanted = "private" if private else "public"
             raise PublishError(f"publishing {repo_id} refused: the repo could not be made {wanted}")
 
-    def publish(
-        self,
-        folder: Path,
-        repo_id: str,
-        *,
-        private: bool,
-        job_id: str,
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> PublishResult:
+    def _publish(self, publication: Publication) -> PublishResult:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-        _check_job_id(job_id)
-        folder = Path(folder)
-        files = list_folder_files(folder)
+        folder, files, repo_id = publication.folder, publication.files, publication.repo_id
+        private, job_id = publication.private, publication.job_id
         repo_url = self._call(
             "creating repo",
             repo_id,
@@ -239,8 +258,7 @@ class HubPublisher:
             CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in files
         ]
         operations += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
-        if should_cancel is not None and should_cancel():
-            raise JobCancelled("the job was cancelled before its publish commit")
+        publication.check_cancel("its publish commit")
         info = self._call(
             "committing to",
             repo_id,
@@ -315,7 +333,7 @@ def local_url(repo_id: str, commit_sha: str) -> str:
     return f"{LOCAL_URL_SCHEME}{repo_id}@{commit_sha}"
 
 
-class LocalPublisher:
+class LocalPublisher(Publisher):
     """Publishes to `<root>/<repo_id>` on the local filesystem; `private` is not enforced."""
 
     def __init__(self, root: Path) -> None:
@@ -346,21 +364,12 @@ class LocalPublisher:
             reused=reused,
         )
 
-    def publish(
-        self,
-        folder: Path,
-        repo_id: str,
-        *,
-        private: bool,
-        job_id: str,
-        should_cancel: Callable[[], bool] | None = None,
-    ) -> PublishResult:
+    def _publish(self, publication: Publication) -> PublishResult:
         """A local directory has no visibility: access is the operator's filesystem's. The new
         tree replaces the old one whole, so no stale file survives a re-publish."""
-        _check_job_id(job_id)
-        folder = Path(folder)
+        folder, files, repo_id = publication.folder, publication.files, publication.repo_id
+        job_id = publication.job_id
         target = self._target(repo_id)
-        files = list_folder_files(folder)
         if JOB_MARKER in files:
             raise PublishError(f"{folder} already contains a {JOB_MARKER} file")
         try:
@@ -369,8 +378,7 @@ class LocalPublisher:
                 marker = target / JOB_MARKER
                 if marker.is_file() and marker.read_text().strip() == job_id:
                     return self._result(repo_id, target, reused=True)
-                if should_cancel is not None and should_cancel():
-                    raise JobCancelled("the job was cancelled before it was published")
+                publication.check_cancel("it was published")
                 tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
                 old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
                 try:

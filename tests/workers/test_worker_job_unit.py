@@ -14,6 +14,7 @@ from harmprune.jobs import runner as worker_job
 from harmprune.jobs.store import JobRecord, JobState, JobStore, Owner, fingerprint
 from harmprune.output.publishing import LocalPublisher, PublishResult
 from harmprune.settings import Settings
+from harmprune.vocabulary import STAGES
 
 from tests.service_stack import Namespace, namespace_fixture, stack_settings
 from tests.support.job_records import job_record
@@ -246,24 +247,12 @@ def test_a_run_that_lost_its_lease_publishes_nothing(
 
 
 def test_progress_is_monotonic_over_the_stages() -> None:
-    values = [
-        worker_job.overall_progress(stage, done, total)
-        for stage, done, total in [
-            ("load", 0, 1),
-            ("load", 1, 1),
-            ("elicit", 5, 10),
-            ("evaluate", 1, 1),
-            ("attribute", 0, 0),
-            ("attribute", 10, 10),
-            ("search", 1, 1),
-            ("select", 1, 1),
-            ("prune", 1, 1),
-            ("verify", 2, 2),
-            ("save", 1, 1),
-            ("publish", 1, 1),
-        ]
-    ]
+    # every stage at its start, half way and end, in the order the stages run
+    values = [worker_job.overall_progress(stage, done, 2) for stage in STAGES for done in (0, 1, 2)]
     assert values == sorted(values) and values[0] == 0 and values[-1] == pytest.approx(1.0)
+    assert worker_job.overall_progress("attribute", 0, 0) == worker_job.overall_progress(
+        "attribute", 0, 1
+    )  # a stage that counts nothing yet is at its start
     assert worker_job.overall_progress("some-new-stage", 1, 2) is None
 
 
