@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from harmprune import attacks
-from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import CalibrationError, SpecError
 from harmprune.inputs import data, preflight, standard_harm
 from harmprune.inputs.config import (
@@ -53,6 +52,7 @@ from harmprune.inputs.loading import LoadedModel, load_model, load_resolved, res
 from harmprune.inputs.references import Permit, locate_for_operator, operator_permit
 from harmprune.inputs.sets import PromptSets, split_sets
 from harmprune.measure import benchmarks, evaluation, judges, stats, tamper, verification
+from harmprune.measure.attack_options import AttackOptions
 from harmprune.measure.job import (
     CancelFn,
     HeldOuts,

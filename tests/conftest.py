@@ -188,9 +188,9 @@ def tiny_attack_options(cfg: Any, **overrides: Any) -> Any:
     `cfg`'s sources); `overrides` replace fields."""
     import dataclasses
 
-    from harmprune.attacks.measurement import AttackOptions
     from harmprune.inputs.config import EvalConfig
     from harmprune.inputs.references import operator_permit
+    from harmprune.measure.attack_options import AttackOptions
 
     options = AttackOptions(
         fmt="chat",

@@ -20,6 +20,7 @@ from harmprune.errors import SpecError
 from harmprune.inputs import data
 from harmprune.inputs.config import AttacksConfig, EvalConfig, FineTuneAttackConfig
 from harmprune.measure import evaluation
+from harmprune.measure.attack_options import AttackOptions
 from harmprune.method import attribution
 from harmprune.method.pruning import apply_pruning
 from harmprune.output import card_attacks
@@ -214,7 +215,7 @@ def harden_tiny(model: Any) -> tuple[dict[str, torch.nn.Parameter], Any]:
     return params, apply_pruning(params, indices)
 
 
-OPTION_FIELDS = {f.name for f in dataclasses.fields(measure.AttackOptions)}
+OPTION_FIELDS = {f.name for f in dataclasses.fields(AttackOptions)}
 
 
 def run_attacks_on_tiny_sets(

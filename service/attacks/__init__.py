@@ -36,7 +36,6 @@ from typing import Any, Literal
 import torch
 from harmprune.attacks import abliteration, finetune
 from harmprune.attacks.measurement import (
-    AttackOptions,
     Interval,
     Level,
     MeasureContext,
@@ -53,6 +52,7 @@ from harmprune.inputs.config import (
 )
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
+from harmprune.measure.attack_options import AttackOptions
 from harmprune.measure.verification import random_control_indices
 from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (

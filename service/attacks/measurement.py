@@ -17,14 +17,13 @@ It is the geometric-mean per-token probability the model gives to the reference 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from harmprune.inputs import data
 from harmprune.inputs.config import EvalConfig
-from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
 from harmprune.method.attribution import response_losses
 from harmprune.results import Interval as Interval
@@ -35,23 +34,6 @@ HarmMeasure = Literal["plain", "prefill"]
 Level = Literal["full", "search"]
 BOOTSTRAP_RESAMPLES = 2000
 CONFIDENCE = 0.95
-
-
-@dataclass(frozen=True)
-class AttackOptions:
-    """The job's settings that the attack stages (the tamper check, the attacks) run under:
-    prompt format and length, seed, judges, the permit for the spec's sources, batch size, and
-    the job's classifier, progress and cancel hooks."""
-
-    fmt: data.PromptFormat
-    max_length: int
-    seed: int
-    eval_cfg: EvalConfig
-    permit: Permit
-    batch_size: int = 8
-    classifier: evaluation.ClassifierScorer | None = None
-    on_progress: Callable[[int, int], None] | None = None
-    should_cancel: Callable[[], bool] | None = None
 
 
 @dataclass(frozen=True)

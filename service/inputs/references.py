@@ -232,7 +232,7 @@ def operator_grant(name: str, revision: str | None = None) -> Grant:
 
 def schema_string_fields(schema: dict[str, Any]) -> list[tuple[str, str | None]]:
     """(request path, reference kind or None) of every free-text string field of a JSON schema,
-    e.g. `("domain.eval.validation.harmful[].dataset", "dataset")`: what the README's "Tenants"
+    e.g. `("domain.eval.validation.harmful[].dataset", "dataset")`: what docs/service.md's "Tenants"
     list is generated from, and what tests/test_references.py checks for untyped references."""
     defs = schema.get("$defs", {})
     found: set[tuple[str, str | None]] = set()
@@ -259,6 +259,6 @@ def schema_string_fields(schema: dict[str, Any]) -> list[tuple[str, str | None]]
 
 
 def tenants_section(schema: dict[str, Any]) -> str:
-    """The README's list of every reference the access policy covers, from the request schema."""
+    """docs/service.md's list of every reference the access policy covers, from the request schema."""
     rows = [f"- `{path}`: {kind}" for path, kind in schema_string_fields(schema) if kind]
     return "\n".join(rows)

@@ -50,12 +50,12 @@ from typing import Any, Literal
 
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
-from harmprune.attacks.measurement import AttackOptions
 from harmprune.errors import SpecError
 from harmprune.inputs import data, sets
 from harmprune.inputs.config import EvalConfig, TamperConfig
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
+from harmprune.measure.attack_options import AttackOptions
 from harmprune.measure.verification import random_control_indices
 from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
