@@ -220,15 +220,15 @@ def run_attacks(
         options.batch_size,
     )
     ctx = MeasureContext(
-        tokenizer,
-        heldout,
-        options.eval_cfg,
-        fmt,
-        max_length,
-        batch_size,
-        cfg.harm_measure,
-        seed,
-        options.classifier,
+        tokenizer=tokenizer,
+        fmt=fmt,
+        max_length=max_length,
+        batch_size=batch_size,
+        eval_cfg=options.eval_cfg,
+        classifier=options.classifier,
+        heldout=heldout,
+        harm_measure=cfg.harm_measure,
+        seed=seed,
     )
     abl, ft = cfg.abliteration, cfg.finetune
     if ft is not None and validation is None:

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from harmprune.inputs import data
-from harmprune.inputs.config import EvalConfig
 from harmprune.measure import evaluation
+from harmprune.measure.attack_options import Judging
 from harmprune.method.attribution import response_losses
 from harmprune.results import Interval as Interval
 from harmprune.results import Measurement as Measurement
@@ -37,33 +37,18 @@ CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
-class MeasureContext:
-    """What a measurement needs besides the model: the job's held-out sets and judges."""
+class MeasureContext(Judging):
+    """What a measurement needs besides the model: the job's judging settings (`Judging`), its
+    held-out set, which attack's harm loss is read, and the seed of the intervals."""
 
-    tokenizer: Any
     heldout: evaluation.HeldOut
-    eval_cfg: EvalConfig
-    fmt: data.PromptFormat
-    max_length: int
-    batch_size: int
     harm_measure: HarmMeasure
     seed: int
-    classifier: evaluation.ClassifierScorer | None = None
 
 
 def measure(model: nn.Module, ctx: MeasureContext, level: Level) -> Measurement:
     """THE adapter: the verification's measures of `model` as it is now, plus per-item harm."""
-    metrics = evaluation.evaluate(
-        model,
-        ctx.tokenizer,
-        ctx.heldout,
-        ctx.eval_cfg,
-        fmt=ctx.fmt,
-        max_length=ctx.max_length,
-        batch_size=ctx.batch_size,
-        classifier=ctx.classifier,
-        level=level,
-    )
+    metrics = ctx.evaluate(model, ctx.heldout, level)
     nll = item_harm_nll(model, ctx)
     return Measurement(
         harm=harm_interval(nll, ctx.seed),

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Literal
 
 from harmprune.inputs import data
 from harmprune.inputs.config import EvalConfig
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -28,3 +30,32 @@ class AttackOptions:
     classifier: evaluation.ClassifierScorer | None = None
     on_progress: Callable[[int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Judging:
+    """How the attack stages measure a model, the same for every model they compare: the job's
+    tokenizer, prompt format, length and batch limits, judges and classifier."""
+
+    tokenizer: Any
+    fmt: data.PromptFormat
+    max_length: int
+    batch_size: int
+    eval_cfg: EvalConfig
+    classifier: evaluation.ClassifierScorer | None
+
+    def evaluate(
+        self, model: nn.Module, heldout: evaluation.HeldOut, level: Literal["full", "search"]
+    ) -> evaluation.ModelMetrics:
+        """`evaluation.evaluate` of `model` as it is now on `heldout`, with these settings."""
+        return evaluation.evaluate(
+            model,
+            self.tokenizer,
+            heldout,
+            self.eval_cfg,
+            fmt=self.fmt,
+            max_length=self.max_length,
+            batch_size=self.batch_size,
+            classifier=self.classifier,
+            level=level,
+        )

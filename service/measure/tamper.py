@@ -45,17 +45,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from harmprune.attacks.finetune import attacked, counted_steps
 from harmprune.attacks.finetune import batch_plan as batch_plan  # re-exported for callers
 from harmprune.errors import SpecError
 from harmprune.inputs import data, sets
-from harmprune.inputs.config import EvalConfig, TamperConfig
+from harmprune.inputs.config import TamperConfig
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
-from harmprune.measure.attack_options import AttackOptions
+from harmprune.measure.attack_options import AttackOptions, Judging
 from harmprune.measure.verification import random_control_indices
 from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
@@ -94,34 +93,11 @@ class _Sets:
         self.in_domain, self.broad = in_domain, broad
 
 
-@dataclass(frozen=True)
-class _Measuring:
-    """How the check elicits and measures, the same for the three models and both phases: the
-    job's tokenizer, prompt format, length and batch limits, judges and classifier."""
-
-    tokenizer: Any
-    fmt: data.PromptFormat
-    max_length: int
-    batch_size: int
-    eval_cfg: EvalConfig
-    classifier: evaluation.ClassifierScorer | None
-
-
 def _measure(
-    model: nn.Module, how: _Measuring, sets: _Sets, level: Literal["full", "search"]
+    model: nn.Module, how: Judging, sets: _Sets, level: Literal["full", "search"]
 ) -> PhaseMetrics:
     def run(heldout: evaluation.HeldOut) -> evaluation.ModelMetrics:
-        return evaluation.evaluate(
-            model,
-            how.tokenizer,
-            heldout,
-            how.eval_cfg,
-            fmt=how.fmt,
-            max_length=how.max_length,
-            batch_size=how.batch_size,
-            classifier=how.classifier,
-            level=level,
-        )
+        return how.evaluate(model, heldout, level)
 
     nan = float("nan")
     # The in-domain set has no benign prompts: its benign measures are "not measured".
@@ -167,7 +143,7 @@ def tamper_failures(
 
 def _prepare(
     model: nn.Module,
-    how: _Measuring,
+    how: Judging,
     cfg: TamperConfig,
     *,
     seed: int,
@@ -232,7 +208,7 @@ def run_tamper_check(
     answer length (the domain's `eval`); `options.seed` is the job's seed.
     """
     seed, should_cancel = options.seed, options.should_cancel
-    how = _Measuring(
+    how = Judging(
         tokenizer,
         options.fmt,
         options.max_length,
