@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from harmprune.inputs.config import HardenConfig  # noqa: E402  (after the sys.path line; pydantic only)
+from bench.flags import add_backward_flags  # noqa: E402  (after the sys.path line; pydantic only)
 
 if TYPE_CHECKING:
     import torch
@@ -591,17 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--p", type=float, default=3e-2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--strategies", default="a,b,c,d,e", help="subset of a,b,c,d,e")
-    ap.add_argument(
-        "--max-backward-tokens",
-        type=int,
-        default=HardenConfig.model_fields["max_backward_tokens"].default,
-        help="(a)/(d)'s cap on padded tokens per backward (the pipeline's default); 0: no cap",
-    )
-    ap.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="(a)/(d) recompute each decoder block in backward (the pipeline's `on`)",
-    )
+    add_backward_flags(ap, "(a)/(d):")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs; min time is kept")
     ap.add_argument(
         "--reference-layers",

@@ -46,27 +46,22 @@ from harmprune import pipeline  # noqa: E402
 from harmprune.inputs.data import IGNORE_INDEX, Example, collate  # noqa: E402
 from harmprune.method import attribution  # noqa: E402
 
+from bench.flags import add_backward_flags  # noqa: E402
 from tests.tiny_models import BENCH_LLAMA_2_LAYERS  # noqa: E402
 
 GOAL_S = 120.0
 # Dense bf16 peak TFLOP/s by device name (no sparsity).
 PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H200": 989.0, "A100": 312.0}
 
-LLAMA_31_8B = dict(
-    vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    bos_token_id=128000,
-    eos_token_id=128009,
-    pad_token_id=128004,
-)
+# Llama-3.1-8B-Instruct's own config.json (the copy the preflight tests read), its padding and
+# end of turn as its chat template uses them; the dtype is the run's (bf16 on CUDA).
+LLAMA_31_8B: dict[str, Any] = {
+    key: value
+    for key, value in json.loads(
+        (ROOT / "tests/fixtures/configs/llama-3.1-8b-instruct.json").read_text()
+    ).items()
+    if key not in ("torch_dtype", "transformers_version")
+} | {"eos_token_id": 128009, "pad_token_id": 128004}
 TINY = BENCH_LLAMA_2_LAYERS  # tests/tiny_models.py: the configs tests and benchmarks share
 
 
@@ -77,17 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, help="tokens per pair (default 300; tiny 48)")
     ap.add_argument("--response-tokens", type=int, help="scored tokens per pair (default 2/3)")
     ap.add_argument("--batch", type=int, default=8, help="harm (and abs_mean) batch size")
-    ap.add_argument(
-        "--max-backward-tokens",
-        type=int,
-        default=1024,
-        help="padded tokens per backward (the pipeline's default 1024); 0: no cap",
-    )
-    ap.add_argument(
-        "--gradient-checkpointing",
-        action="store_true",
-        help="ours recomputes each decoder block in backward (the pipeline's on/auto)",
-    )
+    add_backward_flags(ap, "ours:")
     ap.add_argument("--preserve", choices=["sum_abs", "abs_mean"], default="sum_abs")
     ap.add_argument("--q", type=float, help="harm fraction (default 1e-5; tiny 0.02)")
     ap.add_argument("--p", type=float, help="preserve fraction (default 5e-5; tiny 0.01)")

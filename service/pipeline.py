@@ -52,13 +52,14 @@ from harmprune.inputs.loading import LoadedModel, load_model, load_resolved, res
 from harmprune.inputs.references import Permit, locate_for_operator, operator_permit
 from harmprune.inputs.sets import PromptSets, split_sets
 from harmprune.measure import benchmarks, evaluation, judges, stats, tamper, verification
-from harmprune.measure.attack_options import AttackOptions
+from harmprune.measure.attack_options import AttackOptions, HardenedModel
 from harmprune.measure.job import (
     CancelFn,
     HeldOuts,
     JobContext,
     Originals,
     ProgressFn,
+    Pruned,
     build_heldouts,
     measure_controls,
     measure_originals,
@@ -197,10 +198,7 @@ def _run(
         benchmarks_result = None
         if original_benchmarks is not None:
             with timed("benchmarks"):
-                first_control = verified.first_control
-                benchmarks_result = verify_benchmarks(
-                    ctx, scores, mask, first_control, original_benchmarks
-                )
+                benchmarks_result = verify_benchmarks(ctx, verified.pruned, original_benchmarks)
         ctx.check_cancel()
         tamper_result = None
         if ctx.spec.tamper is not None:
@@ -595,12 +593,12 @@ def select_and_prune(
 @dataclass(frozen=True)
 class Verified:
     """What the verify stage found: the test set's metrics and evidence, the general benign and
-    standard harm results (None: not measured), the first random control's indices (every later
-    comparison prunes these) and the failures."""
+    standard harm results (None: not measured), the pruning with the first random control's
+    indices (every later comparison prunes these) and the failures."""
 
     metrics: Metrics
     evidence: Evidence
-    first_control: dict[str, torch.Tensor]
+    pruned: Pruned
     general: GeneralBenignResult | None
     standard: StandardHarmResult | None
     failures: list[str]
@@ -621,41 +619,31 @@ def verify_sets(
     first_control = verification.random_control_indices(
         scores.params, verification.control_counts(mask), ctx.config.seed
     )
-    metrics, evidence, failures = verify(
-        ctx, scores, mask, first_control, heldouts.test, originals.test
-    )
+    pruned = Pruned(scores.params, mask, first_control)
+    metrics, evidence, failures = verify(ctx, pruned, heldouts.test, originals.test)
     general = None
     if heldouts.general is not None and originals.general is not None:
         general = verify_general(
-            ctx,
-            scores,
-            mask,
-            first_control,
-            heldouts.general,
-            originals.general,
-            sets.general_sizes,
+            ctx, pruned, heldouts.general, originals.general, sets.general_sizes
         )
         failures += general.failures
     standard = None
     if heldouts.standard is not None and originals.standard is not None:
-        standard = verify_standard(
-            ctx, scores, mask, first_control, heldouts.standard, originals.standard, sets
-        )
+        standard = verify_standard(ctx, pruned, heldouts.standard, originals.standard, sets)
         failures += standard.failures
-    return Verified(metrics, evidence, first_control, general, standard, failures)
+    return Verified(metrics, evidence, pruned, general, standard, failures)
 
 
 def verify(
     ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     heldout: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
 ) -> tuple[Metrics, Evidence, list[str]]:
     """On the test set: the hardened model and the controls (random pruning over several seeds,
-    the first `first_control`; magnitude-matched pruning), each compared with the original with
-    bootstrap intervals; the thresholds checked, harm against the stronger control."""
+    the first `pruned.first_control`; magnitude-matched pruning), each compared with the
+    original with bootstrap intervals; the thresholds checked, harm against the stronger
+    control."""
     controls = ctx.spec.eval.controls
     steps = 2 + controls.random_seeds + int(controls.magnitude_matched)
     ctx.progress("verify", 0, steps)
@@ -663,9 +651,7 @@ def verify(
     ctx.progress("verify", 1, steps)
     metrics, evidence = with_controls(
         ctx,
-        scores,
-        mask,
-        first_control,
+        pruned,
         heldout,
         original,
         hardened,
@@ -681,9 +667,7 @@ def verify(
 
 def with_controls(
     ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     heldout: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
     hardened: evaluation.ModelMetrics,
@@ -692,9 +676,7 @@ def with_controls(
 ) -> tuple[Metrics, Evidence]:
     """The controls measured on `heldout` (`measure_controls`) beside the hardened model, and
     the evidence: each compared with the original with intervals, and the harm gate's figures."""
-    seeds, randoms, magnitude = measure_controls(
-        ctx, scores.params, mask, first_control, heldout, first_level, on_seed
-    )
+    seeds, randoms, magnitude = measure_controls(ctx, pruned, heldout, first_level, on_seed)
     metrics = Metrics(
         original=original,
         hardened=hardened,
@@ -808,9 +790,7 @@ def build_evidence(metrics: Metrics, seed: int, gate: HarmGateSummary) -> Eviden
 
 def verify_general(
     ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     general: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
     sizes: dict[str, int],
@@ -820,9 +800,7 @@ def verify_general(
     apply to it too, so a narrow spec cannot hide general damage."""
     seed = ctx.config.seed
     hardened = ctx.measure(general, "full")
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, functools.partial(ctx.measure, general, "search")
-    )
+    random_control = pruned.measure_first_control(functools.partial(ctx.measure, general, "search"))
     failures = verification.benign_failures(hardened, original, ctx.spec.thresholds, seed=seed)
     return GeneralBenignResult(
         prompts=sizes,
@@ -839,9 +817,7 @@ def verify_general(
 
 def verify_standard(
     ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     standard: evaluation.HeldOut,
     original: evaluation.ModelMetrics,
     sets: PromptSets,
@@ -853,9 +829,7 @@ def verify_standard(
     improvement is reported, the spec's required size of it applies to the spec's prompts)."""
     t = ctx.spec.thresholds
     hardened = ctx.measure(standard, ctx.standard_level)
-    metrics, evidence = with_controls(
-        ctx, scores, mask, first_control, standard, original, hardened, ctx.standard_level
-    )
+    metrics, evidence = with_controls(ctx, pruned, standard, original, hardened, ctx.standard_level)
     cfg = ctx.spec.eval.standard_harm
     return StandardHarmResult(
         source=standard_harm.SOURCE,
@@ -873,17 +847,13 @@ def verify_standard(
 
 def verify_benchmarks(
     ctx: JobContext,
-    scores: Scores,
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     original: list[benchmarks.BenchmarkResult],
 ) -> BenchmarksSummary:
     """The lm-eval tasks on the hardened model and the first random control; any score that
     drops by more than thresholds.max_benchmark_drop fails the job."""
     hardened = ctx.run_benchmarks()
-    random_control = verification.measure_control(
-        scores.params, mask, first_control, ctx.run_benchmarks
-    )
+    random_control = pruned.measure_first_control(ctx.run_benchmarks)
     limit = ctx.spec.thresholds.max_benchmark_drop
     failures = [
         f"benchmark {d.task} {d.metric}: {d.original:.3f} -> {d.hardened:.3f} "
@@ -917,16 +887,18 @@ def attack_options(ctx: JobContext, stage: str) -> AttackOptions:
     )
 
 
+def hardened_model(ctx: JobContext, scores: Scores, mask: PruneMask) -> HardenedModel:
+    """The job's model as the search left it (hardened by `mask`), for an attack stage."""
+    return HardenedModel(ctx.loaded.model, ctx.loaded.tokenizer, scores.params, mask)
+
+
 def tamper_check(
     ctx: JobContext, scores: Scores, mask: PruneMask, heldout: evaluation.HeldOut
 ) -> tamper.TamperResult:
     spec = ctx.spec
     assert spec.tamper is not None
     return tamper.run_tamper_check(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        scores.params,
-        mask,
+        hardened_model(ctx, scores, mask),
         spec.tamper,
         attack_options(ctx, "tamper"),
         prefix=spec.elicitation.harmful_prefix,
@@ -946,10 +918,7 @@ def run_attacks(
     spec = ctx.spec
     assert spec.attacks is not None
     return attacks.run_attacks(
-        ctx.loaded.model,
-        ctx.loaded.tokenizer,
-        scores.params,
-        mask,
+        hardened_model(ctx, scores, mask),
         spec.attacks,
         attack_options(ctx, "attacks"),
         heldout=heldouts.test,

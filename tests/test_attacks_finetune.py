@@ -20,7 +20,7 @@ from harmprune.errors import SpecError
 from harmprune.inputs import data
 from harmprune.inputs.config import AttacksConfig, EvalConfig, FineTuneAttackConfig
 from harmprune.measure import evaluation
-from harmprune.measure.attack_options import AttackOptions
+from harmprune.measure.attack_options import AttackOptions, HardenedModel
 from harmprune.method import attribution
 from harmprune.method.pruning import apply_pruning
 from harmprune.output import card_attacks
@@ -237,7 +237,9 @@ def run_attacks_on_tiny_sets(
     overrides = {k: kw.pop(k) for k in list(kw) if k in OPTION_FIELDS}
     eval_cfg = overrides.pop("eval_cfg", EvalConfig(judges=["nll", "refusal"], max_new_tokens=3))
     options = tiny_attack_options(cfg, eval_cfg=eval_cfg, **overrides)
-    return attacks.run_attacks(model, tokenizer, params, mask, cfg, options, **{**args, **kw})
+    return attacks.run_attacks(
+        HardenedModel(model, tokenizer, params, mask), cfg, options, **{**args, **kw}
+    )
 
 
 def run_tiny(model: Any, tokenizer: Any, cfg: AttacksConfig, **kw: Any) -> attacks.AttacksResult:

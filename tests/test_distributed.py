@@ -17,37 +17,16 @@ from harmprune.distributed import DistributedJob, launch
 from harmprune.inputs.data import IGNORE_INDEX, Example
 from harmprune.method import attribution, selection
 
+from tests.tiny_models import DISTRIBUTED_LLAMA, random_llama
+
 WORLD = 2
 Q, P = 0.05, 0.02
 BATCH = 2
-CONFIG: dict[str, Any] = dict(
-    model_type="llama",
-    vocab_size=97,
-    hidden_size=32,
-    intermediate_size=51,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    tie_word_embeddings=True,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+CONFIG = DISTRIBUTED_LLAMA  # tests/tiny_models.py
 
 
-def build_random_model(config: dict[str, Any] = CONFIG, seed: int = 7, std: float = 0.2) -> Any:
-    """The tiny llama of CONFIG with deterministic N(0, std) matrices (far from float noise)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = dict(config)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, std)
-    return model.eval()
+def build_random_model() -> Any:
+    return random_llama(CONFIG, seed=7)
 
 
 def save_random_model(path: Path) -> str:

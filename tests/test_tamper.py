@@ -17,6 +17,7 @@ from harmprune.inputs.config import DomainSpec, EvalConfig
 from harmprune.inputs.references import model_permit
 from harmprune.inputs.sets import split_heldout
 from harmprune.measure import tamper
+from harmprune.measure.attack_options import HardenedModel
 from harmprune.measure.tamper import TamperConfig, TamperResult
 from harmprune.method import attribution, selection
 from harmprune.method.pruning import PruneMask, apply_pruning
@@ -90,7 +91,7 @@ def run_check(
 ) -> TamperResult:
     params, mask = hardening or harden_tiny(model)
     options = tiny_attack_options(cfg, eval_cfg=EVAL, should_cancel=should_cancel)
-    return tamper.run_tamper_check(model, tokenizer, params, mask, cfg, options)
+    return tamper.run_tamper_check(HardenedModel(model, tokenizer, params, mask), cfg, options)
 
 
 # ---------------------------------------------------------------- configuration
@@ -397,7 +398,7 @@ def test_smollm2_tamper_check(tmp_path: Path, smollm2_cache_dir: Path) -> None:
         eval_cfg=EvalConfig(judges=["nll", "refusal"], max_new_tokens=12),
         batch_size=8,
     )
-    result = tamper.run_tamper_check(model, tok, params, mask, cfg, options)
+    result = tamper.run_tamper_check(HardenedModel(model, tok, params, mask), cfg, options)
     t_check = time.perf_counter() - t0
     for name, tensor in state.items():
         assert torch.equal(params[name].detach(), tensor), name

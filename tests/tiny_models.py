@@ -4,7 +4,8 @@ locally from configs (no downloads), with fixed seeds.
 - `make_tokenizer()`, `make_config(arch, tokenizer)`, `build_model(arch, tokenizer)`: the seven
   architectures the engine supports, 2 blocks of hidden size 32, for engine tests;
 - `BENCH_LLAMA` / `BENCH_LLAMA_2_LAYERS`: the larger tiny Llamas the benchmarks time
-  (`bench/attribution.py --tiny`, `bench/gpu_attribution.py --tiny`);
+  (`bench/attribution.py --tiny`, `bench/gpu_attribution.py --tiny`); `DISTRIBUTED_LLAMA`, the
+  distributed tests' (`random_llama(config, seed)` builds any of them with larger weights);
 - `UNSUPPORTED`: configs of architectures the engine refuses (encoder-decoder, encoder-only).
 
 The benchmarks import this module from the repo root (`from tests.tiny_models import ...`).
@@ -110,14 +111,26 @@ def build_model(arch: str, tokenizer: Any, seed: int = 1234) -> Any:
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch, tokenizer), dtype=torch.float32)
-    # from_config initialises with a small std; make the weights larger (but deterministic)
-    # so that gradients and scores are far from float noise.
+    return with_larger_weights(model)
+
+
+def with_larger_weights(model: Any, std: float = 0.2) -> Any:
+    """`model` in eval mode with its matrices drawn again from N(0, std) off the global torch
+    generator: from_config initialises with a small std, and larger (deterministic) weights
+    keep gradients and scores far from float noise."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.normal_(0.0, 0.2)
-    model.eval()
-    return model
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def random_llama(config: dict[str, Any], seed: int, std: float = 0.2) -> Any:
+    """The Llama of one of the config dicts below, seeded, with larger weights."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return with_larger_weights(AutoModelForCausalLM.from_config(llama_config(config)), std)
 
 
 def llama_config(base: dict[str, Any], **overrides: Any) -> Any:
@@ -144,6 +157,16 @@ BENCH_LLAMA_2_LAYERS: dict[str, Any] = {
     **BENCH_LLAMA,
     "num_hidden_layers": 2,
     "tie_word_embeddings": False,
+}
+# The distributed tests' tiny Llama: intermediate size 51 splits gate/up unevenly across 2 ranks
+# (26/25 rows), and tied embeddings give the root shard a shared weight.
+DISTRIBUTED_LLAMA: dict[str, Any] = BENCH_LLAMA | {
+    "vocab_size": 97,
+    "hidden_size": 32,
+    "intermediate_size": 51,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": True,
 }
 
 

@@ -52,7 +52,7 @@ from harmprune.inputs.config import (
 )
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
-from harmprune.measure.attack_options import AttackOptions
+from harmprune.measure.attack_options import AttackOptions, HardenedModel
 from harmprune.measure.verification import random_control_indices
 from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
 from harmprune.results import (
@@ -193,10 +193,7 @@ def _training_examples(
 
 
 def run_attacks(
-    model: nn.Module,
-    tokenizer: Any,
-    params: dict[str, nn.Parameter],
-    mask: PruneMask,
+    hardened: HardenedModel,
     cfg: AttacksConfig,
     options: AttackOptions,
     *,
@@ -207,12 +204,14 @@ def run_attacks(
 ) -> AttacksResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
-    `model` comes in HARDENED (`mask` applied to `params`) and leaves in exactly that state.
+    `hardened.model` comes in HARDENED (`mask` applied to `params`) and leaves in exactly that
+    state.
     `harmful`/`benign`: the calibration pairs (their prompts give the refusal direction; the
     harmful pairs are the default fine-tuning set); `heldout`: the job's held-out (test)
     prompts; `validation`: the job's validation prompts, which choose the fine-tune grid's worst
     case (required with a fine-tune grid: nothing is chosen on the test set); `options`: the
     job's settings (format, length, seed, judges, permit, batch size, hooks)."""
+    model, tokenizer, params, mask = hardened
     fmt, max_length, seed, batch_size = (
         options.fmt,
         options.max_length,

@@ -20,7 +20,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from harmprune.errors import SpecError
 from harmprune.inputs.references import DatasetRef, ModelRef, RevisionedModelRef, TaskRef
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 JudgeName = Literal["nll", "refusal", "classifier"]
 
@@ -550,18 +558,12 @@ class DomainSpec(Strict):
             raise ValueError(f"thresholds.harm.judge {judge!r} is not one of eval.judges")
         return self
 
-    @field_validator("harmful")
+    @field_validator("harmful", "benign")
     @classmethod
-    def _harmful_not_empty(cls, v: list[Source]) -> list[Source]:
+    def _set_not_empty(cls, v: list[Source], info: ValidationInfo) -> list[Source]:
         if not v:
-            raise ValueError("the harmful set is empty: give at least one harmful example")
-        return v
-
-    @field_validator("benign")
-    @classmethod
-    def _benign_not_empty(cls, v: list[Source]) -> list[Source]:
-        if not v:
-            raise ValueError("the benign set is empty: give at least one benign example")
+            name = info.field_name
+            raise ValueError(f"the {name} set is empty: give at least one {name} example")
         return v
 
     def spec_hash(self) -> str:

@@ -37,11 +37,11 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from harmprune.errors import HarmpruneError, ModelLoadError, UnsupportedModelError
 from harmprune.vocabulary import SMOLLM2_ALIAS
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from harmprune.inputs.config import AttacksConfig, DomainSpec, HardenConfig
@@ -71,6 +71,13 @@ def min_step_seconds(device_kind: str) -> float:
     return MIN_STEP_SECONDS["cpu" if device_kind == "cpu" else "gpu"]
 
 
+# The estimate's figures are rounded where they are declared, so every producer shows the same
+# precision: GB to 10 MB (indices to 1 MB), TFLOP and seconds to a tenth.
+GB = Annotated[float, AfterValidator(lambda v: round(v, 2))]
+INDEX_GB = Annotated[float, AfterValidator(lambda v: round(v, 3))]
+TENTHS = Annotated[float, AfterValidator(lambda v: round(v, 1))]
+
+
 class Estimate(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -80,28 +87,28 @@ class Estimate(BaseModel):
     layers: int
     tied_embeddings: bool
     chat_template: bool
-    weights_gb: float
-    score_buffers_gb: float
-    activations_gb: float
-    peak_memory_gb: float
+    weights_gb: GB
+    score_buffers_gb: GB
+    activations_gb: GB
+    peak_memory_gb: GB
     calibration_tokens: int
-    attribution_tflop: float
-    attribution_seconds: float
+    attribution_tflop: TENTHS
+    attribution_seconds: TENTHS
     device_kind: str
     devices: int = 1
     gradient_checkpointing: bool = False
-    index_memory_gb: float = 0.0  # candidate indices (q) and the preserve pass's top-p (p)
+    index_memory_gb: INDEX_GB = 0.0  # candidate indices (q) and the preserve pass's top-p (p)
     search_candidates: int = 1
-    search_tflop: float = 0.0  # evaluating each candidate q, hardened and random control
+    search_tflop: TENTHS = 0.0  # evaluating each candidate q, hardened and random control
     tamper_method: str | None = None
-    tamper_memory_gb: float = 0.0
-    tamper_tflop: float = 0.0
-    tamper_seconds: float = 0.0  # its flops, or MIN_STEP_SECONDS per step if that is longer
+    tamper_memory_gb: GB = 0.0
+    tamper_tflop: TENTHS = 0.0
+    tamper_seconds: TENTHS = 0.0  # its flops, or MIN_STEP_SECONDS per step if that is longer
     # every other prompt list: elicitation, the test and validation sets on every model measured
     # (original, hardened, controls, search candidates), the tamper check's sets
     evaluation_prompts: int = 0
-    evaluation_tflop: float = 0.0
-    job_seconds: float = 0.0  # attribution + search + tamper + evaluation + attacks
+    evaluation_tflop: TENTHS = 0.0
+    job_seconds: TENTHS = 0.0  # attribution + search + tamper + evaluation + attacks
     fits: bool
     problems: list[str]
     # harmprune.attacks.pricing.AttacksEstimate as a mapping: typing it here would import the
@@ -323,26 +330,26 @@ def estimate(
         layers=layers,
         tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         chat_template=chat,
-        weights_gb=round(weights, 2),
-        score_buffers_gb=round(buffers, 2),
-        activations_gb=round(act, 2),
-        peak_memory_gb=round(peak, 2),
+        weights_gb=weights,
+        score_buffers_gb=buffers,
+        activations_gb=act,
+        peak_memory_gb=peak,
         calibration_tokens=tokens,
-        attribution_tflop=round(tflop, 1),
-        attribution_seconds=round(seconds, 1),
+        attribution_tflop=tflop,
+        attribution_seconds=seconds,
         device_kind=device_kind,
         devices=devices,
         gradient_checkpointing=checkpointing,
-        index_memory_gb=round(index, 3),
+        index_memory_gb=index,
         search_candidates=max(1, search_candidates),
-        search_tflop=round(search_tflop, 1),
+        search_tflop=search_tflop,
         tamper_method=tamper_method,
-        tamper_memory_gb=round(tamper_gb, 2),
-        tamper_tflop=round(tamper_tflop, 1),
-        tamper_seconds=round(tamper_seconds, 1),
+        tamper_memory_gb=tamper_gb,
+        tamper_tflop=tamper_tflop,
+        tamper_seconds=tamper_seconds,
         evaluation_prompts=evaluation_passes,
-        evaluation_tflop=round(evaluation_tflop, 1),
-        job_seconds=round(job_seconds, 1),
+        evaluation_tflop=evaluation_tflop,
+        job_seconds=job_seconds,
         fits=not problems,
         problems=problems,
         attacks=attacks_price,

@@ -133,6 +133,16 @@ def check_test_size(cfg: EvalConfig, sides: dict[str, list[Pair]]) -> None:
             )
 
 
+def unlike(
+    shipped: Sequence[general_benign.GeneralPrompt], taken: Sequence[str]
+) -> list[general_benign.GeneralPrompt]:
+    """The shipped prompts that neither repeat nor near-duplicate a prompt in `taken`
+    (`data.near_duplicate_pairs`, token frequencies over both), so the sets stay disjoint."""
+    texts = [p.prompt for p in shipped]
+    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
+    return [p for i, p in enumerate(shipped) if i not in clashes]
+
+
 def with_standard_harm(config: HardenConfig, taken: Sequence[str], sets: PromptSets) -> PromptSets:
     """The standard harm set's parts added (its validation part joins validation harmful when
     there is a validation set); its prompts that repeat or near-duplicate a prompt the job
@@ -144,9 +154,7 @@ def with_standard_harm(config: HardenConfig, taken: Sequence[str], sets: PromptS
         return sets
     taken = [*taken, *(p.prompt for p in sets.general_test)]
     shipped = standard_harm.load_standard_harm()
-    texts = [p.prompt for p in shipped]
-    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
-    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
+    prompts = unlike(shipped, taken)
     split = standard_harm.split_standard_harm(prompts, cfg.categories, config.seed, cfg.sizes)
     with_validation = bool(sets.validation_harmful or sets.validation_benign)
     validation = [Pair(prompt=p.prompt) for p in split.validation] if with_validation else []
@@ -237,9 +245,7 @@ def general_benign_parts(
     if not cfg.enabled:
         return None
     shipped = general_benign.load_general_benign()
-    texts = [p.prompt for p in shipped]
-    clashes = {i for i, _, _ in data.near_duplicate_pairs(texts, taken, [*texts, *taken])}
-    prompts = [p for i, p in enumerate(shipped) if i not in clashes]
+    prompts = unlike(shipped, taken)
     try:
         return general_benign.split_general_benign(prompts, seed, cfg.sizes)
     except ValueError as exc:

@@ -6,13 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from harmprune.inputs import data
 from harmprune.inputs.config import EvalConfig
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
+from harmprune.method.pruning import PruneMask
 from torch import nn
+
+
+class HardenedModel(NamedTuple):
+    """What an attack stage starts from and leaves as it found it: `model` with `mask` applied
+    to `params` (the scored weights), and the model's tokenizer."""
+
+    model: nn.Module
+    tokenizer: Any
+    params: dict[str, nn.Parameter]
+    mask: PruneMask
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from harmprune.errors import CalibrationError, JobCancelled
@@ -226,21 +227,36 @@ def measure_originals(ctx: JobContext, heldouts: HeldOuts) -> Originals:
     return originals
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """The job's pruning as every comparison after the search sees it: `mask` applied to
+    `params` (the scored weights), and the first random control's indices (the job's seed),
+    which the test set, the general and standard sets and the benchmarks all prune."""
+
+    params: dict[str, torch.nn.Parameter]
+    mask: PruneMask
+    first_control: dict[str, torch.Tensor]
+
+    def measure_first_control(self, measure: Callable[[], Any]) -> Any:
+        """`measure()` with the first random control in place of the hardening (the model ends
+        hardened)."""
+        return verification.measure_control(self.params, self.mask, self.first_control, measure)
+
+
 def measure_controls(
     ctx: JobContext,
-    params: dict[str, torch.nn.Parameter],
-    mask: PruneMask,
-    first_control: dict[str, torch.Tensor],
+    pruned: Pruned,
     heldout: evaluation.HeldOut,
     first_level: str,
     on_seed: Callable[[int], None] | None = None,
 ) -> tuple[list[int], list[evaluation.ModelMetrics], evaluation.ModelMetrics | None]:
     """(seeds, random controls, magnitude-matched control) on `heldout`: random pruning of the
     mask's count per matrix over eval.controls.random_seeds seeds (the first: the job's seed and
-    `first_control`, measured at `first_level`; the others teacher forced only), and
+    `pruned.first_control`, measured at `first_level`; the others teacher forced only), and
     magnitude-matched pruning (None unless eval.controls.magnitude_matched) measured as far as
     the harm gate needs: with every judge when the deciding judge generates (refusal,
     classifier), teacher forced when it is nll. `on_seed(k)` after each random seed."""
+    params, mask, first_control = pruned.params, pruned.mask, pruned.first_control
     seed = ctx.config.seed
     controls = ctx.spec.eval.controls
     seeds = [seed + 1000 * k for k in range(controls.random_seeds)]  # the first: the job's seed

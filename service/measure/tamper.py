@@ -54,9 +54,9 @@ from harmprune.inputs import data, sets
 from harmprune.inputs.config import TamperConfig
 from harmprune.inputs.references import Permit
 from harmprune.measure import evaluation
-from harmprune.measure.attack_options import AttackOptions, Judging
+from harmprune.measure.attack_options import AttackOptions, HardenedModel, Judging
 from harmprune.measure.verification import random_control_indices
-from harmprune.method.pruning import PruneMask, apply_pruning, restore_weights
+from harmprune.method.pruning import apply_pruning, restore_weights
 from harmprune.results import (
     AttackSettings,
     ModelTamper,
@@ -191,10 +191,7 @@ def _prepare(
 
 
 def run_tamper_check(
-    model: nn.Module,
-    tokenizer: Any,
-    params: dict[str, nn.Parameter],
-    mask: PruneMask,
+    hardened: HardenedModel,
     cfg: TamperConfig,
     options: AttackOptions,
     *,
@@ -203,10 +200,11 @@ def run_tamper_check(
 ) -> TamperResult:
     """Attack and measure the original, hardened and random-control models (module doc).
 
-    `model` comes in HARDENED (`mask` applied to `params`, the scored weights) and leaves in
-    exactly that state, also on errors and cancellation. `options.eval_cfg` gives the judges and
-    answer length (the domain's `eval`); `options.seed` is the job's seed.
+    `hardened.model` comes in HARDENED (`mask` applied to `params`, the scored weights) and
+    leaves in exactly that state, also on errors and cancellation. `options.eval_cfg` gives the
+    judges and answer length (the domain's `eval`); `options.seed` is the job's seed.
     """
+    model, tokenizer, params, mask = hardened
     seed, should_cancel = options.seed, options.should_cancel
     how = Judging(
         tokenizer,
