@@ -151,6 +151,23 @@ def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
         compare_benchmarks(few, results)
 
 
+def test_a_run_outside_a_git_checkout_prints_nothing_of_lm_evals_own(
+    llama: tuple[Any, Any], offline: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """lm-eval's git hash of the working directory (`git describe` writes "fatal: not a git
+    repository" to the terminal here) and its environment report are skipped, and lm-eval's
+    own functions are back after the run."""
+    import lm_eval.evaluator as evaluator
+
+    kept = evaluator.get_git_commit_hash, evaluator.add_env_info
+    model, tokenizer = llama
+    config = BenchmarksConfig(tasks=["harmprune_yesno"], limit=3)
+    assert {r.n for r in run_benchmarks(model, tokenizer, config, operator_permit(config))} == {3}
+    _, err = capfd.readouterr()
+    assert "not a git repository" not in err
+    assert (evaluator.get_git_commit_hash, evaluator.add_env_info) == kept
+
+
 def test_the_module_imports_neither_torch_nor_lm_eval(tmp_path: Path) -> None:
     assert_python_imports_none_of(
         ("torch", "lm_eval", "transformers"), "import harmprune.measure.benchmarks\n", tmp_path

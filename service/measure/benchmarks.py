@@ -225,7 +225,7 @@ def run_benchmarks(
     try:
         if target != home:
             model.to(target)
-        with torch.no_grad(), _without_call_warnings():
+        with torch.no_grad(), _without_call_warnings(), _without_environment_report():
             lm = _quiet_hflm()(
                 pretrained=model,
                 tokenizer=copy.deepcopy(tokenizer),
@@ -284,6 +284,24 @@ def _without_call_warnings() -> Iterator[None]:
     finally:
         for logger in loggers:
             logger.removeFilter(_not_a_call_warning)
+
+
+@contextlib.contextmanager
+def _without_environment_report() -> Iterator[None]:
+    """lm-eval's evaluator ends each run by adding the git hash of the working directory
+    (`git describe` prints "fatal: not a git repository" to the terminal outside a checkout)
+    and torch's environment report (`collect_env`: pip, conda and driver subprocesses, ~3 s a
+    run) to its results. harmprune reads neither (the report records its own versions), so both
+    are skipped for the call and put back after it."""
+    import lm_eval.evaluator as evaluator
+
+    kept = evaluator.get_git_commit_hash, evaluator.add_env_info
+    evaluator.get_git_commit_hash = lambda: None
+    evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, evaluator.add_env_info = kept
 
 
 @functools.cache
