@@ -4,6 +4,7 @@ random Llama, checked against a direct computation of what lm-eval defines as ac
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -152,12 +153,19 @@ def test_limit_and_chat_template(llama: tuple[Any, Any], offline: Path) -> None:
 
 
 def test_a_run_outside_a_git_checkout_prints_nothing_of_lm_evals_own(
-    llama: tuple[Any, Any], offline: Path, capfd: pytest.CaptureFixture[str]
+    llama: tuple[Any, Any],
+    offline: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """lm-eval's git hash of the working directory (`git describe` writes "fatal: not a git
     repository" to the terminal here) and its environment report are skipped, and lm-eval's
     own functions are back after the run."""
     import lm_eval.evaluator as evaluator
+
+    # Without git, or inside a checkout, lm-eval's git call would print nothing: not a test.
+    assert shutil.which("git"), "git is needed to show lm-eval's git message is kept off"
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(offline.parent))
 
     kept = evaluator.get_git_commit_hash, evaluator.add_env_info
     model, tokenizer = llama

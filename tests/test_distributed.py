@@ -22,11 +22,10 @@ from tests.tiny_models import DISTRIBUTED_LLAMA, random_llama
 WORLD = 2
 Q, P = 0.05, 0.02
 BATCH = 2
-CONFIG = DISTRIBUTED_LLAMA  # tests/tiny_models.py
 
 
 def build_random_model() -> Any:
-    return random_llama(CONFIG, seed=7)
+    return random_llama(DISTRIBUTED_LLAMA, seed=7)
 
 
 def save_random_model(path: Path) -> str:
@@ -41,7 +40,7 @@ def make_examples(seed: int, n: int) -> list[Example]:
     out = []
     for _ in range(n):
         length = int(torch.randint(10, 24, (1,), generator=g))
-        ids = torch.randint(3, CONFIG["vocab_size"], (length,), generator=g).tolist()
+        ids = torch.randint(3, DISTRIBUTED_LLAMA["vocab_size"], (length,), generator=g).tolist()
         ctx = length // 3
         out.append(Example(ids, [IGNORE_INDEX] * ctx + ids[ctx:]))
     return out

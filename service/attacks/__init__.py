@@ -212,17 +212,12 @@ def run_attacks(
     case (required with a fine-tune grid: nothing is chosen on the test set); `options`: the
     job's settings (format, length, seed, judges, permit, batch size, hooks)."""
     model, tokenizer, params, mask = hardened
-    fmt, max_length, seed, batch_size = (
-        options.fmt,
-        options.max_length,
-        options.seed,
-        options.batch_size,
-    )
+    fmt, seed = options.fmt, options.seed
     ctx = MeasureContext(
         tokenizer=tokenizer,
         fmt=fmt,
-        max_length=max_length,
-        batch_size=batch_size,
+        max_length=options.max_length,
+        batch_size=options.batch_size,
         eval_cfg=options.eval_cfg,
         classifier=options.classifier,
         heldout=heldout,
@@ -237,7 +232,7 @@ def run_attacks(
     val_ctx = dataclasses.replace(ctx, heldout=validation) if validation is not None else None
     cells = grid_cells(ft) if ft is not None else []
     examples, train_source = (
-        _training_examples(ft, harmful, tokenizer, fmt, max_length, options.permit)
+        _training_examples(ft, harmful, tokenizer, fmt, options.max_length, options.permit)
         if ft
         else ([], "calibration")
     )
@@ -245,7 +240,7 @@ def run_attacks(
     step = finetune.counted_steps(total, options.on_progress, options.should_cancel, "the attacks")
 
     def activations(m: nn.Module, prompts: Sequence[str]) -> torch.Tensor:
-        return abliteration.last_token_activations(m, tokenizer, prompts, fmt, batch_size)
+        return abliteration.last_token_activations(m, tokenizer, prompts, fmt, options.batch_size)
 
     generate = (abl is not None and abl.generation) or (ft is not None and ft.generation)
     before_level: Level = "full" if generate else "search"

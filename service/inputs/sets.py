@@ -133,7 +133,7 @@ def check_test_size(cfg: EvalConfig, sides: dict[str, list[Pair]]) -> None:
             )
 
 
-def unlike(
+def without_near_duplicates(
     shipped: Sequence[general_benign.GeneralPrompt], taken: Sequence[str]
 ) -> list[general_benign.GeneralPrompt]:
     """The shipped prompts that neither repeat nor near-duplicate a prompt in `taken`
@@ -154,7 +154,7 @@ def with_standard_harm(config: HardenConfig, taken: Sequence[str], sets: PromptS
         return sets
     taken = [*taken, *(p.prompt for p in sets.general_test)]
     shipped = standard_harm.load_standard_harm()
-    prompts = unlike(shipped, taken)
+    prompts = without_near_duplicates(shipped, taken)
     split = standard_harm.split_standard_harm(prompts, cfg.categories, config.seed, cfg.sizes)
     with_validation = bool(sets.validation_harmful or sets.validation_benign)
     validation = [Pair(prompt=p.prompt) for p in split.validation] if with_validation else []
@@ -245,7 +245,7 @@ def general_benign_parts(
     if not cfg.enabled:
         return None
     shipped = general_benign.load_general_benign()
-    prompts = unlike(shipped, taken)
+    prompts = without_near_duplicates(shipped, taken)
     try:
         return general_benign.split_general_benign(prompts, seed, cfg.sizes)
     except ValueError as exc:

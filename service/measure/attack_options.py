@@ -42,6 +42,12 @@ class AttackOptions:
     on_progress: Callable[[int, int], None] | None = None
     should_cancel: Callable[[], bool] | None = None
 
+    def judging(self, tokenizer: Any) -> Judging:
+        """How the stage measures every model it compares, with the model's `tokenizer`."""
+        return Judging(
+            tokenizer, self.fmt, self.max_length, self.batch_size, self.eval_cfg, self.classifier
+        )
+
 
 @dataclass(frozen=True)
 class Judging:

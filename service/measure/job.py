@@ -237,10 +237,13 @@ class Pruned:
     mask: PruneMask
     first_control: dict[str, torch.Tensor]
 
+    def measure_with(self, indices: dict[str, torch.Tensor], measure: Callable[[], Any]) -> Any:
+        """`measure()` with pruning of `indices` (a control) in place of the hardening (the
+        model ends hardened)."""
+        return verification.measure_control(self.params, self.mask, indices, measure)
+
     def measure_first_control(self, measure: Callable[[], Any]) -> Any:
-        """`measure()` with the first random control in place of the hardening (the model ends
-        hardened)."""
-        return verification.measure_control(self.params, self.mask, self.first_control, measure)
+        return self.measure_with(self.first_control, measure)
 
 
 def measure_controls(
@@ -256,25 +259,25 @@ def measure_controls(
     magnitude-matched pruning (None unless eval.controls.magnitude_matched) measured as far as
     the harm gate needs: with every judge when the deciding judge generates (refusal,
     classifier), teacher forced when it is nll. `on_seed(k)` after each random seed."""
-    params, mask, first_control = pruned.params, pruned.mask, pruned.first_control
     seed = ctx.config.seed
     controls = ctx.spec.eval.controls
     seeds = [seed + 1000 * k for k in range(controls.random_seeds)]  # the first: the job's seed
-    counts = verification.control_counts(mask)
+    counts = verification.control_counts(pruned.mask)
     randoms = []
     for k, s in enumerate(seeds):
         indices = (
-            first_control if k == 0 else verification.random_control_indices(params, counts, s)
+            pruned.first_control
+            if k == 0
+            else verification.random_control_indices(pruned.params, counts, s)
         )
         level = first_level if k == 0 else "search"  # extra seeds: teacher forced only
-        measure = functools.partial(ctx.measure, heldout, level)
-        randoms.append(verification.measure_control(params, mask, indices, measure))
+        randoms.append(pruned.measure_with(indices, functools.partial(ctx.measure, heldout, level)))
         if on_seed is not None:
             on_seed(k)
     magnitude = None
     if controls.magnitude_matched:
-        indices = verification.magnitude_matched_indices(params, mask, seed)
-        magnitude = verification.measure_control(
-            params, mask, indices, functools.partial(ctx.measure, heldout, ctx.standard_level)
+        indices = verification.magnitude_matched_indices(pruned.params, pruned.mask, seed)
+        magnitude = pruned.measure_with(
+            indices, functools.partial(ctx.measure, heldout, ctx.standard_level)
         )
     return seeds, randoms, magnitude

@@ -206,14 +206,7 @@ def run_tamper_check(
     """
     model, tokenizer, params, mask = hardened
     seed, should_cancel = options.seed, options.should_cancel
-    how = Judging(
-        tokenizer,
-        options.fmt,
-        options.max_length,
-        options.batch_size,
-        options.eval_cfg,
-        options.classifier,
-    )
+    how = options.judging(tokenizer)
     level: Literal["full", "search"] = "full" if cfg.generation else "search"
     pad_id = tokenizer.pad_token_id
     step = counted_steps(1 + 3 * 3, options.on_progress, should_cancel, "the tamper check")
